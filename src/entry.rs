@@ -1,0 +1,188 @@
+//! What a log entry asks of the device, and its byte encoding inside a WAL record's payload.
+//! Pure: no I/O. The storage engine applies `Blocks` to the image; replication adds the rest.
+//!
+//! ```text
+//!  0  1  version (1)
+//!  1  1  kind: 0 blank, 1 membership, 2 blocks, 3 flush barrier
+//!  2  6  zero
+//!  8  8  leader node id (the node that created the entry)
+//! 16  …  body
+//!        membership: the replication layer's membership bytes
+//!        blocks: u32 op count, u32 zero, then per op:
+//!          u8 op (1 write, 2 zero-fill), 3 zero, u32 data bytes (write) or block count (zero),
+//!          u64 first block (lba), then for a write the data bytes
+//! ```
+
+use crate::storage::le::{put_u32, put_u64, u32_at, u64_at};
+
+const VERSION: u8 = 1;
+const HEADER_BYTES: usize = 16;
+const OP_HEADER_BYTES: usize = 16;
+
+/// One change to the block image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BlockOp {
+    /// Write whole blocks starting at block `lba`.
+    Write { lba: u64, data: Vec<u8> },
+    /// Make `blocks` blocks from `lba` read as zeros (discard and write-zeroes).
+    Zero { lba: u64, blocks: u64 },
+}
+
+/// The body of an entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EntryBody {
+    /// No effect (a new leader's first entry).
+    Blank,
+    /// A membership change; the bytes are the replication layer's encoding.
+    Membership(Vec<u8>),
+    /// Block writes applied in order.
+    Blocks(Vec<BlockOp>),
+    /// A flush barrier: no effect on the image; completes a FLUSH once committed.
+    Flush,
+}
+
+/// A decoded entry payload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EntryPayload {
+    pub leader_node: u64,
+    pub body: EntryBody,
+}
+
+impl EntryPayload {
+    /// Encodes the payload.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![0u8; HEADER_BYTES];
+        out[0] = VERSION;
+        put_u64(&mut out, 8, self.leader_node);
+        match &self.body {
+            EntryBody::Blank => out[1] = 0,
+            EntryBody::Membership(bytes) => {
+                out[1] = 1;
+                out.extend_from_slice(bytes);
+            }
+            EntryBody::Flush => out[1] = 3,
+            EntryBody::Blocks(ops) => {
+                out[1] = 2;
+                let mut head = [0u8; 8];
+                put_u32(&mut head, 0, ops.len() as u32);
+                out.extend_from_slice(&head);
+                for op in ops {
+                    encode_op(op, &mut out);
+                }
+            }
+        }
+        out
+    }
+
+    /// Decodes a payload, refusing anything malformed with the reason.
+    pub fn decode(buf: &[u8]) -> Result<EntryPayload, String> {
+        if buf.len() < HEADER_BYTES {
+            return Err(format!("entry payload of {} bytes is shorter than its header", buf.len()));
+        }
+        if buf[0] != VERSION {
+            return Err(format!("unknown entry version {}", buf[0]));
+        }
+        let leader_node = u64_at(buf, 8);
+        let rest = &buf[HEADER_BYTES..];
+        let body = match buf[1] {
+            0 if rest.is_empty() => EntryBody::Blank,
+            1 => EntryBody::Membership(rest.to_vec()),
+            2 => EntryBody::Blocks(decode_ops(rest)?),
+            3 if rest.is_empty() => EntryBody::Flush,
+            kind => return Err(format!("entry kind {kind} with {} body bytes", rest.len())),
+        };
+        Ok(EntryPayload { leader_node, body })
+    }
+}
+
+fn encode_op(op: &BlockOp, out: &mut Vec<u8>) {
+    let mut head = [0u8; OP_HEADER_BYTES];
+    match op {
+        BlockOp::Write { lba, data } => {
+            head[0] = 1;
+            put_u32(&mut head, 4, data.len() as u32);
+            put_u64(&mut head, 8, *lba);
+            out.extend_from_slice(&head);
+            out.extend_from_slice(data);
+        }
+        BlockOp::Zero { lba, blocks } => {
+            head[0] = 2;
+            put_u32(&mut head, 4, *blocks as u32);
+            put_u64(&mut head, 8, *lba);
+            out.extend_from_slice(&head);
+        }
+    }
+}
+
+fn decode_ops(buf: &[u8]) -> Result<Vec<BlockOp>, String> {
+    if buf.len() < 8 {
+        return Err("block entry without its op count".into());
+    }
+    let count = u32_at(buf, 0) as usize;
+    let mut at = 8;
+    // Each op takes at least its header, which bounds `count` by the bytes present.
+    if count > (buf.len() - at) / OP_HEADER_BYTES {
+        return Err(format!("{count} ops cannot fit in {} bytes", buf.len()));
+    }
+    let mut ops = Vec::with_capacity(count);
+    for i in 0..count {
+        let head = buf.get(at..at + OP_HEADER_BYTES).ok_or(format!("op {i} header truncated"))?;
+        let n = u32_at(head, 4) as usize;
+        let lba = u64_at(head, 8);
+        at += OP_HEADER_BYTES;
+        match head[0] {
+            1 => {
+                let data =
+                    buf.get(at..at + n).ok_or(format!("op {i}: {n} data bytes truncated"))?;
+                ops.push(BlockOp::Write { lba, data: data.to_vec() });
+                at += n;
+            }
+            2 => ops.push(BlockOp::Zero { lba, blocks: n as u64 }),
+            other => return Err(format!("op {i}: unknown block op {other}")),
+        }
+    }
+    if at != buf.len() {
+        return Err(format!("{} trailing bytes after {count} ops", buf.len() - at));
+    }
+    Ok(ops)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips() {
+        let bodies = [
+            EntryBody::Blank,
+            EntryBody::Flush,
+            EntryBody::Membership(b"m".to_vec()),
+            EntryBody::Blocks(vec![
+                BlockOp::Write { lba: 3, data: vec![5; 8192] },
+                BlockOp::Zero { lba: 9, blocks: 4 },
+            ]),
+        ];
+        for body in bodies {
+            let p = EntryPayload { leader_node: 7, body };
+            assert_eq!(EntryPayload::decode(&p.encode()).expect("decode"), p);
+        }
+    }
+
+    #[test]
+    fn truncations_and_garbage_are_refused() {
+        let p = EntryPayload {
+            leader_node: 1,
+            body: EntryBody::Blocks(vec![BlockOp::Write { lba: 0, data: vec![1; 100] }]),
+        };
+        let bytes = p.encode();
+        for cut in 0..bytes.len() {
+            assert!(EntryPayload::decode(&bytes[..cut]).is_err(), "cut at {cut} accepted");
+        }
+        let mut huge = bytes.clone();
+        put_u32(&mut huge, HEADER_BYTES, u32::MAX);
+        assert!(EntryPayload::decode(&huge).is_err());
+        let mut bad_op = bytes;
+        bad_op[HEADER_BYTES + 8] = 9;
+        assert!(EntryPayload::decode(&bad_op).is_err());
+    }
+}

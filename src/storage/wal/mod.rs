@@ -1,0 +1,713 @@
+//! The write-ahead log: ordered appends, group commit, suffix truncation, prefix purge, reads.
+//!
+//! Write path: `append` checks the indices, queues the entries and makes them readable from
+//! memory at once (`written`). One committer at a time takes a bounded batch from the queue,
+//! writes it with one aligned write and one data sync, and only then advances `durable`, turns
+//! the entries into on-disk locations and runs the callbacks of everything the sync covered.
+//! A failed write or sync poisons the engine: nothing queued or later is ever acknowledged.
+//!
+//! Truncation and purge are records in the same ordered stream (markers), so the log on disk is
+//! append-only and recovery replays them in order. Purge waits until its marker is durable, then
+//! removes whole segments that hold nothing above the purge point.
+
+mod log;
+mod scan;
+mod writer;
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use uuid::Uuid;
+
+pub use log::DiskLoc;
+pub use scan::{LiveSegment, TailStop};
+use writer::{marker_payload, PendingOp, Writer};
+
+use super::disk::{AlignedBuf, IO_ALIGN};
+use super::error::{Result, StorageError};
+use super::poison::Poison;
+use super::record::{self, Decoded, RecordKind};
+use super::segment::{SegmentStore, SEGMENT_HEADER_BYTES};
+use super::state::LogId;
+
+/// Who performs group commits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommitMode {
+    /// A dedicated thread commits whenever entries are queued (production).
+    Thread,
+    /// Callers commit inside `flush`/`wait` (deterministic tests and tools).
+    Inline,
+}
+
+/// Bounds and behaviour of the WAL.
+#[derive(Clone, Debug)]
+pub struct WalConfig {
+    /// Largest entry payload accepted.
+    pub max_record_bytes: usize,
+    /// Largest batch (uncompressed bytes) one sync covers.
+    pub max_batch_bytes: usize,
+    /// Most records one sync covers.
+    pub max_batch_records: usize,
+    /// Queued-but-not-durable bytes beyond which `append` waits (back-pressure).
+    pub max_pending_bytes: usize,
+    /// lz4-compress entry payloads where that saves space.
+    pub compress: bool,
+    pub mode: CommitMode,
+}
+
+impl Default for WalConfig {
+    fn default() -> Self {
+        WalConfig {
+            max_record_bytes: 8 << 20,
+            max_batch_bytes: 16 << 20,
+            max_batch_records: 4096,
+            max_pending_bytes: 64 << 20,
+            compress: true,
+            mode: CommitMode::Thread,
+        }
+    }
+}
+
+impl WalConfig {
+    /// Checks the bounds against a segment size.
+    pub fn validate(&self, segment_bytes: u64) -> Result<()> {
+        let room = segment_bytes.saturating_sub(SEGMENT_HEADER_BYTES + 512) as usize;
+        let record = record::padded_record_len(self.max_record_bytes);
+        if record > room || self.max_batch_bytes > room || self.max_batch_records == 0 {
+            return Err(StorageError::Invalid(format!(
+                "WAL bounds (record {}, batch {}) do not fit {segment_bytes}-byte segments",
+                self.max_record_bytes, self.max_batch_bytes
+            )));
+        }
+        if self.max_pending_bytes < record {
+            return Err(StorageError::Invalid(
+                "max_pending_bytes is smaller than one record".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// An entry to append.
+#[derive(Clone, Debug)]
+pub struct NewEntry {
+    pub index: u64,
+    pub term: u64,
+    pub payload: Arc<[u8]>,
+}
+
+/// Called once with the outcome of an append: `Ok` only after the entries are durable.
+pub type Callback = Box<dyn FnOnce(Result<()>) + Send>;
+
+/// The log's positions. `next` counts everything appended (`written`); `durable_next` only what a
+/// completed sync covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct LogBounds {
+    /// First index held (equals `next` when the log is empty).
+    pub first: u64,
+    /// One past the last index written.
+    pub next: u64,
+    /// One past the last index known durable.
+    pub durable_next: u64,
+    pub purged: Option<LogId>,
+}
+
+/// Counters since open.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct WalStats {
+    pub batches: u64,
+    pub records: u64,
+    pub bytes: u64,
+}
+
+/// What recovery did, for logs and `inspect`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct WalRecovery {
+    pub segments: usize,
+    pub records: u64,
+    pub tail: TailStop,
+    pub discarded: Vec<String>,
+}
+
+#[derive(Debug)]
+enum Slot {
+    Pending { ticket: u64, term: u64, payload: Arc<[u8]> },
+    Durable(DiskLoc),
+}
+
+struct LogState {
+    segs: VecDeque<LiveSegment>,
+    first: u64,
+    next: u64,
+    durable_next: u64,
+    purged: Option<LogId>,
+    slots: VecDeque<Slot>,
+    pending: VecDeque<PendingOp>,
+    pending_bytes: usize,
+    next_ticket: u64,
+    durable_ticket: u64,
+    callbacks: VecDeque<(u64, Callback)>,
+    shutdown: bool,
+}
+
+struct Shared {
+    cfg: WalConfig,
+    store: Arc<dyn SegmentStore>,
+    poison: Arc<Poison>,
+    state: Mutex<LogState>,
+    work: Condvar,
+    done: Condvar,
+    writer: Mutex<Writer>,
+    batches: AtomicU64,
+    records: AtomicU64,
+    bytes: AtomicU64,
+}
+
+/// The write-ahead log of one replica.
+pub struct Wal {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Wal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wal").field("bounds", &self.bounds()).finish()
+    }
+}
+
+impl Wal {
+    /// Creates the first segment of a new log whose first entry will be `first_index`.
+    pub fn format(
+        store: &dyn SegmentStore,
+        device_uuid: Uuid,
+        segment_bytes: u64,
+        first_index: u64,
+    ) -> Result<()> {
+        let place = store.allocate(1, &HashSet::new())?;
+        let header = record_header_for_new(device_uuid, segment_bytes, first_index);
+        Writer::init_segment(store, place, header)?;
+        Ok(())
+    }
+
+    /// Recovers the log from `store` and starts accepting appends.
+    pub fn open(
+        store: Arc<dyn SegmentStore>,
+        device_uuid: Uuid,
+        cfg: WalConfig,
+        poison: Arc<Poison>,
+    ) -> Result<(Wal, WalRecovery)> {
+        let rec = scan::recover(&*store, device_uuid, cfg.max_record_bytes + 64)?;
+        let mut segs: VecDeque<LiveSegment> = rec.segments.into();
+        let report = WalRecovery {
+            segments: segs.len(),
+            records: rec.records,
+            tail: rec.tail.clone(),
+            discarded: rec.discarded,
+        };
+        let log = rec.log;
+        finish_purge(&*store, &mut segs, log.purged)?;
+        let tail =
+            segs.back().cloned().ok_or_else(|| StorageError::Foreign("no WAL segment".into()))?;
+        let mut writer = Writer {
+            store: store.clone(),
+            device_uuid,
+            active: writer::ActiveSegment { place: tail.place.clone(), header: tail.header },
+            write_pos: SEGMENT_HEADER_BYTES,
+            tail: AlignedBuf::zeroed(IO_ALIGN),
+            next_index: log.next,
+            purged: log.purged,
+            compress: cfg.compress,
+        };
+        if rec.tail_has_records {
+            // Never append behind a possibly torn tail: start a new segment that seals the old one.
+            let live: HashSet<u64> = segs.iter().map(|s| s.place.id).collect();
+            let seq = tail.header.seq + 1;
+            let place = store.allocate(seq, &live)?;
+            let header = writer.next_header(seq, rec.tail.offset);
+            writer.active = Writer::init_segment(&*store, place, header)?;
+            segs.push_back(LiveSegment {
+                place: writer.active.place.clone(),
+                header,
+                max_index: None,
+            });
+        } else {
+            // An empty tail is reused under a fresh salt, so nothing left in it can ever validate.
+            let header = writer.next_header(tail.header.seq, tail.header.prev_sealed);
+            writer.active = Writer::init_segment(&*store, tail.place.clone(), header)?;
+            if let Some(last) = segs.back_mut() {
+                last.header = header;
+            }
+        }
+        let state = LogState {
+            segs,
+            first: log.first(),
+            next: log.next,
+            durable_next: log.next,
+            purged: log.purged,
+            slots: log.entries.iter().map(|&loc| Slot::Durable(loc)).collect(),
+            pending: VecDeque::new(),
+            pending_bytes: 0,
+            next_ticket: 1,
+            durable_ticket: 0,
+            callbacks: VecDeque::new(),
+            shutdown: false,
+        };
+        let shared = Arc::new(Shared {
+            cfg,
+            store,
+            poison,
+            state: Mutex::new(state),
+            work: Condvar::new(),
+            done: Condvar::new(),
+            writer: Mutex::new(writer),
+            batches: AtomicU64::new(0),
+            records: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+        });
+        let thread = match shared.cfg.mode {
+            CommitMode::Thread => {
+                let s = shared.clone();
+                let handle = std::thread::Builder::new()
+                    .name("xdevice-wal".into())
+                    .spawn(move || s.commit_loop())
+                    .map_err(|e| StorageError::io("spawn WAL writer", "thread", e))?;
+                Some(handle)
+            }
+            CommitMode::Inline => None,
+        };
+        Ok((Wal { shared, thread: Mutex::new(thread) }, report))
+    }
+
+    /// Queues `entries` (consecutive, starting at the log's next index). They are readable when
+    /// this returns; the returned ticket becomes durable later (`wait`, `flush`).
+    pub fn append(&self, entries: Vec<NewEntry>) -> Result<u64> {
+        self.shared.append(entries, None)
+    }
+
+    /// Like `append`; `callback` runs once the entries are durable (or with the error that
+    /// prevents it). It runs on the committing thread and must not block on this WAL.
+    pub fn append_with(&self, entries: Vec<NewEntry>, callback: Callback) -> Result<u64> {
+        self.shared.append(entries, Some(callback))
+    }
+
+    /// Waits until everything up to `ticket` is durable.
+    pub fn wait(&self, ticket: u64) -> Result<()> {
+        self.shared.wait(ticket)
+    }
+
+    /// Waits until everything queued so far is durable.
+    pub fn flush(&self) -> Result<()> {
+        let ticket = self.shared.lock().next_ticket - 1;
+        self.shared.wait(ticket)
+    }
+
+    /// Removes entries at `from` and above (a Raft conflict). Visible at once; durable in order
+    /// with everything queued after it.
+    pub fn truncate(&self, from: u64) -> Result<u64> {
+        self.shared.truncate(from)
+    }
+
+    /// Purges entries up to and including `upto`, durably, then frees whole segments.
+    pub fn purge(&self, upto: LogId) -> Result<()> {
+        self.shared.purge(upto)
+    }
+
+    /// The payload of entry `index`.
+    pub fn read(&self, index: u64) -> Result<Vec<u8>> {
+        self.shared.read(index)
+    }
+
+    /// The term of entry `index`, without reading it.
+    pub fn term(&self, index: u64) -> Result<u64> {
+        let st = self.shared.lock();
+        match st.slot(index)? {
+            Slot::Pending { term, .. } => Ok(*term),
+            Slot::Durable(loc) => Ok(loc.term),
+        }
+    }
+
+    pub fn bounds(&self) -> LogBounds {
+        let st = self.shared.lock();
+        LogBounds {
+            first: st.first,
+            next: st.next,
+            durable_next: st.durable_next,
+            purged: st.purged,
+        }
+    }
+
+    pub fn stats(&self) -> WalStats {
+        WalStats {
+            batches: self.shared.batches.load(Ordering::Relaxed),
+            records: self.shared.records.load(Ordering::Relaxed),
+            bytes: self.shared.bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The live segments, oldest first.
+    pub fn segments(&self) -> Vec<LiveSegment> {
+        self.shared.lock().segs.iter().cloned().collect()
+    }
+
+    /// Commits everything queued and stops the group-commit thread.
+    pub fn close(&self) -> Result<()> {
+        self.shared.lock().shutdown = true;
+        self.shared.work.notify_all();
+        let handle = self.thread.lock().expect("wal thread lock").take();
+        if let Some(handle) = handle {
+            if handle.join().is_err() {
+                return Err(StorageError::Invalid("WAL writer thread panicked".into()));
+            }
+        }
+        while self.shared.commit_next() {}
+        self.shared.poison.check()
+    }
+}
+
+impl Drop for Wal {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            tracing::warn!(error = %e, "WAL closed with an error");
+        }
+    }
+}
+
+fn record_header_for_new(
+    device_uuid: Uuid,
+    segment_bytes: u64,
+    first_index: u64,
+) -> super::segment::SegmentHeader {
+    use rand::Rng;
+    super::segment::SegmentHeader {
+        salt: rand::thread_rng().gen(),
+        device_uuid,
+        seq: 1,
+        first_index,
+        prev_sealed: 0,
+        segment_bytes,
+        created_us: super::le::now_us(),
+        purged: None,
+    }
+}
+
+/// Removes leading segments that hold nothing above the purge point (an interrupted purge).
+fn finish_purge(
+    store: &dyn SegmentStore,
+    segs: &mut VecDeque<LiveSegment>,
+    purged: Option<LogId>,
+) -> Result<()> {
+    let Some(purged) = purged else { return Ok(()) };
+    let mut released = false;
+    while segs.len() > 1 && segs[0].max_index.is_none_or(|m| m <= purged.index) {
+        if let Some(seg) = segs.pop_front() {
+            store.release(&seg.place)?;
+            released = true;
+        }
+    }
+    if released {
+        store.sync()?;
+    }
+    Ok(())
+}
+
+impl LogState {
+    fn slot(&self, index: u64) -> Result<&Slot> {
+        if index < self.first || index >= self.next {
+            return Err(StorageError::Invalid(format!(
+                "log index {index} is not held (log holds [{}, {}))",
+                self.first, self.next
+            )));
+        }
+        Ok(&self.slots[(index - self.first) as usize])
+    }
+
+    fn take_batch(&mut self, cfg: &WalConfig) -> Vec<PendingOp> {
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        while let Some(op) = self.pending.front() {
+            let size = op.disk_bytes();
+            if !batch.is_empty()
+                && (batch.len() >= cfg.max_batch_records || bytes + size > cfg.max_batch_bytes)
+            {
+                break;
+            }
+            bytes += size;
+            if let Some(op) = self.pending.pop_front() {
+                batch.push(op);
+            }
+        }
+        batch
+    }
+
+    fn push_op(&mut self, kind: RecordKind, index: u64, term: u64, payload: Arc<[u8]>) -> u64 {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        let op = PendingOp { ticket, kind, index, term, payload };
+        self.pending_bytes += op.disk_bytes();
+        self.pending.push_back(op);
+        ticket
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, LogState> {
+        self.state.lock().expect("wal state lock")
+    }
+
+    fn append(&self, entries: Vec<NewEntry>, callback: Option<Callback>) -> Result<u64> {
+        self.poison.check()?;
+        let mut st = self.lock();
+        if st.shutdown {
+            return Err(StorageError::Invalid("WAL is closed".into()));
+        }
+        for (i, e) in entries.iter().enumerate() {
+            if e.index != st.next + i as u64 {
+                return Err(StorageError::Invalid(format!(
+                    "append of index {} where the log expects {}",
+                    e.index,
+                    st.next + i as u64
+                )));
+            }
+            if e.payload.len() > self.cfg.max_record_bytes {
+                return Err(StorageError::Invalid(format!(
+                    "entry {} of {} bytes exceeds the {}-byte record limit",
+                    e.index,
+                    e.payload.len(),
+                    self.cfg.max_record_bytes
+                )));
+            }
+        }
+        st = self.wait_for_room(st)?;
+        for e in entries {
+            let ticket = st.push_op(RecordKind::Entry, e.index, e.term, e.payload.clone());
+            st.slots.push_back(Slot::Pending { ticket, term: e.term, payload: e.payload });
+            st.next += 1;
+        }
+        let ticket = st.next_ticket - 1;
+        if let Some(cb) = callback {
+            if st.durable_ticket >= ticket {
+                drop(st);
+                cb(Ok(()));
+                return Ok(ticket);
+            }
+            st.callbacks.push_back((ticket, cb));
+        }
+        drop(st);
+        self.work.notify_one();
+        Ok(ticket)
+    }
+
+    /// Back-pressure: waits (or, inline, commits) while too many bytes are queued.
+    fn wait_for_room<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, LogState>,
+    ) -> Result<MutexGuard<'a, LogState>> {
+        while st.pending_bytes > self.cfg.max_pending_bytes {
+            self.poison.check()?;
+            match self.cfg.mode {
+                CommitMode::Thread => st = self.done.wait(st).expect("wal state lock"),
+                CommitMode::Inline => {
+                    drop(st);
+                    self.commit_next();
+                    st = self.lock();
+                }
+            }
+        }
+        Ok(st)
+    }
+
+    fn wait(&self, ticket: u64) -> Result<()> {
+        let mut st = self.lock();
+        loop {
+            if st.durable_ticket >= ticket {
+                return Ok(());
+            }
+            self.poison.check()?;
+            match self.cfg.mode {
+                CommitMode::Thread => st = self.done.wait(st).expect("wal state lock"),
+                CommitMode::Inline => {
+                    drop(st);
+                    self.commit_next();
+                    st = self.lock();
+                }
+            }
+        }
+    }
+
+    fn truncate(&self, from: u64) -> Result<u64> {
+        self.poison.check()?;
+        let mut st = self.lock();
+        if from < st.first || from > st.next {
+            return Err(StorageError::Invalid(format!(
+                "truncate at {from} outside the log [{}, {}]",
+                st.first, st.next
+            )));
+        }
+        let keep = (from - st.first) as usize;
+        st.slots.truncate(keep);
+        st.next = from;
+        let ticket = st.push_op(RecordKind::Truncate, from, 0, Arc::from(&[][..]));
+        drop(st);
+        self.work.notify_one();
+        Ok(ticket)
+    }
+
+    fn purge(&self, upto: LogId) -> Result<()> {
+        self.poison.check()?;
+        let ticket = {
+            let mut st = self.lock();
+            if st.purged.is_some_and(|p| p.index >= upto.index) {
+                return Ok(());
+            }
+            let drop_n = (upto.index + 1).saturating_sub(st.first).min(st.slots.len() as u64);
+            st.slots.drain(..drop_n as usize);
+            st.first = (upto.index + 1).max(st.first);
+            st.next = st.next.max(st.first);
+            st.purged = Some(upto);
+            st.push_op(RecordKind::Purge, upto.index, upto.term, marker_payload(upto.node))
+        };
+        self.work.notify_one();
+        self.wait(ticket)?;
+        let released: Vec<LiveSegment> = {
+            let mut st = self.lock();
+            let mut out = Vec::new();
+            while st.segs.len() > 1 && st.segs[0].max_index.is_none_or(|m| m <= upto.index) {
+                out.extend(st.segs.pop_front());
+            }
+            out
+        };
+        for seg in &released {
+            self.store.release(&seg.place)?;
+        }
+        if !released.is_empty() {
+            self.store.sync()?;
+        }
+        Ok(())
+    }
+
+    fn read(&self, index: u64) -> Result<Vec<u8>> {
+        let (loc, disk, salt, name) = {
+            let st = self.lock();
+            let loc = match st.slot(index)? {
+                Slot::Pending { payload, .. } => return Ok(payload.to_vec()),
+                Slot::Durable(loc) => *loc,
+            };
+            let seg = st.segs.iter().find(|s| s.header.seq == loc.seg_seq).ok_or_else(|| {
+                StorageError::Invalid(format!("segment {} of entry {index} is gone", loc.seg_seq))
+            })?;
+            (loc, seg.place.disk.clone(), seg.header.salt, seg.place.name.clone())
+        };
+        let start = loc.offset - loc.offset % IO_ALIGN as u64;
+        let end = (loc.offset + loc.len as u64).next_multiple_of(IO_ALIGN as u64);
+        let mut buf = AlignedBuf::zeroed((end - start) as usize);
+        let at = format!("{name} offset {}", loc.offset);
+        disk.read_at(start, &mut buf).map_err(|e| StorageError::io("read WAL record", &at, e))?;
+        let bytes = &buf[(loc.offset - start) as usize..];
+        let header =
+            match record::decode(bytes, record::salt_seed(salt), self.cfg.max_record_bytes + 64) {
+                Decoded::Record(h) if h.index == index && h.kind == RecordKind::Entry => h,
+                Decoded::Record(h) => {
+                    return Err(StorageError::corrupt(
+                        "WAL record",
+                        at,
+                        format!("holds index {} where {index} belongs", h.index),
+                    ))
+                }
+                Decoded::Invalid(reason) => {
+                    return Err(StorageError::corrupt("WAL record", at, reason))
+                }
+                other => return Err(StorageError::corrupt("WAL record", at, format!("{other:?}"))),
+            };
+        let max_raw = self.cfg.max_record_bytes;
+        record::payload(&header, bytes, max_raw)
+            .map_err(|r| StorageError::corrupt("WAL record", at, r))
+    }
+
+    fn commit_loop(self: Arc<Self>) {
+        loop {
+            {
+                let mut st = self.lock();
+                while st.pending.is_empty() && !st.shutdown {
+                    st = self.work.wait(st).expect("wal state lock");
+                }
+                if st.pending.is_empty() && st.shutdown {
+                    return;
+                }
+            }
+            self.commit_next();
+        }
+    }
+
+    /// Takes one batch and commits it. Returns false when nothing was queued.
+    fn commit_next(&self) -> bool {
+        let mut writer = self.writer.lock().expect("wal writer lock");
+        let batch = {
+            let mut st = self.lock();
+            if st.pending.is_empty() {
+                return false;
+            }
+            st.take_batch(&self.cfg)
+        };
+        let result = match self.poison.check() {
+            Err(e) => Err(e),
+            Ok(()) => {
+                writer.write_batch(&batch, || self.lock().segs.iter().map(|s| s.place.id).collect())
+            }
+        };
+        let batch_bytes: usize = batch.iter().map(PendingOp::disk_bytes).sum();
+        let mut st = self.lock();
+        st.pending_bytes -= batch_bytes;
+        let mut ready = Vec::new();
+        match result {
+            Ok((placed, rotated)) => {
+                if let Some(r) = rotated {
+                    st.segs.push_back(LiveSegment {
+                        place: r.place,
+                        header: r.header,
+                        max_index: None,
+                    });
+                }
+                self.publish(&mut st, &placed);
+                st.durable_ticket = batch.last().map_or(st.durable_ticket, |op| op.ticket);
+                st.durable_next = writer.next_index;
+                self.batches.fetch_add(1, Ordering::Relaxed);
+                self.records.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                self.bytes.fetch_add(batch_bytes as u64, Ordering::Relaxed);
+                while st.callbacks.front().is_some_and(|(t, _)| *t <= st.durable_ticket) {
+                    ready.extend(st.callbacks.pop_front().map(|(_, cb)| (cb, true)));
+                }
+            }
+            Err(e) => {
+                if !matches!(e, StorageError::Poisoned { .. }) {
+                    self.poison.set(&e);
+                }
+                ready.extend(st.callbacks.drain(..).map(|(_, cb)| (cb, false)));
+            }
+        }
+        drop(st);
+        drop(writer);
+        self.done.notify_all();
+        for (cb, ok) in ready {
+            cb(if ok { Ok(()) } else { self.poison.check() });
+        }
+        true
+    }
+
+    /// Turns the written entries' slots into disk locations (unless truncated or replaced since).
+    fn publish(&self, st: &mut LogState, placed: &[writer::Placed]) {
+        for p in placed {
+            if let Some(seg) = st.segs.iter_mut().rev().find(|s| s.header.seq == p.loc.seg_seq) {
+                seg.max_index = Some(seg.max_index.map_or(p.index, |m| m.max(p.index)));
+            }
+            if p.index < st.first || p.index >= st.next {
+                continue;
+            }
+            let i = (p.index - st.first) as usize;
+            if matches!(st.slots[i], Slot::Pending { ticket, .. } if ticket == p.ticket) {
+                st.slots[i] = Slot::Durable(p.loc);
+            }
+        }
+    }
+}
