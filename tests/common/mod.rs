@@ -18,7 +18,7 @@ pub fn small_format() -> FormatOptions {
         device_bytes: Some(64 * BLOCK as u64),
         block_bytes: BLOCK as u32,
         segment_bytes: 256 * 1024,
-        wal_slots: 8,
+        wal_slots: 16,
         ..FormatOptions::default()
     }
 }

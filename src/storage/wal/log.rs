@@ -62,7 +62,9 @@ impl LogBuilder {
         if from < self.purged_next() {
             return Err(format!("truncate at {from} below the purge point {}", self.purged_next()));
         }
-        let keep = (from - self.first()) as usize;
+        // A marker may name an index below the first held entry when the segments holding
+        // [from, first) were purged since: nothing held remains then.
+        let keep = from.saturating_sub(self.first()) as usize;
         self.entries.truncate(keep);
         self.next = from;
         Ok(())
@@ -104,6 +106,10 @@ mod tests {
         assert_eq!((log.first(), log.next), (4, 8));
         assert_eq!(log.entries[0], loc(4));
         assert!(log.truncate(2).is_err());
+        // Entries [4, 8) held; a marker at 6 after purging through 5 in a later segment.
+        let mut late = LogBuilder::new(10, Some(LogId { term: 1, node: 1, index: 3 }));
+        late.truncate(6).expect("truncate below first");
+        assert_eq!((late.first(), late.next, late.entries.len()), (6, 6, 0));
         log.purge(LogId { term: 2, node: 1, index: 20 });
         assert_eq!((log.first(), log.next, log.entries.len()), (21, 21, 0));
     }

@@ -219,19 +219,14 @@ impl Wal {
             next_index: log.next,
             purged: log.purged,
             compress: cfg.compress,
+            seal_at: None,
         };
         if rec.tail_has_records {
-            // Never append behind a possibly torn tail: start a new segment that seals the old one.
-            let live: HashSet<u64> = segs.iter().map(|s| s.place.id).collect();
-            let seq = tail.header.seq + 1;
-            let place = store.allocate(seq, &live)?;
-            let header = writer.next_header(seq, rec.tail.offset);
-            writer.active = Writer::init_segment(&*store, place, header)?;
-            segs.push_back(LiveSegment {
-                place: writer.active.place.clone(),
-                header,
-                max_index: None,
-            });
+            // Never append behind a possibly torn tail: the first batch starts a new segment that
+            // seals this one where its valid records end. Deferred, so that a store whose WAL
+            // region is full still opens (and can checkpoint and purge).
+            writer.write_pos = tail.header.segment_bytes;
+            writer.seal_at = Some(rec.tail.offset);
         } else {
             // An empty tail is reused under a fresh salt, so nothing left in it can ever validate.
             let header = writer.next_header(tail.header.seq, tail.header.prev_sealed);

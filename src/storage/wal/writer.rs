@@ -71,6 +71,9 @@ pub struct Writer {
     /// The purge point after every record written so far.
     pub purged: Option<LogId>,
     pub compress: bool,
+    /// Where the current segment's records end when that is not `write_pos`: after recovery the
+    /// tail segment is sealed at the end of its valid records and never appended to again.
+    pub seal_at: Option<u64>,
 }
 
 impl Writer {
@@ -198,7 +201,8 @@ impl Writer {
     fn rotate(&mut self, live: HashSet<u64>) -> Result<Rotated> {
         let seq = self.active.header.seq + 1;
         let place = self.store.allocate(seq, &live)?;
-        let header = self.next_header(seq, self.write_pos);
+        let prev_sealed = self.seal_at.take().unwrap_or(self.write_pos);
+        let header = self.next_header(seq, prev_sealed);
         let active = Self::init_segment(&*self.store, place, header)?;
         let rotated = Rotated { place: active.place.clone(), header: active.header };
         self.active = active;
