@@ -8,6 +8,7 @@ mod error;
 pub use error::{Result, StorageError};
 pub mod engine;
 pub mod image;
+pub mod inspect;
 pub mod layout;
 pub(crate) mod le;
 pub mod poison;

@@ -254,8 +254,7 @@ mod tests {
     #[test]
     fn round_trip_plain_and_compressed() {
         let seed = salt_seed(42);
-        for input in
-            [b"short".to_vec(), vec![0xAB; 8192], (0..5000u32).map(|i| i as u8).collect()]
+        for input in [b"short".to_vec(), vec![0xAB; 8192], (0..5000u32).map(|i| i as u8).collect()]
         {
             let rec = RecordInput { index: 9, term: 3, kind: RecordKind::Entry, payload: &input };
             let bytes = encode(&rec, FLAG_BATCH_START, seed);

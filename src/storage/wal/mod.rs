@@ -60,8 +60,8 @@ pub struct WalConfig {
 impl Default for WalConfig {
     fn default() -> Self {
         WalConfig {
-            max_record_bytes: 8 << 20,
-            max_batch_bytes: 16 << 20,
+            max_record_bytes: 4 << 20,
+            max_batch_bytes: 4 << 20,
             max_batch_records: 4096,
             max_pending_bytes: 64 << 20,
             compress: true,
@@ -198,7 +198,7 @@ impl Wal {
         cfg: WalConfig,
         poison: Arc<Poison>,
     ) -> Result<(Wal, WalRecovery)> {
-        let rec = scan::recover(&*store, device_uuid, cfg.max_record_bytes + 64)?;
+        let rec = scan::recover(&*store, device_uuid, cfg.max_record_bytes + 64, true)?;
         let mut segs: VecDeque<LiveSegment> = rec.segments.into();
         let report = WalRecovery {
             segments: segs.len(),
@@ -367,6 +367,53 @@ impl Drop for Wal {
             tracing::warn!(error = %e, "WAL closed with an error");
         }
     }
+}
+
+/// A read-only look at a log: what recovery would find, without repairing anything.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LogSummary {
+    pub segments: Vec<SegmentSummary>,
+    pub first: u64,
+    pub next: u64,
+    pub purged: Option<LogId>,
+    pub records: u64,
+    pub tail: TailStop,
+    pub discarded: Vec<String>,
+}
+
+/// One live segment as `inspect` shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SegmentSummary {
+    pub name: String,
+    pub seq: u64,
+    pub first_index: u64,
+    pub max_index: Option<u64>,
+    pub prev_sealed: u64,
+}
+
+/// Scans the log in `store` without writing anything.
+pub fn inspect(store: &dyn SegmentStore, device_uuid: Uuid, cfg: &WalConfig) -> Result<LogSummary> {
+    let rec = scan::recover(store, device_uuid, cfg.max_record_bytes + 64, false)?;
+    let segments = rec
+        .segments
+        .iter()
+        .map(|s| SegmentSummary {
+            name: s.place.name.clone(),
+            seq: s.header.seq,
+            first_index: s.header.first_index,
+            max_index: s.max_index,
+            prev_sealed: s.header.prev_sealed,
+        })
+        .collect();
+    Ok(LogSummary {
+        segments,
+        first: rec.log.first(),
+        next: rec.log.next,
+        purged: rec.log.purged,
+        records: rec.records,
+        tail: rec.tail,
+        discarded: rec.discarded,
+    })
 }
 
 fn record_header_for_new(

@@ -119,14 +119,16 @@ impl<'a> Window<'a> {
     }
 }
 
-/// Reads every header, builds the chain and scans it.
+/// Reads every header, builds the chain and scans it. With `repair` false nothing is written
+/// (inspection): interrupted creations and stale segments are only reported.
 pub fn recover(
     store: &dyn SegmentStore,
     device_uuid: Uuid,
     max_stored: usize,
+    repair: bool,
 ) -> Result<Recovered> {
     let mut discarded = Vec::new();
-    let chain = live_chain(store, device_uuid, &mut discarded)?;
+    let chain = live_chain(store, device_uuid, &mut discarded, repair)?;
     let first = &chain[0].header;
     let mut log = LogBuilder::new(first.first_index, first.purged);
     let mut segments = Vec::with_capacity(chain.len());
@@ -177,6 +179,7 @@ fn live_chain(
     store: &dyn SegmentStore,
     device_uuid: Uuid,
     discarded: &mut Vec<String>,
+    repair: bool,
 ) -> Result<Vec<LiveSegment>> {
     let mut valid = Vec::new();
     let mut invalid = Vec::new();
@@ -215,8 +218,10 @@ fn live_chain(
         match place.named_seq {
             // A directory file: only the newest may be half-created; anything else is damage.
             Some(seq) if newest.is_none_or(|n| seq > n) => {
-                store.release(&place)?;
-                store.sync()?;
+                if repair {
+                    store.release(&place)?;
+                    store.sync()?;
+                }
                 discarded.push(format!("{} ({reason}; creation interrupted, removed)", place.name));
             }
             Some(_) => {
@@ -235,7 +240,7 @@ fn live_chain(
         start -= 1;
     }
     for stale in valid.drain(..start) {
-        if stale.place.named_seq.is_some() {
+        if repair && stale.place.named_seq.is_some() {
             store.release(&stale.place)?;
             store.sync()?;
         }
