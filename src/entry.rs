@@ -25,7 +25,7 @@ pub enum BlockOp {
     /// Write whole blocks starting at block `lba`.
     Write { lba: u64, data: Vec<u8> },
     /// Make `blocks` blocks from `lba` read as zeros (discard and write-zeroes).
-    Zero { lba: u64, blocks: u64 },
+    Zero { lba: u64, blocks: u32 },
 }
 
 /// The body of an entry.
@@ -107,7 +107,7 @@ fn encode_op(op: &BlockOp, out: &mut Vec<u8>) {
         }
         BlockOp::Zero { lba, blocks } => {
             head[0] = 2;
-            put_u32(&mut head, 4, *blocks as u32);
+            put_u32(&mut head, 4, *blocks);
             put_u64(&mut head, 8, *lba);
             out.extend_from_slice(&head);
         }
@@ -137,7 +137,7 @@ fn decode_ops(buf: &[u8]) -> Result<Vec<BlockOp>, String> {
                 ops.push(BlockOp::Write { lba, data: data.to_vec() });
                 at += n;
             }
-            2 => ops.push(BlockOp::Zero { lba, blocks: n as u64 }),
+            2 => ops.push(BlockOp::Zero { lba, blocks: n as u32 }),
             other => return Err(format!("op {i}: unknown block op {other}")),
         }
     }

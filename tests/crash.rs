@@ -128,11 +128,13 @@ fn run_schedule(engine: &Engine, rng: &mut SmallRng, model: &mut Model, steps: u
 
 fn append(engine: &Engine, rng: &mut SmallRng, model: &mut Model) -> bool {
     let n = rng.gen_range(1..=6);
-    let entries: Vec<NewEntry> = (0..n).map(|i| random_entry(rng, model.next + i, model.term)).collect();
+    let entries: Vec<NewEntry> =
+        (0..n).map(|i| random_entry(rng, model.next + i, model.term)).collect();
     for e in &entries {
         model.history.entry(e.index).or_default().insert(e.payload.to_vec());
     }
-    let logged: Vec<(u64, Vec<u8>)> = entries.iter().map(|e| (e.index, e.payload.to_vec())).collect();
+    let logged: Vec<(u64, Vec<u8>)> =
+        entries.iter().map(|e| (e.index, e.payload.to_vec())).collect();
     if engine.wal().append(entries).is_err() {
         return false;
     }
@@ -154,7 +156,8 @@ fn flush(engine: &Engine, model: &mut Model) -> bool {
 }
 
 fn truncate(engine: &Engine, rng: &mut SmallRng, model: &mut Model) -> bool {
-    let low = model.committed_issued.map_or(0, |c| c + 1).max(model.purge_issued.map_or(0, |p| p + 1));
+    let low =
+        model.committed_issued.map_or(0, |c| c + 1).max(model.purge_issued.map_or(0, |p| p + 1));
     if low >= model.next {
         return true;
     }
@@ -171,7 +174,8 @@ fn truncate(engine: &Engine, rng: &mut SmallRng, model: &mut Model) -> bool {
 
 fn commit(engine: &Engine, rng: &mut SmallRng, model: &mut Model) -> bool {
     // Only durable entries may be committed (single replica): those acked and not truncated since.
-    let durable_end = model.truncated_since_ack.map_or(model.acked_next, |t| t.min(model.acked_next));
+    let durable_end =
+        model.truncated_since_ack.map_or(model.acked_next, |t| t.min(model.acked_next));
     let low = model.committed_issued.map_or(0, |c| c + 1);
     if low >= durable_end {
         return true;
@@ -202,7 +206,10 @@ fn model_image(model: &Model, upto: Option<u64>) -> Vec<u8> {
     let mut image = vec![0u8; BLOCKS as usize * BLOCK];
     let Some(upto) = upto else { return image };
     for (_, payload) in model.fixed.range(..=upto) {
-        let Ok(EntryPayload { body: EntryBody::Blocks(ops), .. }) = EntryPayload::decode(payload) else { continue };
+        let Ok(EntryPayload { body: EntryBody::Blocks(ops), .. }) = EntryPayload::decode(payload)
+        else {
+            continue;
+        };
         for op in ops {
             match op {
                 BlockOp::Write { lba, data } => {
@@ -224,7 +231,10 @@ fn verify(engine: &Engine, model: &Model) -> Result<(), String> {
     for (&i, want) in &model.acked {
         if i < b.first {
             if model.purge_issued.is_none_or(|p| i > p) {
-                return Err(format!("acknowledged entry {i} lost: log starts at {} with no purge past it", b.first));
+                return Err(format!(
+                    "acknowledged entry {i} lost: log starts at {} with no purge past it",
+                    b.first
+                ));
             }
             continue;
         }
@@ -247,7 +257,10 @@ fn verify(engine: &Engine, model: &Model) -> Result<(), String> {
     }
     let committed = engine.state().get().committed.map(|c| c.index);
     if committed < model.committed_ok {
-        return Err(format!("committed index went back from {:?} to {committed:?}", model.committed_ok));
+        return Err(format!(
+            "committed index went back from {:?} to {committed:?}",
+            model.committed_ok
+        ));
     }
     if committed > model.committed_issued {
         return Err(format!("committed index {committed:?} was never issued"));
@@ -260,15 +273,19 @@ fn verify(engine: &Engine, model: &Model) -> Result<(), String> {
     engine.image().read_blocks(0, &mut image).map_err(|e| format!("read image: {e}"))?;
     if image != model_image(model, committed) {
         let want = model_image(model, committed);
-        let lba = (0..BLOCKS as usize).find(|&l| image[l * BLOCK..(l + 1) * BLOCK] != want[l * BLOCK..(l + 1) * BLOCK]);
-        return Err(format!("image differs from the committed model at block {lba:?} (applied {applied:?})"));
+        let lba = (0..BLOCKS as usize)
+            .find(|&l| image[l * BLOCK..(l + 1) * BLOCK] != want[l * BLOCK..(l + 1) * BLOCK]);
+        return Err(format!(
+            "image differs from the committed model at block {lba:?} (applied {applied:?})"
+        ));
     }
     Ok(())
 }
 
 /// Appends to the recovered store and checks the result survives a clean reopen.
 fn still_usable(store: &Store) -> Result<(), String> {
-    let (engine, _) = Engine::open(&store.location(), inline_config()).map_err(|e| format!("reopen: {e}"))?;
+    let (engine, _) =
+        Engine::open(&store.location(), inline_config()).map_err(|e| format!("reopen: {e}"))?;
     let next = engine.wal().bounds().next;
     let entry = block_entry(next, 1000, 1, 1, 77);
     let want = entry.payload.to_vec();
@@ -276,7 +293,8 @@ fn still_usable(store: &Store) -> Result<(), String> {
     engine.wal().flush().map_err(|e| format!("flush after recovery: {e}"))?;
     drop(engine);
     let again = store.clean_image();
-    let (engine, _) = Engine::open(&again.location(), inline_config()).map_err(|e| format!("second reopen: {e}"))?;
+    let (engine, _) = Engine::open(&again.location(), inline_config())
+        .map_err(|e| format!("second reopen: {e}"))?;
     let got = engine.wal().read(next).map_err(|e| format!("read after second reopen: {e}"))?;
     if got != want {
         return Err("entry appended after recovery changed".into());
@@ -294,7 +312,8 @@ fn trial(seed: u64) -> Result<(), String> {
     };
     Engine::format(&store.location(), &small_format()).map_err(|e| format!("format: {e}"))?;
     let store = store.clean_image();
-    let (engine, _) = Engine::open(&store.location(), inline_config()).map_err(|e| format!("open: {e}"))?;
+    let (engine, _) =
+        Engine::open(&store.location(), inline_config()).map_err(|e| format!("open: {e}"))?;
     let mut model = Model { term: 1, ..Model::default() };
     store.crash_after(rng.gen_range(1..=400));
     run_schedule(&engine, &mut rng, &mut model, 60);
@@ -302,27 +321,32 @@ fn trial(seed: u64) -> Result<(), String> {
     drop(engine);
     let plan = CrashPlan { keep: rng.gen_range(0.0..1.0), tear: rng.gen_range(0.0..0.5) };
     let image = store.crash_image(rng.gen(), plan);
-    let (engine, _) =
-        Engine::open(&image.location(), inline_config()).map_err(|e| format!("recovery failed: {e}"))?;
+    let (engine, _) = Engine::open(&image.location(), inline_config())
+        .map_err(|e| format!("recovery failed: {e}"))?;
     verify(&engine, &model)?;
     drop(engine);
     still_usable(&image.clean_image())
 }
 
 fn trials() -> u64 {
-    let default = if std::env::var_os("XDEVICE_LONG").is_some() { 20_000 } else { 1_000 };
+    let long = std::env::var("XDEVICE_LONG").is_ok_and(|v| v == "1");
+    let default = if long { 20_000 } else { 1_000 };
     std::env::var("XDEVICE_CRASH_TRIALS").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 #[test]
 fn random_crash_points_lose_no_acknowledged_write() {
-    let seeds: Vec<u64> = match std::env::var("XDEVICE_CRASH_SEED").ok().and_then(|v| v.parse().ok()) {
-        Some(seed) => vec![seed],
-        None => {
-            let base: u64 = std::env::var("XDEVICE_CRASH_BASE").ok().and_then(|v| v.parse().ok()).unwrap_or(0x5eed);
-            (0..trials()).map(|i| base.wrapping_add(i)).collect()
-        }
-    };
+    let seeds: Vec<u64> =
+        match std::env::var("XDEVICE_CRASH_SEED").ok().and_then(|v| v.parse().ok()) {
+            Some(seed) => vec![seed],
+            None => {
+                let base: u64 = std::env::var("XDEVICE_CRASH_BASE")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0x5eed);
+                (0..trials()).map(|i| base.wrapping_add(i)).collect()
+            }
+        };
     let mut failures = Vec::new();
     for &seed in &seeds {
         let outcome = std::panic::catch_unwind(|| trial(seed));

@@ -110,3 +110,39 @@ fn replay_applies_committed_entries_after_crash() {
         assert!(block == want, "block {lba}");
     }
 }
+
+#[test]
+fn interrupted_format_can_be_redone_but_a_store_is_never_overwritten() {
+    use xdevice::storage::disk::{SimVolume, Volume};
+    use xdevice::storage::StorageError;
+    let volume = SimVolume::new("vol");
+    // What a format interrupted before its superblock copies were written leaves behind.
+    volume.create("t0_meta_superblock", 16384, false).expect("create");
+    volume.create("t0_state_raft", 8192, false).expect("create");
+    let err = Engine::open(&dir_location(&volume), inline_config()).expect_err("not a store");
+    assert!(err.to_string().contains("not formatted"), "{err}");
+    Engine::format(&dir_location(&volume), &small_format()).expect("format over leftovers");
+    Engine::open(&dir_location(&volume), inline_config()).expect("open after format");
+    let again = Engine::format(&dir_location(&volume), &small_format()).expect_err("refuse");
+    assert!(matches!(again, StorageError::AlreadyFormatted(_)), "{again}");
+}
+
+#[test]
+fn apply_never_runs_past_the_persisted_commit() {
+    let volume = formatted_volume();
+    let (engine, _) = Engine::open(&dir_location(&volume), inline_config()).expect("open");
+    engine.wal().append((0..5).map(|i| block_entry(i, 1, i, 1, i)).collect()).expect("append");
+    engine.wal().flush().expect("flush");
+    assert!(engine.apply_through(0).is_err(), "nothing committed yet");
+    engine
+        .state()
+        .update(|s| s.committed = Some(LogId { term: 1, node: 1, index: 2 }))
+        .expect("commit");
+    assert!(engine.apply_through(3).is_err(), "3 is not committed");
+    assert_eq!(engine.apply_through(2).expect("apply"), 3);
+    let mut block = vec![0u8; BLOCK];
+    engine.image().read_blocks(2, &mut block).expect("read");
+    assert!(block == pattern(2, 1, 2));
+    engine.image().read_blocks(3, &mut block).expect("read");
+    assert!(block.iter().all(|&b| b == 0), "uncommitted entry 3 must not be applied");
+}

@@ -40,6 +40,11 @@ impl StoreArgs {
             return Ok(Location::Raw { disk });
         }
         let Some(dir) = &self.dir else { bail!("give --dir or --device") };
+        if default_name.is_some() {
+            // Creating a store: make its data directory as `mkdir -p` would.
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating data directory {}", dir.display()))?;
+        }
         let volume: Arc<dyn Volume> = Arc::new(
             DirVolume::open(dir, self.backend)
                 .with_context(|| format!("opening data directory {}", dir.display()))?,

@@ -14,7 +14,10 @@ use super::poison::Poison;
 use super::segment::{SegmentStore, SEGMENT_HEADER_BYTES};
 use super::slots::SlotPair;
 use super::state::{LogId, StateStore};
-use super::superblock::{self, LayoutKind, RawGeometry, Superblock, SUPERBLOCK_COPIES};
+use super::superblock::{
+    self, LayoutKind, RawGeometry, Superblock, MAX_BLOCK_BYTES, MIN_BLOCK_BYTES, MIN_SEGMENT_BYTES,
+    SUPERBLOCK_COPIES,
+};
 use super::wal::{Wal, WalConfig, WalRecovery};
 use crate::entry::{BlockOp, EntryBody, EntryPayload};
 
@@ -81,23 +84,22 @@ impl Engine {
     pub fn format(location: &Location, opts: &FormatOptions) -> Result<Superblock> {
         validate_name(&opts.device_name)?;
         if !opts.block_bytes.is_power_of_two()
-            || !(512..=65536).contains(&opts.block_bytes)
-            || opts.block_bytes < 4096
+            || !(MIN_BLOCK_BYTES..=MAX_BLOCK_BYTES).contains(&opts.block_bytes)
         {
             return Err(StorageError::Invalid(format!(
-                "block size {} must be a power of two in 4096..=65536",
+                "block size {} must be a power of two in {MIN_BLOCK_BYTES}..={MAX_BLOCK_BYTES}",
                 opts.block_bytes
             )));
         }
-        if opts.segment_bytes < 256 * 1024 || opts.segment_bytes % 4096 != 0 {
+        if opts.segment_bytes < MIN_SEGMENT_BYTES || opts.segment_bytes % 4096 != 0 {
             return Err(StorageError::Invalid(format!(
-                "segment size {} must be a multiple of 4 KiB of at least 256 KiB",
+                "segment size {} must be a multiple of 4 KiB of at least {MIN_SEGMENT_BYTES}",
                 opts.segment_bytes
             )));
         }
         let (kind, raw, device_bytes) = match location {
             Location::Directory { volume, name } => {
-                refuse_existing_dir(&**volume, name)?;
+                refuse_existing_dir(location, &**volume, name)?;
                 let bytes = opts.device_bytes.ok_or_else(|| {
                     StorageError::Invalid("a directory store needs a device size".into())
                 })?;
@@ -240,6 +242,14 @@ impl Engine {
     /// Applies entries from the one after the applied index through `upto` (which must be
     /// committed). Returns how many were applied.
     pub fn apply_through(&self, upto: u64) -> Result<u64> {
+        // Replay after a crash re-applies only through the persisted committed index, so applying
+        // past it could leave blocks that recovery does not rewrite.
+        let committed = self.state.get().committed.map(|c| c.index);
+        if committed.is_none_or(|c| upto > c) {
+            return Err(StorageError::Invalid(format!(
+                "apply through {upto} beyond the persisted committed index {committed:?}"
+            )));
+        }
         let mut applied = self.applied.lock().expect("applied lock");
         let from = applied.log_id.map_or(0, |id| id.index + 1);
         for index in from..=upto {
@@ -262,7 +272,9 @@ impl Engine {
         for op in ops {
             match op {
                 BlockOp::Write { lba, data } => self.image.write_blocks(*lba, data)?,
-                BlockOp::Zero { lba, blocks } => self.image.zero_blocks(*lba, *blocks)?,
+                BlockOp::Zero { lba, blocks } => {
+                    self.image.zero_blocks(*lba, u64::from(*blocks))?
+                }
             }
         }
         Ok(())
@@ -306,14 +318,21 @@ fn validate_name(name: &str) -> Result<()> {
 
 /// A directory format refuses a device that has a superblock; files a failed format left behind
 /// (no superblock yet) are removed.
-fn refuse_existing_dir(volume: &dyn Volume, name: &str) -> Result<()> {
+fn refuse_existing_dir(location: &Location, volume: &dyn Volume, name: &str) -> Result<()> {
     let files = volume.list().map_err(|e| StorageError::io("list", volume.describe(), e))?;
     let prefix = format!("{name}_");
     if files.contains(&layout::superblock_file(name)) {
-        return Err(StorageError::AlreadyFormatted(format!(
-            "{} already holds device {name}",
-            volume.describe()
-        )));
+        // The superblock file is created first and its copies written last: a file with no valid
+        // (or version-mismatched) copy and nothing but zeros is what an interrupted format leaves.
+        match superblock::choose(&layout::superblock_copies(location)?) {
+            Err(StorageError::Foreign(reason)) if reason.contains("not formatted") => {}
+            _ => {
+                return Err(StorageError::AlreadyFormatted(format!(
+                    "{} already holds device {name}",
+                    volume.describe()
+                )))
+            }
+        }
     }
     for leftover in files.iter().filter(|f| f.starts_with(&prefix)) {
         tracing::warn!(file = %leftover, "removing a file left by an interrupted format");

@@ -15,7 +15,10 @@
 //!
 //! Crash safety: blocks and table sectors written after the last checkpoint may be torn or stale,
 //! but every one of them belongs to an entry above the persisted applied index, which recovery
-//! replays, rewriting the block and its entry. Table sectors are single sectors, written whole.
+//! replays, rewriting the block and its entry. The table is written in 4 KiB pages, but each
+//! 512-byte sector carries its own checksum, so a page torn at any sector boundary leaves every
+//! sector wholly old or wholly new, and each valid. Only committed entries are ever applied, and
+//! replay re-applies through the persisted committed index, so no applied block is left unreplayed.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, RwLock};

@@ -192,8 +192,11 @@ pub fn decode(buf: &[u8], seed: u32, max_stored: usize) -> Decoded {
         return Decoded::Invalid(format!("unknown record kind {}", u16_at(32)));
     };
     let flags = u16_at(34);
-    if flags & !KNOWN_FLAGS != 0 || u32_at(44) != 0 {
+    if flags & !KNOWN_FLAGS != 0 {
         return Decoded::Invalid(format!("unknown flags {flags:#06x}"));
+    }
+    if u32_at(44) != 0 {
+        return Decoded::Invalid(format!("reserved field holds {:#010x}", u32_at(44)));
     }
     let raw_len = u32_at(40);
     if flags & FLAG_COMPRESSED == 0 && raw_len != stored_len {

@@ -1,5 +1,5 @@
 //! WAL segments: the header that opens each one, and the two places segments live — files named
-//! `{dev}log_{seq}` in a data directory, or fixed slots of a raw device's WAL region.
+//! `{dev}_log_{seq:010}` in a data directory, or fixed slots of a raw device's WAL region.
 //!
 //! ```text
 //! segment header (first 4096 bytes of every segment; records start at byte 4096)
@@ -34,6 +34,7 @@ use super::superblock::FORMAT_VERSION;
 pub const SEGMENT_HEADER_BYTES: u64 = IO_ALIGN as u64;
 const MAGIC: &[u8; 8] = b"XDEVSEG1";
 const CRC_AT: usize = 104;
+const _: () = assert!(CRC_AT + 4 <= SEGMENT_HEADER_BYTES as usize);
 
 /// The decoded header of a segment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]

@@ -20,6 +20,7 @@ use super::le::{put_u32, put_u64, u32_at, u64_at};
 /// Bytes of each slot.
 pub const SLOT_BYTES: usize = 4096;
 const HEADER_BYTES: usize = 24;
+const _: () = assert!(SLOT_BYTES % super::disk::IO_ALIGN == 0 && HEADER_BYTES < SLOT_BYTES);
 /// Largest payload a slot holds.
 pub const MAX_SLOT_PAYLOAD: usize = SLOT_BYTES - HEADER_BYTES;
 

@@ -1,5 +1,5 @@
 //! Persisted Raft hard state: the vote, the committed log id and the membership blob, written
-//! atomically through a `SlotPair` and durable before `save` returns.
+//! atomically through a `SlotPair` and durable before `StateStore::update` returns.
 //!
 //! Payload (inside a slot), little-endian:
 //! ```text
@@ -46,6 +46,7 @@ pub struct HardState {
 
 const VERSION: u8 = 1;
 const FIXED: usize = 52;
+const _: () = assert!(FIXED < MAX_SLOT_PAYLOAD);
 
 impl HardState {
     /// Encodes into a slot payload.

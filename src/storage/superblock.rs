@@ -39,6 +39,13 @@ pub const SUPERBLOCK_COPIES: usize = 4;
 /// The on-disk format version this build reads and writes.
 pub const FORMAT_VERSION: u32 = 1;
 const MAGIC: &[u8; 8] = b"XDEVSUPR";
+/// Smallest block size: the image does aligned I/O per block, so no smaller than `IO_ALIGN`.
+pub const MIN_BLOCK_BYTES: u32 = 4096;
+/// Largest block size.
+pub const MAX_BLOCK_BYTES: u32 = 65536;
+/// Smallest WAL segment.
+pub const MIN_SEGMENT_BYTES: u64 = 256 * 1024;
+const _: () = assert!(MIN_BLOCK_BYTES as usize == super::disk::IO_ALIGN);
 const CRC_AT: usize = SUPERBLOCK_BYTES - 4;
 const NAME_BYTES: usize = 32;
 const _: () = assert!(128 + NAME_BYTES <= CRC_AT);
@@ -165,8 +172,12 @@ impl Superblock {
     /// Checks geometry invariants that a valid checksum alone does not prove.
     fn validate(&self) -> std::result::Result<(), String> {
         let block = self.block_bytes as u64;
-        if !(512..=65536).contains(&block) || !block.is_power_of_two() {
-            return Err(format!("block size {block} is not a power of two in 512..=65536"));
+        if !(MIN_BLOCK_BYTES as u64..=MAX_BLOCK_BYTES as u64).contains(&block)
+            || !block.is_power_of_two()
+        {
+            return Err(format!(
+                "block size {block} is not a power of two in {MIN_BLOCK_BYTES}..={MAX_BLOCK_BYTES}"
+            ));
         }
         if self.device_bytes == 0 || self.device_bytes % block != 0 {
             return Err(format!(
@@ -174,9 +185,9 @@ impl Superblock {
                 self.device_bytes
             ));
         }
-        if self.segment_bytes < 64 * 1024 || self.segment_bytes % 4096 != 0 {
+        if self.segment_bytes < MIN_SEGMENT_BYTES || self.segment_bytes % 4096 != 0 {
             return Err(format!(
-                "segment size {} is below 64 KiB or unaligned",
+                "segment size {} is not a multiple of 4 KiB of at least {MIN_SEGMENT_BYTES}",
                 self.segment_bytes
             ));
         }

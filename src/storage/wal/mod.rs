@@ -25,7 +25,7 @@ pub use log::DiskLoc;
 pub use scan::{LiveSegment, TailStop};
 use writer::{marker_payload, PendingOp, Writer};
 
-use super::disk::{AlignedBuf, IO_ALIGN};
+use super::disk::{AlignedBuf, IO_ALIGN, SECTOR_BYTES};
 use super::error::{Result, StorageError};
 use super::poison::Poison;
 use super::record::{self, Decoded, RecordKind};
@@ -73,7 +73,8 @@ impl Default for WalConfig {
 impl WalConfig {
     /// Checks the bounds against a segment size.
     pub fn validate(&self, segment_bytes: u64) -> Result<()> {
-        let room = segment_bytes.saturating_sub(SEGMENT_HEADER_BYTES + 512) as usize;
+        let room =
+            segment_bytes.saturating_sub(SEGMENT_HEADER_BYTES + SECTOR_BYTES as u64) as usize;
         let record = record::padded_record_len(self.max_record_bytes);
         if record > room || self.max_batch_bytes > room || self.max_batch_records == 0 {
             return Err(StorageError::Invalid(format!(

@@ -1,0 +1,33 @@
+# The one entry point for building, checking, testing and benchmarking xdevice.
+# `make check` is what CI runs (.ci/run); it never modifies the tree.
+
+CARGO     ?= cargo
+TEST_ARGS ?=
+
+.PHONY: build check test test-long bench fmt clean
+
+build:
+	$(CARGO) build --release
+
+# --locked: fail, rather than rewrite Cargo.lock, if it is out of date.
+check:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+	$(MAKE) test
+
+# Release mode keeps the crash and fault-injection tests fast.
+# Pass filters or harness flags through: make test TEST_ARGS='wal -- --nocapture'
+test:
+	$(CARGO) test --release $(TEST_ARGS)
+
+test-long:
+	XDEVICE_LONG=1 $(CARGO) test --release $(TEST_ARGS)
+
+bench:
+	$(CARGO) bench --bench wal-append --bench group-commit --bench replay
+
+fmt:
+	$(CARGO) fmt --all
+
+clean:
+	$(CARGO) clean
