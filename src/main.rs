@@ -61,6 +61,11 @@ enum Command {
 }
 
 fn main() {
+    // SAFETY: called first in main, before any thread exists; restoring the default SIGPIPE action
+    // makes `xdevice inspect | head` end quietly instead of panicking on a closed pipe.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
