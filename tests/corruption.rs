@@ -635,6 +635,73 @@ fn torn_last_batch_is_cut_and_the_log_continues() {
     }
 }
 
+/// `max_record_bytes` is run-time configuration, not part of the format: reopening with a smaller
+/// limit must not make an acknowledged record look like a torn tail and cut it off.
+#[test]
+fn record_longer_than_a_reduced_limit_is_not_cut_as_a_torn_tail() {
+    let store = Store::dir();
+    let mut batches = block_batches(0, 4, 4);
+    batches.push(raw_batches(4, &[&[40 * 1024]]).remove(0));
+    let payloads = store_with(&store, &batches);
+    let mut cfg = inline_config();
+    cfg.wal.max_record_bytes = 16 * 1024;
+    match Engine::open(&store.location(), cfg) {
+        Err(err) => assert_mentions(&err, &[SEG_1]),
+        Ok((engine, rec)) => {
+            let next = engine.wal().bounds().next;
+            assert!(
+                next == 5,
+                "open with max_record_bytes 16 KiB cut the acknowledged 40 KiB entry 4 as a torn \
+                 tail (log ends at {next}, tail {:?})",
+                rec.wal.tail
+            );
+            assert_log_equals(&engine, &payloads, 5);
+        }
+    }
+}
+
+#[test]
+fn record_damaged_after_open_fails_its_read_and_apply() {
+    let store = Store::dir();
+    let (engine, _) = store.open().expect("open");
+    let payloads = write_batches(&engine, &block_batches(0, 12, 4));
+    let Store::Dir(v) = &store else { unreachable!() };
+    let disk = file_disk(v, SEG_1);
+    let rec = records_in(&disk)[6];
+    damage_payload(&disk, &rec);
+    let err = engine.wal().read(6).expect_err("damaged record read");
+    assert!(matches!(err, StorageError::Corrupt { .. }), "{err}");
+    assert_mentions(&err, &["WAL record", SEG_1, &format!("offset {}", rec.offset), "checksum"]);
+    assert_log_equals(&engine, &payloads, 6);
+    for index in 7..12 {
+        assert!(engine.wal().read(index).expect("read") == payloads[index as usize]);
+    }
+    commit(&engine, 11);
+    let err = engine.apply_through(11).expect_err("apply over a damaged record");
+    assert_mentions(&err, &["WAL record", SEG_1]);
+    assert_eq!(engine.applied().log_id.map(|id| id.index), Some(5));
+}
+
+/// Falling back to an older image header whose entries the log has purged since must fail: the
+/// image cannot be brought to the committed state.
+#[test]
+fn image_header_fallback_past_a_purge_is_refused() {
+    let store = Store::dir();
+    let (engine, _) = store.open().expect("open");
+    write_batches(&engine, &block_batches(0, 120, 10));
+    commit(&engine, 119);
+    engine.apply_through(9).expect("apply");
+    engine.checkpoint().expect("checkpoint 9");
+    engine.apply_through(99).expect("apply");
+    engine.checkpoint_and_purge().expect("checkpoint and purge 99");
+    assert_eq!(engine.wal().bounds().first, 100);
+    drop(engine);
+    let (disk, _) = store.image();
+    disk.corrupt(SLOT_BYTES + 30, &[0x01]);
+    let err = err_of(store.open(), "fallback past purge");
+    assert_mentions(&err, &["missing"]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Segment headers
 
@@ -659,62 +726,75 @@ fn damaged_header_of_a_middle_segment_is_refused() {
     disk.corrupt(sb.raw.wal_offset + sb.segment_bytes + 33, &[0x01]);
     let err = err_of(store.open(), "raw middle header");
     assert!(matches!(err, StorageError::Corrupt { .. }), "{err}");
-    assert_mentions(&err, &["WAL", "missing"]);
+    assert_mentions(&err, &["WAL segment header", "WAL slot 1", "checksum mismatch"]);
 }
 
+/// A segment file newer than every valid one, with no records and a blank or invalid header, is
+/// what a rotation interrupted before its header became durable leaves: it is removed.
 #[test]
-fn damaged_header_of_an_empty_newest_segment_is_an_interrupted_creation() {
+fn newest_segment_without_a_valid_header_or_records_is_an_interrupted_creation() {
     let store = Store::dir();
     let payloads = store_with(&store, &block_batches(0, 10, 5));
-    // Reopening seals segment 1 and starts an empty segment 2.
-    let (engine, _) = store.open().expect("reopen");
-    assert_eq!(engine.wal().segments().len(), 2);
-    drop(engine);
-    let damaged = store.clean();
-    let Store::Dir(v) = &damaged else { unreachable!() };
-    file_disk(v, SEG_2).corrupt(44, &[0x01]);
-    let (engine, rec) = damaged.open().expect("an interrupted creation is removed");
-    assert!(rec.wal.discarded.iter().any(|d| d.contains(SEG_2)), "{rec:?}");
-    assert_eq!(engine.wal().bounds().next, 10);
-    assert_log_equals(&engine, &payloads, 10);
-
-    // A created but never written file (blank header) is the same case.
-    let blank = store.clean();
-    let Store::Dir(v) = &blank else { unreachable!() };
-    drop(v.create(SEG_3, 256 * 1024, false).expect("create"));
-    v.sync().expect("sync");
-    let (engine, rec) = blank.open().expect("a blank newest segment is removed");
-    assert!(rec.wal.discarded.iter().any(|d| d.contains(SEG_3)), "{rec:?}");
-    assert_log_equals(&engine, &payloads, 10);
+    let noise: Vec<u8> = (0..108u32).map(|i| (i * 37 + 11) as u8).collect();
+    for header in [None, Some(&noise)] {
+        let damaged = store.clean();
+        let Store::Dir(v) = &damaged else { unreachable!() };
+        drop(v.create(SEG_2, 256 * 1024, false).expect("create"));
+        if let Some(bytes) = header {
+            file_disk(v, SEG_2).corrupt(0, bytes);
+        }
+        v.sync().expect("sync");
+        let (engine, rec) = damaged.open().expect("an interrupted creation is removed");
+        assert!(rec.wal.discarded.iter().any(|d| d.contains(SEG_2)), "{rec:?}");
+        assert_eq!(engine.wal().bounds().next, 10);
+        assert_log_equals(&engine, &payloads, 10);
+        // The log goes on in a new segment 2.
+        engine.wal().append(block_batches(10, 2, 2).remove(0)).expect("append");
+        engine.wal().flush().expect("flush");
+        drop(engine);
+        let (engine, _) = damaged.clean().open().expect("reopen");
+        assert_eq!(engine.wal().bounds().next, 12);
+        assert_log_equals(&engine, &payloads, 10);
+    }
 }
 
 /// Records are only ever written to a segment after its header is durable, so a newest segment
 /// whose header fails validation but which holds records is damage, not an interrupted creation:
-/// its acknowledged entries must not silently disappear (nor its file be deleted).
-#[test]
-fn damaged_header_of_a_newest_segment_holding_records_is_refused() {
-    for (count, segment) in [(120u64, SEG_3), (10, SEG_1)] {
-        let store = Store::dir();
-        let payloads = store_with(&store, &block_batches(0, count, 8));
-        let Store::Dir(v) = &store else { unreachable!() };
-        assert!(v.disk(segment).is_some_and(|d| !records_in(&d).is_empty()));
-        file_disk(v, segment).corrupt(60, &[0x01]);
-        match store.open() {
-            Err(err) => {
-                assert!(v.disk(segment).is_some(), "open deleted {segment} ({err})");
-            }
-            Ok((engine, rec)) => {
-                let next = engine.wal().bounds().next;
-                assert!(
-                    next == count,
-                    "{segment}: open succeeded with the log ending at {next} instead of {count}: \
-                     acknowledged entries {next}..{count} are lost silently (discarded: {:?})",
-                    rec.wal.discarded
-                );
-                assert_log_equals(&engine, &payloads, count);
-            }
+/// open must refuse it (keeping the file), or keep every acknowledged entry.
+fn newest_segment_header_damage_loses_nothing(count: u64, segment: &str) {
+    let store = Store::dir();
+    let payloads = store_with(&store, &block_batches(0, count, 8));
+    let Store::Dir(v) = &store else { unreachable!() };
+    assert!(v.disk(segment).is_some_and(|d| !records_in(&d).is_empty()));
+    let newest = v.names().into_iter().filter(|n| n.contains("_log_")).max();
+    assert_eq!(newest.as_deref(), Some(segment));
+    file_disk(v, segment).corrupt(60, &[0x01]);
+    match store.open() {
+        Err(err) => {
+            assert!(v.disk(segment).is_some(), "open deleted {segment}, then failed: {err}");
+            assert_mentions(&err, &[segment]);
+        }
+        Ok((engine, rec)) => {
+            let next = engine.wal().bounds().next;
+            assert!(
+                next == count,
+                "{segment}: open succeeded with the log ending at {next} instead of {count}: \
+                 acknowledged entries {next}..{count} are lost silently (discarded: {:?})",
+                rec.wal.discarded
+            );
+            assert_log_equals(&engine, &payloads, count);
         }
     }
+}
+
+#[test]
+fn damaged_header_of_a_newest_segment_after_others_is_refused() {
+    newest_segment_header_damage_loses_nothing(120, SEG_3);
+}
+
+#[test]
+fn damaged_header_of_the_only_segment_is_refused_without_deleting_it() {
+    newest_segment_header_damage_loses_nothing(10, SEG_1);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -758,54 +838,80 @@ fn raw_batches(first: u64, sizes: &[&[usize]]) -> Vec<Vec<NewEntry>> {
         .collect()
 }
 
+/// What opening a store with one flipped byte gave: refused, or the log's bounds.
+type FlipOutcome = Option<(u64, u64)>;
+
+/// Opens `store` with the byte at `offset` of `segment` flipped by `mask` (on a fresh copy) and
+/// checks every entry it then holds against `payloads`.
+fn open_flipped(
+    store: &Store,
+    segment: &str,
+    offset: u64,
+    mask: u8,
+    payloads: &[Vec<u8>],
+) -> FlipOutcome {
+    let damaged = store.clean();
+    let Store::Dir(v) = &damaged else { unreachable!() };
+    file_disk(v, segment).corrupt(offset, &[mask]);
+    let outcome = catch_unwind(AssertUnwindSafe(|| match damaged.open() {
+        Err(_) => None,
+        Ok((engine, _)) => {
+            let bounds = engine.wal().bounds();
+            for index in 0..bounds.next {
+                let got = engine.wal().read(index).map_err(|e| e.to_string());
+                assert!(
+                    got.as_ref().is_ok_and(|g| *g == payloads[index as usize]),
+                    "flip {mask:#04x} at {offset}: entry {index} reads {:?}",
+                    got.map(|g| g.len())
+                );
+            }
+            Some((bounds.first, bounds.next))
+        }
+    }));
+    outcome.unwrap_or_else(|_| panic!("{segment}: flip {mask:#04x} at offset {offset} panicked"))
+}
+
 /// Flips every byte of the last segment's written records (and the sector after them) in turn,
 /// on a fresh copy each time: open must fail, or succeed with every entry it holds intact and
-/// nothing lost but (part of) the last batch.
+/// nothing lost but (part of) the last batch. Spread over threads: each open is independent.
 fn flip_every_byte(store: &Store, segment: &str, payloads: &[Vec<u8>], last_batch_first: u64) {
     let Store::Dir(volume) = store else { unreachable!() };
     let records = records_in(&file_disk(volume, segment));
     let last = records.last().expect("records");
     let end = (last.offset + RECORD_HEADER_BYTES as u64 + last.stored_len).next_multiple_of(512);
+    let offsets: Vec<u64> = (SEGMENT_HEADER..end + 512).collect();
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(8);
+    let outcomes: Vec<(u64, FlipOutcome)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = offsets
+            .chunks(offsets.len().div_ceil(threads))
+            .map(|chunk| {
+                scope.spawn(move || {
+                    chunk
+                        .iter()
+                        .map(|&offset| {
+                            let mask = if offset % 2 == 0 { 0xff } else { 1 << (offset % 8) };
+                            (offset, open_flipped(store, segment, offset, mask, payloads))
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers.into_iter().flat_map(|w| w.join().expect("flip worker panicked")).collect()
+    });
     let total = payloads.len() as u64;
     let (mut refused, mut cut) = (0, 0);
-    for offset in SEGMENT_HEADER..end + 512 {
-        let mask = if offset % 2 == 0 { 0xff } else { 1 << (offset % 8) };
-        let damaged = store.clean();
-        let Store::Dir(v) = &damaged else { unreachable!() };
-        file_disk(v, segment).corrupt(offset, &[mask]);
-        let outcome = catch_unwind(AssertUnwindSafe(|| match damaged.open() {
-            Err(_) => None,
-            Ok((engine, _)) => {
-                let bounds = engine.wal().bounds();
-                for index in 0..bounds.next {
-                    let got = engine.wal().read(index).map_err(|e| e.to_string());
-                    assert!(
-                        got.as_ref().is_ok_and(|g| *g == payloads[index as usize]),
-                        "flip at {offset}: entry {index} reads {:?}",
-                        got.map(|g| g.len())
-                    );
-                }
-                Some(bounds)
-            }
-        }));
-        let bounds = match outcome {
-            Ok(bounds) => bounds,
-            Err(_) => panic!("{segment}: flip {mask:#04x} at offset {offset} panicked"),
+    for (offset, outcome) in outcomes {
+        let Some((first, next)) = outcome else {
+            refused += 1;
+            continue;
         };
-        match bounds {
-            None => refused += 1,
-            Some(b) => {
-                assert_eq!(b.first, 0, "flip at {offset}");
-                assert!(
-                    (last_batch_first..=total).contains(&b.next),
-                    "flip at {offset}: log ends at {} (acknowledged batches before {} lost)",
-                    b.next,
-                    last_batch_first
-                );
-                if b.next < total {
-                    cut += 1;
-                }
-            }
+        assert_eq!(first, 0, "flip at {offset}");
+        assert!(
+            (last_batch_first..=total).contains(&next),
+            "flip at {offset}: log ends at {next} (acknowledged batches before {last_batch_first} lost)"
+        );
+        if next < total {
+            cut += 1;
         }
     }
     assert!(refused > 0 && cut > 0, "flips refused {refused}, cut {cut}");
@@ -813,17 +919,122 @@ fn flip_every_byte(store: &Store, segment: &str, payloads: &[Vec<u8>], last_batc
 
 #[test]
 fn every_single_byte_flip_in_the_last_segment_is_refused_or_harmless() {
-    let sizes: &[&[usize]] = &[&[5], &[300, 40, 1000], &[0, 700], &[64, 9], &[333]];
+    let sizes: &[&[usize]] = &[&[5, 300, 40], &[120, 0, 70], &[64, 9, 33]];
     let store = Store::dir();
     let payloads = store_with(&store, &raw_batches(0, sizes));
-    flip_every_byte(&store, SEG_1, &payloads, 8);
+    flip_every_byte(&store, SEG_1, &payloads, 6);
 
     // The same after a reopen: segment 1 sealed, the flips land in segment 2.
     let (engine, _) = store.open().expect("reopen");
     let mut all = payloads.clone();
-    all.extend(write_batches(&engine, &raw_batches(9, &[&[400, 8], &[2000], &[17, 17, 17]])));
+    all.extend(write_batches(&engine, &raw_batches(9, &[&[400, 8, 90], &[17, 17, 17]])));
     drop(engine);
     flip_every_byte(&store, SEG_2, &all, 12);
+}
+
+/// Every byte of both hard-state slots: the newest valid slot wins, damage is reported.
+#[test]
+fn every_byte_flip_in_the_hard_state_slots_falls_back_or_is_harmless() {
+    let store = Store::dir();
+    store_with_states(&store);
+    let used = 24 + hard_state(3).encode().len() as u64;
+    for slot in 0..2u64 {
+        for at in 0..used + 16 {
+            let damaged = store.clean();
+            let (disk, base) = damaged.state_slots();
+            disk.corrupt(base + slot * SLOT_BYTES + at, &[0x81]);
+            let outcome = catch_unwind(AssertUnwindSafe(|| damaged.open()));
+            let (engine, rec) = match outcome {
+                Err(_) => panic!("slot {slot} byte {at}: open panicked"),
+                Ok(Err(e)) => panic!("slot {slot} byte {at}: one valid slot remains, yet: {e}"),
+                Ok(Ok(opened)) => opened,
+            };
+            let state = engine.state().get();
+            match (at < used, slot) {
+                (false, _) => {
+                    assert_eq!(state, hard_state(3), "padding byte {at}");
+                    assert_eq!(rec.state_slot_damaged, None, "padding byte {at}");
+                }
+                (true, 1) => assert_eq!(state, hard_state(2), "newest slot byte {at}"),
+                (true, _) => assert_eq!(state, hard_state(3), "older slot byte {at}"),
+            }
+            if at < used {
+                assert!(rec.state_slot_damaged.is_some(), "slot {slot} byte {at} not reported");
+            }
+        }
+    }
+}
+
+/// Every byte of both image header slots: the newest valid header wins and replay makes up the
+/// difference, so the device reads the same either way.
+#[test]
+fn every_byte_flip_in_the_image_header_slots_falls_back_or_is_harmless() {
+    let store = Store::dir();
+    store_with_checkpoints(&store);
+    let model = model_through(39);
+    let used = 24 + 32;
+    for slot in 0..2u64 {
+        for at in 0..used + 8 {
+            let damaged = store.clean();
+            let (disk, base) = damaged.image();
+            disk.corrupt(base + slot * SLOT_BYTES + at, &[0x18]);
+            let outcome = catch_unwind(AssertUnwindSafe(|| damaged.open()));
+            let (engine, rec) = match outcome {
+                Err(_) => panic!("slot {slot} byte {at}: open panicked"),
+                Ok(Err(e)) => panic!("slot {slot} byte {at}: one valid slot remains, yet: {e}"),
+                Ok(Ok(opened)) => opened,
+            };
+            let replayed = if at < used && slot == 1 { 30 } else { 10 };
+            assert_eq!(rec.replayed_entries, replayed, "slot {slot} byte {at}");
+            assert_eq!(rec.image_slot_damaged.is_some(), at < used, "slot {slot} byte {at}");
+            assert!(read_device(&engine) == model, "slot {slot} byte {at}: device differs");
+        }
+    }
+}
+
+/// Every byte of a middle segment's header: refused, naming the segment (bytes past the checksummed
+/// part are unused).
+#[test]
+fn every_byte_flip_in_a_middle_segment_header_is_refused() {
+    let store = Store::dir();
+    let payloads = store_with(&store, &block_batches(0, 120, 8));
+    for at in 0..112u64 {
+        let damaged = store.clean();
+        let Store::Dir(v) = &damaged else { unreachable!() };
+        file_disk(v, SEG_2).corrupt(at, &[0x42]);
+        let outcome = catch_unwind(AssertUnwindSafe(|| damaged.open()));
+        match outcome {
+            Err(_) => panic!("header byte {at}: open panicked"),
+            Ok(Err(e)) => {
+                assert!(at < 108, "unused header byte {at} refused: {e}");
+                assert_mentions(&e, &[SEG_2]);
+            }
+            Ok(Ok((engine, _))) => {
+                assert!(at >= 108, "header byte {at}: damage accepted");
+                assert_log_equals(&engine, &payloads, 120);
+            }
+        }
+    }
+}
+
+/// Every byte of one superblock copy's fields and checksum, and a sample of its zero padding: the
+/// other copies are used and the damaged one rewritten.
+#[test]
+fn every_byte_flip_in_a_superblock_copy_is_repaired() {
+    let store = Store::dir();
+    for at in (0..SB_BYTES).filter(|&at| !(160..4092).contains(&at) || at % 61 == 0) {
+        let damaged = store.clean();
+        let (disk, _) = damaged.place("t0_meta_superblock", 0);
+        disk.corrupt(2 * SB_BYTES + at, &[0x04]);
+        let outcome = catch_unwind(AssertUnwindSafe(|| damaged.open()));
+        let rec = match outcome {
+            Err(_) => panic!("byte {at}: open panicked"),
+            Ok(Err(e)) => panic!("byte {at}: {e}"),
+            Ok(Ok((_, rec))) => rec,
+        };
+        assert_eq!(rec.superblock_repaired.len(), 1, "byte {at}");
+        assert!(rec.superblock_repaired[0].starts_with("copy 2: "), "byte {at}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

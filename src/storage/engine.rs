@@ -15,8 +15,8 @@ use super::segment::{SegmentStore, SEGMENT_HEADER_BYTES};
 use super::slots::SlotPair;
 use super::state::{LogId, StateStore};
 use super::superblock::{
-    self, LayoutKind, RawGeometry, Superblock, MAX_BLOCK_BYTES, MIN_BLOCK_BYTES, MIN_SEGMENT_BYTES,
-    SUPERBLOCK_COPIES,
+    self, LayoutKind, RawGeometry, Superblock, MAX_BLOCK_BYTES, MAX_SEGMENT_BYTES, MIN_BLOCK_BYTES,
+    MIN_SEGMENT_BYTES, SUPERBLOCK_COPIES,
 };
 use super::wal::{Wal, WalConfig, WalRecovery};
 use crate::entry::{BlockOp, EntryBody, EntryPayload};
@@ -91,9 +91,11 @@ impl Engine {
                 opts.block_bytes
             )));
         }
-        if opts.segment_bytes < MIN_SEGMENT_BYTES || opts.segment_bytes % 4096 != 0 {
+        if !(MIN_SEGMENT_BYTES..=MAX_SEGMENT_BYTES).contains(&opts.segment_bytes)
+            || opts.segment_bytes % 4096 != 0
+        {
             return Err(StorageError::Invalid(format!(
-                "segment size {} must be a multiple of 4 KiB of at least {MIN_SEGMENT_BYTES}",
+                "segment size {} must be a multiple of 4 KiB in {MIN_SEGMENT_BYTES}..={MAX_SEGMENT_BYTES}",
                 opts.segment_bytes
             )));
         }

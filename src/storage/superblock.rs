@@ -45,6 +45,8 @@ pub const MIN_BLOCK_BYTES: u32 = 4096;
 pub const MAX_BLOCK_BYTES: u32 = 65536;
 /// Smallest WAL segment.
 pub const MIN_SEGMENT_BYTES: u64 = 256 * 1024;
+/// Largest WAL segment (it bounds every record's length on disk).
+pub const MAX_SEGMENT_BYTES: u64 = 1 << 30;
 const _: () = assert!(MIN_BLOCK_BYTES as usize == super::disk::IO_ALIGN);
 const CRC_AT: usize = SUPERBLOCK_BYTES - 4;
 const NAME_BYTES: usize = 32;
@@ -185,9 +187,11 @@ impl Superblock {
                 self.device_bytes
             ));
         }
-        if self.segment_bytes < MIN_SEGMENT_BYTES || self.segment_bytes % 4096 != 0 {
+        if !(MIN_SEGMENT_BYTES..=MAX_SEGMENT_BYTES).contains(&self.segment_bytes)
+            || self.segment_bytes % 4096 != 0
+        {
             return Err(format!(
-                "segment size {} is not a multiple of 4 KiB of at least {MIN_SEGMENT_BYTES}",
+                "segment size {} is not a multiple of 4 KiB in {MIN_SEGMENT_BYTES}..={MAX_SEGMENT_BYTES}",
                 self.segment_bytes
             ));
         }
@@ -237,10 +241,11 @@ pub fn choose(locations: &CopyLocations) -> Result<SuperblockChoice> {
             Err(e) => stale.push((copy, e.to_string())),
         }
     }
+    // A copy written by another format version is never overwritten: refuse instead.
+    if let Some(e) = version_error {
+        return Err(e);
+    }
     let Some(max_seq) = valid.iter().map(|(_, sb)| sb.seq).max() else {
-        if let Some(e) = version_error {
-            return Err(e);
-        }
         let what = describe_locations(locations);
         return Err(if all_zero {
             StorageError::Foreign(format!("{what} holds no superblock (not formatted)"))

@@ -31,6 +31,11 @@ use super::poison::Poison;
 use super::record::{self, Decoded, RecordKind};
 use super::segment::{SegmentStore, SEGMENT_HEADER_BYTES};
 use super::state::LogId;
+use super::superblock::MAX_SEGMENT_BYTES;
+
+/// The largest stored payload any record may have: records never span segments, and this is
+/// the largest segment the format allows. Decoding is bounded by it; appends by `WalConfig`.
+pub const MAX_STORED_BYTES: usize = MAX_SEGMENT_BYTES as usize;
 
 /// Who performs group commits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -199,7 +204,9 @@ impl Wal {
         cfg: WalConfig,
         poison: Arc<Poison>,
     ) -> Result<(Wal, WalRecovery)> {
-        let rec = scan::recover(&*store, device_uuid, cfg.max_record_bytes + 64, true)?;
+        // Records are bounded on disk by their segment, not by today's append limit, which may
+        // have been larger when they were written.
+        let rec = scan::recover(&*store, device_uuid, MAX_STORED_BYTES, true)?;
         let mut segs: VecDeque<LiveSegment> = rec.segments.into();
         let report = WalRecovery {
             segments: segs.len(),
@@ -394,7 +401,7 @@ pub struct SegmentSummary {
 
 /// Scans the log in `store` without writing anything.
 pub fn inspect(store: &dyn SegmentStore, device_uuid: Uuid, cfg: &WalConfig) -> Result<LogSummary> {
-    let rec = scan::recover(store, device_uuid, cfg.max_record_bytes + 64, false)?;
+    let rec = scan::recover(store, device_uuid, MAX_STORED_BYTES, false)?;
     let segments = rec
         .segments
         .iter()
@@ -564,10 +571,11 @@ impl Shared {
     fn wait(&self, ticket: u64) -> Result<()> {
         let mut st = self.lock();
         loop {
+            // A poisoned engine acknowledges nothing, not even what was durable before.
+            self.poison.check()?;
             if st.durable_ticket >= ticket {
                 return Ok(());
             }
-            self.poison.check()?;
             match self.cfg.mode {
                 CommitMode::Thread => st = self.done.wait(st).expect("wal state lock"),
                 CommitMode::Inline => {
@@ -648,22 +656,21 @@ impl Shared {
         let at = format!("{name} offset {}", loc.offset);
         disk.read_at(start, &mut buf).map_err(|e| StorageError::io("read WAL record", &at, e))?;
         let bytes = &buf[(loc.offset - start) as usize..];
-        let header =
-            match record::decode(bytes, record::salt_seed(salt), self.cfg.max_record_bytes + 64) {
-                Decoded::Record(h) if h.index == index && h.kind == RecordKind::Entry => h,
-                Decoded::Record(h) => {
-                    return Err(StorageError::corrupt(
-                        "WAL record",
-                        at,
-                        format!("holds index {} where {index} belongs", h.index),
-                    ))
-                }
-                Decoded::Invalid(reason) => {
-                    return Err(StorageError::corrupt("WAL record", at, reason))
-                }
-                other => return Err(StorageError::corrupt("WAL record", at, format!("{other:?}"))),
-            };
-        let max_raw = self.cfg.max_record_bytes;
+        let header = match record::decode(bytes, record::salt_seed(salt), MAX_STORED_BYTES) {
+            Decoded::Record(h) if h.index == index && h.kind == RecordKind::Entry => h,
+            Decoded::Record(h) => {
+                return Err(StorageError::corrupt(
+                    "WAL record",
+                    at,
+                    format!("holds index {} where {index} belongs", h.index),
+                ))
+            }
+            Decoded::Invalid(reason) => {
+                return Err(StorageError::corrupt("WAL record", at, reason))
+            }
+            other => return Err(StorageError::corrupt("WAL record", at, format!("{other:?}"))),
+        };
+        let max_raw = MAX_STORED_BYTES;
         record::payload(&header, bytes, max_raw)
             .map_err(|r| StorageError::corrupt("WAL record", at, r))
     }

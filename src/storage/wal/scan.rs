@@ -208,27 +208,36 @@ fn live_chain(
                 }
                 valid.push(LiveSegment { place, header: h, max_index: None });
             }
-            Ok(None) => invalid.push((place, "blank header".to_string())),
-            Err(reason) => invalid.push((place, reason)),
+            Ok(None) => invalid.push((place, "blank header".to_string(), true)),
+            Err(reason) => invalid.push((place, reason, false)),
         }
     }
     valid.sort_by_key(|s| s.header.seq);
     let newest = valid.last().map(|s| s.header.seq);
-    for (place, reason) in invalid {
-        match place.named_seq {
-            // A directory file: only the newest may be half-created; anything else is damage.
-            Some(seq) if newest.is_none_or(|n| seq > n) => {
-                if repair {
-                    store.release(&place)?;
-                    store.sync()?;
-                }
-                discarded.push(format!("{} ({reason}; creation interrupted, removed)", place.name));
-            }
-            Some(_) => {
-                return Err(StorageError::corrupt("WAL segment header", &place.name, reason))
-            }
-            None => {}
+    for (place, reason, blank) in invalid {
+        // Records are written only after the header is durable, and the header's fields lie in
+        // its first sector, which a power loss leaves whole. So only a segment whose records
+        // area is untouched can be an interrupted creation; any other bad header is damage.
+        let interrupted = match place.named_seq {
+            Some(seq) => newest.is_none_or(|n| seq > n) && records_area_blank(&place)?,
+            // A raw slot with a blank header is free; released slots keep old records.
+            None if blank => continue,
+            None => false,
+        };
+        if !interrupted {
+            return Err(StorageError::corrupt(
+                "WAL segment header",
+                format!("{} offset 0", place.name),
+                format!(
+                    "{reason}; the segment may hold acknowledged records, so it is not discarded"
+                ),
+            ));
         }
+        if repair {
+            store.release(&place)?;
+            store.sync()?;
+        }
+        discarded.push(format!("{} ({reason}; creation interrupted, removed)", place.name));
     }
     let Some(newest) = newest else {
         return Err(StorageError::Foreign(
@@ -250,6 +259,19 @@ fn live_chain(
         ));
     }
     Ok(valid)
+}
+
+/// Whether the first block after a segment's header was never written.
+fn records_area_blank(place: &SegmentPlace) -> Result<bool> {
+    if place.disk.len_bytes() < 2 * SEGMENT_HEADER_BYTES {
+        return Ok(true);
+    }
+    let mut buf = AlignedBuf::zeroed(SEGMENT_HEADER_BYTES as usize);
+    place
+        .disk
+        .read_at(SEGMENT_HEADER_BYTES, &mut buf)
+        .map_err(|e| StorageError::io("read segment", &place.name, e))?;
+    Ok(buf.iter().all(|&b| b == 0))
 }
 
 struct SegmentScan {
