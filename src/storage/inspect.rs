@@ -9,7 +9,7 @@ use super::layout::{self, Location};
 use super::poison::Poison;
 use super::state::{HardState, StateStore};
 use super::superblock::{self, Superblock};
-use super::wal::{self, LogSummary, WalConfig};
+use super::wal::{self, LogSummary};
 
 /// Everything `xdevice inspect` prints.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -44,7 +44,7 @@ pub fn inspect(location: &Location) -> Result<Report> {
         StateStore::open(regions.state.0.clone(), regions.state.1, poison.clone())?;
     let geometry = ImageGeometry::new(sb.device_bytes, sb.block_bytes);
     let (image, header_damaged) = Image::open(regions.image.clone(), geometry, poison)?;
-    let wal = wal::inspect(&*regions.segments, sb.device_uuid, &WalConfig::default())?;
+    let wal = wal::inspect(&*regions.segments, sb.device_uuid)?;
     let state = state.get();
     Ok(Report {
         location: location.describe(),

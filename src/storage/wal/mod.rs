@@ -400,7 +400,7 @@ pub struct SegmentSummary {
 }
 
 /// Scans the log in `store` without writing anything.
-pub fn inspect(store: &dyn SegmentStore, device_uuid: Uuid, cfg: &WalConfig) -> Result<LogSummary> {
+pub fn inspect(store: &dyn SegmentStore, device_uuid: Uuid) -> Result<LogSummary> {
     let rec = scan::recover(store, device_uuid, MAX_STORED_BYTES, false)?;
     let segments = rec
         .segments
