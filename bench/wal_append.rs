@@ -113,7 +113,7 @@ struct EngineSide {
 }
 
 impl EngineSide {
-    fn to_json(&mut self) -> Value {
+    fn summary(&mut self) -> Value {
         let appends = self.samples.len();
         let (slow, slow_us) = self.samples.tail_above(1000.0);
         json!({
@@ -269,8 +269,8 @@ fn main() -> Result<()> {
             "segment_bytes": format.segment_bytes,
             "compress": config.wal.compress,
             "reference_definition": "fio write p50 + fio fdatasync p50, histograms pooled over rounds",
-            "xdevice_uring": uring.to_json(),
-            "xdevice_file": file.to_json(),
+            "xdevice_uring": uring.summary(),
+            "xdevice_file": file.summary(),
             "fio": fio.to_json(),
             "fio_prewritten": fio_pre.to_json(),
             "ratio_vs_prewritten_fio": common::finite(x_p50 / pre_p50),

@@ -1,0 +1,485 @@
+//! Shared plumbing of the storage benchmarks: the machine banner, the scratch directory on the
+//! repository's file system, fio (run, parse, pool histograms), latency percentiles, engine setup,
+//! and the `target/bench/<name>.json` report.
+//!
+//! Every benchmark follows DESIGN.md §4: its goal is a ratio against a reference measured in the
+//! same run, on the same file system, so noise from a shared machine hits both sides. To make that
+//! hold on a cloud disk whose flush latency swings by an order of magnitude from minute to minute,
+//! the benchmarks interleave reference and xdevice phases in rounds rather than running one after
+//! the other.
+#![allow(dead_code)] // each benchmark uses a different subset
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use rand::rngs::SmallRng;
+use rand::{RngCore, SeedableRng};
+use serde_json::{json, Value};
+
+use xdevice::storage::disk::{Backend, DirVolume, Volume};
+use xdevice::storage::engine::{Engine, EngineConfig, FormatOptions, Recovery};
+use xdevice::storage::layout::Location;
+
+/// The device name every benchmark store uses.
+pub const DEVICE: &str = "bench";
+
+/// Where the machine and the scratch directory stand; printed first and kept in the report.
+#[derive(Debug, Clone)]
+pub struct Machine {
+    pub nproc: usize,
+    pub kernel: String,
+    pub fs_type: String,
+    pub fs_source: String,
+    pub date: String,
+    pub fio: String,
+    pub dir: PathBuf,
+}
+
+impl Machine {
+    /// Probes the machine for a benchmark whose scratch files live in `dir`. Fails (with the fix)
+    /// when fio is missing, since every reference needs it.
+    pub fn probe(dir: &Path) -> Result<Machine> {
+        let fio = fio_version()?;
+        let nproc = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| command_output("uname", &["-r"]).unwrap_or_default());
+        let df = command_output("df", &["--output=fstype,source", &dir.to_string_lossy()])
+            .unwrap_or_default();
+        let mut fields = df.lines().nth(1).unwrap_or("unknown unknown").split_whitespace();
+        let fs_type = fields.next().unwrap_or("unknown").to_string();
+        let fs_source = fields.next().unwrap_or("unknown").to_string();
+        let date = command_output("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]).unwrap_or_default();
+        Ok(Machine { nproc, kernel, fs_type, fs_source, date, fio, dir: dir.to_path_buf() })
+    }
+
+    /// Prints the banner every benchmark starts with.
+    pub fn print(&self, bench: &str) {
+        println!("== xdevice benchmark: {bench}");
+        println!(
+            "machine: {} cpus, kernel {}, {} on {} ({}), {}",
+            self.nproc, self.kernel, self.fs_type, self.fs_source, self.fio, self.date
+        );
+        println!("scratch: {}", self.dir.display());
+        if matches!(self.fs_type.as_str(), "tmpfs" | "ramfs" | "overlay") {
+            println!(
+                "WARNING: {} is not a disk file system; durability costs measured here are not \
+                 a disk's",
+                self.fs_type
+            );
+        }
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "nproc": self.nproc,
+            "kernel": self.kernel,
+            "fs_type": self.fs_type,
+            "fs_source": self.fs_source,
+            "date": self.date,
+            "fio": self.fio,
+            "scratch": self.dir.display().to_string(),
+        })
+    }
+}
+
+fn command_output(program: &str, args: &[&str]) -> Result<String> {
+    let out =
+        Command::new(program).args(args).output().with_context(|| format!("run {program}"))?;
+    if !out.status.success() {
+        bail!("{program} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The repository root (benchmarks may be built with a different `CARGO_TARGET_DIR`; their files
+/// still go under the repository's own `target/`).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A fresh scratch directory `target/bench-tmp/<bench>-XXXX` on the repository's file system
+/// (never /tmp, which may be tmpfs), removed when the guard drops.
+pub fn scratch_dir(bench: &str) -> Result<tempfile::TempDir> {
+    let base = repo_root().join("target").join("bench-tmp");
+    std::fs::create_dir_all(&base).with_context(|| format!("create {}", base.display()))?;
+    tempfile::Builder::new()
+        .prefix(&format!("{bench}-"))
+        .tempdir_in(&base)
+        .with_context(|| format!("create a scratch directory in {}", base.display()))
+}
+
+/// A floating-point setting from the environment, or `default`.
+pub fn env_f64(name: &str, default: f64) -> Result<f64> {
+    match std::env::var(name) {
+        Err(_) => Ok(default),
+        Ok(s) => match s.trim().parse::<f64>() {
+            Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+            _ => bail!("{name}={s:?}: expected a positive number"),
+        },
+    }
+}
+
+/// An integer setting from the environment, or `default`.
+pub fn env_usize(name: &str, default: usize) -> Result<usize> {
+    match std::env::var(name) {
+        Err(_) => Ok(default),
+        Ok(s) => match s.trim().parse::<usize>() {
+            Ok(v) if v > 0 => Ok(v),
+            _ => bail!("{name}={s:?}: expected a positive integer"),
+        },
+    }
+}
+
+/// Flushes dirty pages and drops the page cache, if this process may (root). Returns whether it
+/// did, so the report can say so.
+pub fn drop_caches() -> bool {
+    // SAFETY: sync() takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    std::fs::write("/proc/sys/vm/drop_caches", b"3\n").is_ok()
+}
+
+// ---------------------------------------------------------------------------------------------
+// fio
+
+fn fio_version() -> Result<String> {
+    match Command::new("fio").arg("--version").output() {
+        Ok(out) if out.status.success() => {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        }
+        Ok(out) => bail!(
+            "`fio --version` failed ({}); the benchmarks need a working fio for their reference",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+        Err(e) => bail!(
+            "fio not found ({e}): the benchmarks measure xdevice against fio on the same file \
+             system. Install it: `apt-get install fio` (Debian/Ubuntu) or `dnf install fio`"
+        ),
+    }
+}
+
+/// One fio job run: the exact command (for the report) and its `jobs[0]` object.
+#[derive(Debug, Clone)]
+pub struct FioRun {
+    pub command: String,
+    pub job: Value,
+}
+
+/// Runs fio with `args` (which must not choose an output format) and returns `jobs[0]` of its
+/// `json+` output (`json` plus the latency histogram bins, which lets rounds be pooled).
+pub fn run_fio(args: &[String]) -> Result<FioRun> {
+    let mut full: Vec<String> = args.to_vec();
+    full.push("--output-format=json+".into());
+    let command = format!("fio {}", full.join(" "));
+    let out = Command::new("fio").args(&full).output().context("run fio")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "{command} failed ({}):\n{}\n{}",
+            out.status,
+            stdout.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    // fio may print notes before the JSON document; it starts at the first '{'.
+    let start = stdout.find('{').ok_or_else(|| anyhow!("{command}: no JSON in its output"))?;
+    let doc: Value = serde_json::from_str(&stdout[start..])
+        .with_context(|| format!("{command}: unparsable JSON output"))?;
+    let job = doc
+        .pointer("/jobs/0")
+        .cloned()
+        .ok_or_else(|| anyhow!("{command}: output has no jobs[0]"))?;
+    if job.get("error").and_then(Value::as_i64).unwrap_or(0) != 0 {
+        bail!("{command}: job reported error {}", job["error"]);
+    }
+    Ok(FioRun { command, job })
+}
+
+impl FioRun {
+    /// A number at a JSON pointer inside the job, e.g. `/write/iops`.
+    pub fn num(&self, pointer: &str) -> Result<f64> {
+        self.job
+            .pointer(pointer)
+            .and_then(Value::as_f64)
+            .ok_or_else(|| anyhow!("fio output has no number at jobs[0]{pointer}"))
+    }
+
+    /// The latency histogram at `pointer` (e.g. `/sync/lat_ns`).
+    pub fn hist(&self, pointer: &str) -> Result<Histogram> {
+        Histogram::from_fio(&self.job, pointer)
+    }
+}
+
+/// A latency histogram in nanoseconds: fio's `bins` (value → count), pooled over runs.
+#[derive(Debug, Clone, Default)]
+pub struct Histogram {
+    bins: BTreeMap<u64, u64>,
+    sum_ns: f64,
+}
+
+impl Histogram {
+    fn from_fio(job: &Value, pointer: &str) -> Result<Histogram> {
+        let lat = job.pointer(pointer).ok_or_else(|| anyhow!("fio output lacks {pointer}"))?;
+        let bins = lat
+            .get("bins")
+            .and_then(Value::as_object)
+            .ok_or_else(|| anyhow!("fio output lacks {pointer}/bins (needs json+ output)"))?;
+        let mut h = Histogram::default();
+        for (value, count) in bins {
+            let value: u64 = value.parse().with_context(|| format!("fio bin {value:?}"))?;
+            let count = count.as_u64().ok_or_else(|| anyhow!("fio bin count {count}"))?;
+            *h.bins.entry(value).or_default() += count;
+        }
+        let n = lat.get("N").and_then(Value::as_f64).unwrap_or(0.0);
+        h.sum_ns = lat.get("mean").and_then(Value::as_f64).unwrap_or(0.0) * n;
+        Ok(h)
+    }
+
+    pub fn merge(&mut self, other: &Histogram) {
+        for (v, c) in &other.bins {
+            *self.bins.entry(*v).or_default() += c;
+        }
+        self.sum_ns += other.sum_ns;
+    }
+
+    pub fn count(&self) -> u64 {
+        self.bins.values().sum()
+    }
+
+    /// The `q`-quantile (0..=1) in microseconds, nearest rank.
+    pub fn quantile_us(&self, q: f64) -> f64 {
+        let n = self.count();
+        if n == 0 {
+            return f64::NAN;
+        }
+        let rank = ((q * n as f64).ceil() as u64).clamp(1, n);
+        let mut seen = 0;
+        for (v, c) in &self.bins {
+            seen += c;
+            if seen >= rank {
+                return *v as f64 / 1000.0;
+            }
+        }
+        f64::NAN
+    }
+
+    pub fn mean_us(&self) -> f64 {
+        self.sum_ns / self.count().max(1) as f64 / 1000.0
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Latency samples measured in the benchmark itself
+
+/// Latency samples in nanoseconds.
+#[derive(Debug, Clone, Default)]
+pub struct Samples {
+    ns: Vec<u64>,
+    sorted: bool,
+}
+
+impl Samples {
+    pub fn push(&mut self, d: Duration) {
+        self.ns.push(d.as_nanos().min(u64::MAX as u128) as u64);
+        self.sorted = false;
+    }
+
+    pub fn extend(&mut self, other: &Samples) {
+        self.ns.extend_from_slice(&other.ns);
+        self.sorted = false;
+    }
+
+    pub fn len(&self) -> usize {
+        self.ns.len()
+    }
+
+    fn sort(&mut self) {
+        if !self.sorted {
+            self.ns.sort_unstable();
+            self.sorted = true;
+        }
+    }
+
+    /// The `q`-quantile (0..=1) in microseconds, nearest rank.
+    pub fn quantile_us(&mut self, q: f64) -> f64 {
+        self.sort();
+        let n = self.ns.len();
+        if n == 0 {
+            return f64::NAN;
+        }
+        let rank = ((q * n as f64).ceil() as usize).clamp(1, n);
+        self.ns[rank - 1] as f64 / 1000.0
+    }
+
+    pub fn mean_us(&self) -> f64 {
+        let sum: u128 = self.ns.iter().map(|&v| v as u128).sum();
+        sum as f64 / self.ns.len().max(1) as f64 / 1000.0
+    }
+
+    /// Microseconds of the samples above `threshold_us`, and how many there are.
+    pub fn tail_above(&self, threshold_us: f64) -> (usize, f64) {
+        let t = (threshold_us * 1000.0) as u64;
+        let above: Vec<u64> = self.ns.iter().copied().filter(|&v| v > t).collect();
+        (above.len(), above.iter().map(|&v| v as f64).sum::<f64>() / 1000.0)
+    }
+
+    /// Total of all samples, in microseconds.
+    pub fn total_us(&self) -> f64 {
+        self.ns.iter().map(|&v| v as f64).sum::<f64>() / 1000.0
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Engine setup
+
+/// A directory store inside `dir`, using `backend` for its files.
+pub fn location(dir: &Path, backend: Backend) -> Result<Location> {
+    let volume =
+        DirVolume::open(dir, backend).with_context(|| format!("open volume {}", dir.display()))?;
+    Ok(Location::Directory { volume: Arc::new(volume) as Arc<dyn Volume>, name: DEVICE.into() })
+}
+
+/// Formats a fresh store in the (new, empty) directory `dir` and opens it.
+pub fn fresh_engine(
+    dir: &Path,
+    backend: Backend,
+    format: &FormatOptions,
+    cfg: EngineConfig,
+) -> Result<(Engine, Recovery)> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let loc = location(dir, backend)?;
+    Engine::format(&loc, format).with_context(|| format!("format a store in {}", dir.display()))?;
+    Engine::open(&loc, cfg).with_context(|| format!("open the store in {}", dir.display()))
+}
+
+/// `count` distinct payloads of `bytes` random (incompressible) bytes each.
+pub fn random_payloads(count: usize, bytes: usize, seed: u64) -> Vec<Arc<[u8]>> {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    (0..count)
+        .map(|_| {
+            let mut v = vec![0u8; bytes];
+            rng.fill_bytes(&mut v);
+            Arc::from(v)
+        })
+        .collect()
+}
+
+/// Bytes a directory's files occupy on disk (allocated blocks), for the report.
+pub fn dir_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.blocks() * 512)
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report
+
+/// The machine-readable result, written to `target/bench/<bench>.json`.
+#[derive(Debug)]
+pub struct Report {
+    pub bench: String,
+    pub metric: String,
+    pub xdevice: f64,
+    pub reference: f64,
+    pub ratio: f64,
+    pub goal: String,
+    pub met: bool,
+    pub details: Value,
+}
+
+impl Report {
+    /// Prints the headline and writes the JSON file; returns its path.
+    pub fn finish(&self, machine: &Machine) -> Result<PathBuf> {
+        println!();
+        println!(
+            "RESULT {}: {} = {:.3} (xdevice {} / reference {}), goal {} -> {}",
+            self.bench,
+            self.metric,
+            self.ratio,
+            figure(self.xdevice),
+            figure(self.reference),
+            self.goal,
+            if self.met { "MET" } else { "MISSED" }
+        );
+        let mut details = self.details.clone();
+        if let Some(obj) = details.as_object_mut() {
+            obj.insert("machine".into(), machine.to_json());
+            obj.insert("goal_met".into(), Value::Bool(self.met));
+        }
+        let doc = json!({
+            "bench": self.bench,
+            "metric": self.metric,
+            "xdevice": finite(self.xdevice),
+            "reference": finite(self.reference),
+            "ratio": finite(self.ratio),
+            "goal": self.goal,
+            "details": details,
+        });
+        let dir = repo_root().join("target").join("bench");
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        let path = dir.join(format!("{}.json", self.bench));
+        let text = serde_json::to_string_pretty(&doc).context("encode the report")?;
+        std::fs::write(&path, text + "\n").with_context(|| format!("write {}", path.display()))?;
+        println!("wrote {}", path.display());
+        Ok(path)
+    }
+}
+
+/// A figure for the headline: three decimals below 10, one above.
+fn figure(v: f64) -> String {
+    if v.abs() < 10.0 {
+        format!("{v:.3}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+/// JSON has no NaN or infinity: such a figure is written as null.
+pub fn finite(v: f64) -> Value {
+    if v.is_finite() {
+        json!((v * 1000.0).round() / 1000.0)
+    } else {
+        Value::Null
+    }
+}
+
+/// Prints rows as a right-aligned text table under `header`.
+pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    // Characters, not bytes: headers hold "µs".
+    let width = |s: &str| s.chars().count();
+    let mut widths: Vec<usize> = header.iter().map(|h| width(h)).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(width(cell));
+        }
+    }
+    let line = |cells: &[String]| {
+        let parts: Vec<String> =
+            cells.iter().zip(&widths).map(|(c, w)| format!("{c:>w$}", w = *w)).collect();
+        println!("  {}", parts.join("  "));
+    };
+    line(&header.iter().map(|h| h.to_string()).collect::<Vec<_>>());
+    line(&widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>());
+    for row in rows {
+        line(row);
+    }
+}
+
+/// Formats microseconds for a table.
+pub fn us(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.1}")
+    } else {
+        "-".into()
+    }
+}
