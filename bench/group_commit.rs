@@ -30,7 +30,7 @@ use serde_json::{json, Value};
 use common::{Machine, Report, Samples};
 use xdevice::storage::disk::Backend;
 use xdevice::storage::engine::{EngineConfig, FormatOptions};
-use xdevice::storage::wal::{CommitMode, NewEntry, Wal, WalConfig};
+use xdevice::storage::wal::{NewEntry, Wal};
 
 const BENCH: &str = "group-commit";
 const ENTRY_BYTES: usize = 8192;
@@ -101,15 +101,7 @@ fn main() -> Result<()> {
     let scratch = common::scratch_dir(BENCH)?;
     let machine = Machine::probe(scratch.path())?;
     machine.print(BENCH);
-    let format = FormatOptions {
-        device_name: common::DEVICE.into(),
-        device_bytes: Some(64 << 20),
-        ..FormatOptions::default()
-    };
-    let config = EngineConfig {
-        wal: WalConfig { mode: CommitMode::Thread, ..WalConfig::default() },
-        fill_segments: true,
-    };
+    let (format, config) = common::append_store();
     println!(
         "workload: N writers share an append lock; each appends one {ENTRY_BYTES}-byte random \
          entry and waits for its durability callback; {rounds} rounds of {seconds} s per phase \
@@ -138,7 +130,7 @@ fn main() -> Result<()> {
             std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
             match phase {
                 Phase::Fio { prewritten } => {
-                    let run = common::run_fio(&fio_args(&dir, seconds, prewritten))?;
+                    let run = common::run_fio(&common::fio_append_args(&dir, seconds, prewritten))?;
                     let iops = run.num("/write/iops")?;
                     let runtime_s = run.num("/write/runtime")? / 1000.0;
                     let side = if prewritten { &mut fio_pre } else { &mut fio };
@@ -277,29 +269,6 @@ fn writer_levels() -> Result<Vec<usize>> {
     levels.sort_unstable();
     levels.dedup();
     Ok(levels)
-}
-
-/// The reference job (see wal-append for why there are two variants).
-fn fio_args(dir: &Path, seconds: f64, prewritten: bool) -> Vec<String> {
-    let file = dir.join("fio-ref");
-    let mut args = vec![
-        "--name=ref".to_string(),
-        format!("--filename={}", file.display()),
-        "--rw=write".into(),
-        "--bs=8k".into(),
-        "--ioengine=sync".into(),
-        "--fdatasync=1".into(),
-        "--direct=0".into(),
-        "--time_based".into(),
-        format!("--runtime={}ms", (seconds * 1000.0).round() as u64),
-    ];
-    if prewritten {
-        args.push("--size=64m".into());
-        args.push("--overwrite=1".into());
-    } else {
-        args.push("--size=2g".into());
-    }
-    args
 }
 
 /// What every writer of one phase shares.

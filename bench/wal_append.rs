@@ -26,7 +26,7 @@ use serde_json::{json, Value};
 use common::{Histogram, Machine, Report, Samples};
 use xdevice::storage::disk::Backend;
 use xdevice::storage::engine::{EngineConfig, FormatOptions};
-use xdevice::storage::wal::{CommitMode, NewEntry, WalConfig};
+use xdevice::storage::wal::NewEntry;
 
 const BENCH: &str = "wal-append";
 const ENTRY_BYTES: usize = 8192;
@@ -143,15 +143,7 @@ fn main() -> Result<()> {
     let scratch = common::scratch_dir(BENCH)?;
     let machine = Machine::probe(scratch.path())?;
     machine.print(BENCH);
-    let format = FormatOptions {
-        device_name: common::DEVICE.into(),
-        device_bytes: Some(64 << 20),
-        ..FormatOptions::default()
-    };
-    let config = EngineConfig {
-        wal: WalConfig { mode: CommitMode::Thread, ..WalConfig::default() },
-        fill_segments: true,
-    };
+    let (format, config) = common::append_store();
     println!(
         "workload: one writer, append one {ENTRY_BYTES}-byte random entry and wait until durable; \
          {rounds} rounds of {seconds} s per phase; segments {} MiB (filled), compress {}",
@@ -180,7 +172,7 @@ fn main() -> Result<()> {
             match phase {
                 Phase::Fio | Phase::FioPrewritten => {
                     let pre = phase == Phase::FioPrewritten;
-                    let run = common::run_fio(&fio_args(&dir, seconds, pre))?;
+                    let run = common::run_fio(&common::fio_append_args(&dir, seconds, pre))?;
                     let side = if pre { &mut fio_pre } else { &mut fio };
                     let (p50, iops) = side.add(&run)?;
                     let name = if pre { "fio-prewritten" } else { "fio" };
@@ -281,33 +273,6 @@ fn main() -> Result<()> {
     };
     report.finish(&machine)?;
     Ok(())
-}
-
-/// The fio reference job. The design's reference writes a fresh file (fio fallocates it, so each
-/// fdatasync also commits the conversion of unwritten extents); the pre-written variant lays the
-/// file out with data first and then overwrites it, which is what xdevice's filled segments see.
-fn fio_args(dir: &Path, seconds: f64, prewritten: bool) -> Vec<String> {
-    let file = dir.join("fio-ref");
-    let mut args = vec![
-        "--name=ref".to_string(),
-        format!("--filename={}", file.display()),
-        "--rw=write".into(),
-        "--bs=8k".into(),
-        "--ioengine=sync".into(),
-        "--fdatasync=1".into(),
-        "--direct=0".into(),
-        "--time_based".into(),
-        format!("--runtime={}ms", (seconds * 1000.0).round() as u64),
-    ];
-    if prewritten {
-        // Laying out is not timed by fio; the run then wraps over the written 64 MiB.
-        args.push("--size=64m".into());
-        args.push("--overwrite=1".into());
-    } else {
-        // Large enough that the run never wraps onto blocks it already wrote.
-        args.push("--size=2g".into());
-    }
-    args
 }
 
 /// Runs one engine phase on a fresh store in `dir`; adds its samples to `side` and returns the

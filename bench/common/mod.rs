@@ -23,6 +23,7 @@ use serde_json::{json, Value};
 use xdevice::storage::disk::{Backend, DirVolume, Volume};
 use xdevice::storage::engine::{Engine, EngineConfig, FormatOptions, Recovery};
 use xdevice::storage::layout::Location;
+use xdevice::storage::wal::{CommitMode, WalConfig};
 
 /// The device name every benchmark store uses.
 pub const DEVICE: &str = "bench";
@@ -160,6 +161,49 @@ fn fio_version() -> Result<String> {
              system. Install it: `apt-get install fio` (Debian/Ubuntu) or `dnf install fio`"
         ),
     }
+}
+
+/// The store both append benchmarks use: a 64 MiB device, default 64 MiB filled segments, the
+/// group-commit thread.
+pub fn append_store() -> (FormatOptions, EngineConfig) {
+    let format = FormatOptions {
+        device_name: DEVICE.into(),
+        device_bytes: Some(64 << 20),
+        ..FormatOptions::default()
+    };
+    let config = EngineConfig {
+        wal: WalConfig { mode: CommitMode::Thread, ..WalConfig::default() },
+        fill_segments: true,
+    };
+    (format, config)
+}
+
+/// The reference job of the append benchmarks: 8 KiB writes each followed by an fdatasync.
+/// The design's reference writes a fresh file (fio fallocates it, so each fdatasync also commits
+/// the conversion of unwritten extents); the prewritten variant lays the file out with data first
+/// and then overwrites it, which is what xdevice's filled segments see.
+pub fn fio_append_args(dir: &Path, seconds: f64, prewritten: bool) -> Vec<String> {
+    let file = dir.join("fio-ref");
+    let mut args = vec![
+        "--name=ref".to_string(),
+        format!("--filename={}", file.display()),
+        "--rw=write".into(),
+        "--bs=8k".into(),
+        "--ioengine=sync".into(),
+        "--fdatasync=1".into(),
+        "--direct=0".into(),
+        "--time_based".into(),
+        format!("--runtime={}ms", (seconds * 1000.0).round() as u64),
+    ];
+    if prewritten {
+        // Laying out is not timed by fio; the run then wraps over the written 64 MiB.
+        args.push("--size=64m".into());
+        args.push("--overwrite=1".into());
+    } else {
+        // Large enough that the run never wraps onto blocks it already wrote.
+        args.push("--size=2g".into());
+    }
+    args
 }
 
 /// One fio job run: the exact command (for the report) and its `jobs[0]` object.

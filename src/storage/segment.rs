@@ -50,6 +50,28 @@ pub struct SegmentHeader {
 }
 
 impl SegmentHeader {
+    /// A header for a new incarnation of segment `seq`: a fresh random salt and the time now.
+    pub fn new(
+        device_uuid: Uuid,
+        seq: u64,
+        first_index: u64,
+        prev_sealed: u64,
+        segment_bytes: u64,
+        purged: Option<LogId>,
+    ) -> SegmentHeader {
+        use rand::Rng;
+        SegmentHeader {
+            salt: rand::thread_rng().gen(),
+            device_uuid,
+            seq,
+            first_index,
+            prev_sealed,
+            segment_bytes,
+            created_us: super::le::now_us(),
+            purged,
+        }
+    }
+
     pub fn encode(&self) -> AlignedBuf {
         let mut buf = AlignedBuf::zeroed(SEGMENT_HEADER_BYTES as usize);
         buf[0..8].copy_from_slice(MAGIC);

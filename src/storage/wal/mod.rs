@@ -29,7 +29,7 @@ use super::disk::{AlignedBuf, IO_ALIGN, SECTOR_BYTES};
 use super::error::{Result, StorageError};
 use super::poison::Poison;
 use super::record::{self, Decoded, RecordKind};
-use super::segment::{SegmentStore, SEGMENT_HEADER_BYTES};
+use super::segment::{SegmentHeader, SegmentStore, SEGMENT_HEADER_BYTES};
 use super::state::LogId;
 use super::superblock::MAX_SEGMENT_BYTES;
 
@@ -192,7 +192,7 @@ impl Wal {
         first_index: u64,
     ) -> Result<()> {
         let place = store.allocate(1, &HashSet::new())?;
-        let header = record_header_for_new(device_uuid, segment_bytes, first_index);
+        let header = SegmentHeader::new(device_uuid, 1, first_index, 0, segment_bytes, None);
         Writer::init_segment(store, place, header)?;
         Ok(())
     }
@@ -422,24 +422,6 @@ pub fn inspect(store: &dyn SegmentStore, device_uuid: Uuid) -> Result<LogSummary
         tail: rec.tail,
         discarded: rec.discarded,
     })
-}
-
-fn record_header_for_new(
-    device_uuid: Uuid,
-    segment_bytes: u64,
-    first_index: u64,
-) -> super::segment::SegmentHeader {
-    use rand::Rng;
-    super::segment::SegmentHeader {
-        salt: rand::thread_rng().gen(),
-        device_uuid,
-        seq: 1,
-        first_index,
-        prev_sealed: 0,
-        segment_bytes,
-        created_us: super::le::now_us(),
-        purged: None,
-    }
 }
 
 /// Removes leading segments that hold nothing above the purge point (an interrupted purge).

@@ -6,7 +6,6 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use rand::Rng;
 use uuid::Uuid;
 
 use super::log::DiskLoc;
@@ -93,16 +92,15 @@ impl Writer {
 
     /// A header for a new segment following the current write state.
     pub fn next_header(&self, seq: u64, prev_sealed: u64) -> SegmentHeader {
-        SegmentHeader {
-            salt: rand::thread_rng().gen(),
-            device_uuid: self.device_uuid,
+        let segment_bytes = self.active.header.segment_bytes;
+        SegmentHeader::new(
+            self.device_uuid,
             seq,
-            first_index: self.next_index,
+            self.next_index,
             prev_sealed,
-            segment_bytes: self.active.header.segment_bytes,
-            created_us: now_us(),
-            purged: self.purged,
-        }
+            segment_bytes,
+            self.purged,
+        )
     }
 
     /// Writes `ops` as one batch and syncs it. `live` gives the store ids of live segments in
