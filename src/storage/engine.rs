@@ -142,11 +142,13 @@ impl Engine {
             created_us: 0,
             device_name: opts.device_name.clone(),
         });
-        let regions = layout::open_regions(location, &sb, true, true).or_else(|e| match e {
-            // The superblock file is created last; until then its copies cannot be opened.
-            StorageError::Foreign(_) => create_regions_dir(location, &sb),
-            other => Err(other),
-        })?;
+        if let Location::Directory { volume, name } = location {
+            // Created (zeroed) first so its copies can be addressed; written last by write_fresh.
+            let file = layout::superblock_file(name);
+            let bytes = (SUPERBLOCK_COPIES * superblock::SUPERBLOCK_BYTES) as u64;
+            volume.create(&file, bytes, false).map_err(|e| StorageError::io("create", file, e))?;
+        }
+        let regions = layout::open_regions(location, &sb, true, true)?;
         write_fresh(location, &regions, &sb)?;
         Ok(sb)
     }
@@ -341,16 +343,6 @@ fn refuse_existing_dir(location: &Location, volume: &dyn Volume, name: &str) -> 
         volume.remove(leftover).map_err(|e| StorageError::io("remove", leftover.clone(), e))?;
     }
     Ok(())
-}
-
-fn create_regions_dir(location: &Location, sb: &Superblock) -> Result<Layout> {
-    let Location::Directory { volume, name } = location else {
-        return Err(StorageError::Invalid("raw layout has no files to create".into()));
-    };
-    let file = layout::superblock_file(name);
-    let bytes = (SUPERBLOCK_COPIES * superblock::SUPERBLOCK_BYTES) as u64;
-    volume.create(&file, bytes, false).map_err(|e| StorageError::io("create", file.clone(), e))?;
-    layout::open_regions(location, sb, true, true)
 }
 
 /// Initialises every region, the superblock last so an interrupted format is never taken for a
