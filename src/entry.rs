@@ -20,10 +20,14 @@ const HEADER_BYTES: usize = 16;
 const OP_HEADER_BYTES: usize = 16;
 
 /// One change to the block image.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum BlockOp {
     /// Write whole blocks starting at block `lba`.
-    Write { lba: u64, data: Vec<u8> },
+    Write {
+        lba: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
     /// Make `blocks` blocks from `lba` read as zeros (discard and write-zeroes).
     Zero { lba: u64, blocks: u32 },
 }
@@ -51,27 +55,13 @@ pub struct EntryPayload {
 impl EntryPayload {
     /// Encodes the payload.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = vec![0u8; HEADER_BYTES];
-        out[0] = VERSION;
-        put_u64(&mut out, 8, self.leader_node);
-        match &self.body {
-            EntryBody::Blank => out[1] = 0,
-            EntryBody::Membership(bytes) => {
-                out[1] = 1;
-                out.extend_from_slice(bytes);
-            }
-            EntryBody::Flush => out[1] = 3,
-            EntryBody::Blocks(ops) => {
-                out[1] = 2;
-                let mut head = [0u8; 8];
-                put_u32(&mut head, 0, ops.len() as u32);
-                out.extend_from_slice(&head);
-                for op in ops {
-                    encode_op(op, &mut out);
-                }
-            }
-        }
-        out
+        let body = match &self.body {
+            EntryBody::Blank => BodyRef::Blank,
+            EntryBody::Membership(bytes) => BodyRef::Membership(bytes),
+            EntryBody::Blocks(ops) => BodyRef::Blocks(ops),
+            EntryBody::Flush => BodyRef::Flush,
+        };
+        encode_parts(self.leader_node, body)
     }
 
     /// Decodes a payload, refusing anything malformed with the reason.
@@ -92,6 +82,48 @@ impl EntryPayload {
             kind => return Err(format!("entry kind {kind} with {} body bytes", rest.len())),
         };
         Ok(EntryPayload { leader_node, body })
+    }
+}
+
+/// A borrowed entry body, so callers holding the parts need not build an `EntryPayload`.
+#[derive(Clone, Copy, Debug)]
+pub enum BodyRef<'a> {
+    Blank,
+    Membership(&'a [u8]),
+    Blocks(&'a [BlockOp]),
+    Flush,
+}
+
+/// Encodes an entry payload from its parts; `EntryPayload::encode` in borrowed form.
+pub fn encode_parts(leader_node: u64, body: BodyRef<'_>) -> Vec<u8> {
+    let mut out = vec![0u8; HEADER_BYTES];
+    out[0] = VERSION;
+    put_u64(&mut out, 8, leader_node);
+    match body {
+        BodyRef::Blank => out[1] = 0,
+        BodyRef::Membership(bytes) => {
+            out[1] = 1;
+            out.extend_from_slice(bytes);
+        }
+        BodyRef::Flush => out[1] = 3,
+        BodyRef::Blocks(ops) => {
+            out[1] = 2;
+            let data: usize = ops.iter().map(BlockOp::encoded_len).sum();
+            out.reserve(8 + data);
+            let mut head = [0u8; 8];
+            put_u32(&mut head, 0, ops.len() as u32);
+            out.extend_from_slice(&head);
+            for op in ops {
+                encode_op(op, &mut out);
+            }
+        }
+    }
+    out
+}
+
+impl BlockOp {
+    fn encoded_len(&self) -> usize {
+        OP_HEADER_BYTES + if let BlockOp::Write { data, .. } = self { data.len() } else { 0 }
     }
 }
 

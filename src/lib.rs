@@ -5,4 +5,5 @@
 
 pub mod cli;
 pub mod entry;
+pub mod replication;
 pub mod storage;

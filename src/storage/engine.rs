@@ -77,6 +77,8 @@ pub struct Engine {
     image: Image,
     poison: Arc<Poison>,
     applied: Mutex<Applied>,
+    /// The newest committed id replication reported (in memory; see `note_committed`).
+    committed: Mutex<Option<LogId>>,
 }
 
 impl Engine {
@@ -183,6 +185,7 @@ impl Engine {
             image,
             poison,
             applied: Mutex::new(applied),
+            committed: Mutex::new(None),
         };
         let replayed = engine.replay()?;
         let recovery = Recovery {
@@ -262,14 +265,48 @@ impl Engine {
             let at = format!("{} log index {index}", self.location);
             let payload = EntryPayload::decode(&bytes)
                 .map_err(|r| StorageError::corrupt("log entry", &at, r))?;
-            match &payload.body {
-                EntryBody::Blocks(ops) => self.apply_ops(ops)?,
-                EntryBody::Membership(m) => applied.membership = m.clone(),
-                EntryBody::Blank | EntryBody::Flush => {}
-            }
-            applied.log_id = Some(LogId { term, node: payload.leader_node, index });
+            let id = LogId { term, node: payload.leader_node, index };
+            self.apply_one(&mut applied, id, &payload.body)?;
         }
         Ok((upto + 1).saturating_sub(from))
+    }
+
+    /// Applies entries that replication hands over once they are committed, in log order. Their
+    /// indexes must rise above the applied index (a gap follows an installed snapshot). Blocks
+    /// are written in place and become durable at the next checkpoint; see ARCHITECTURE.md for
+    /// why applying above the persisted committed index is safe here.
+    pub fn apply_entries<'a>(
+        &self,
+        entries: impl IntoIterator<Item = (LogId, &'a EntryBody)>,
+    ) -> Result<()> {
+        let mut applied = self.applied.lock().expect("applied lock");
+        for (id, body) in entries {
+            if applied.log_id.is_some_and(|a| id.index <= a.index) {
+                return Err(StorageError::Invalid(format!(
+                    "apply of index {} at or below the applied index {:?}",
+                    id.index, applied.log_id
+                )));
+            }
+            self.apply_one(&mut applied, id, body)?;
+        }
+        Ok(())
+    }
+
+    fn apply_one(&self, applied: &mut Applied, id: LogId, body: &EntryBody) -> Result<()> {
+        match body {
+            EntryBody::Blocks(ops) => self.apply_ops(ops)?,
+            EntryBody::Membership(m) => applied.membership = Some((id, m.clone())),
+            EntryBody::Blank | EntryBody::Flush => {}
+        }
+        applied.log_id = Some(id);
+        Ok(())
+    }
+
+    /// Runs `f` with applies excluded, on the in-memory applied state (snapshot reads and
+    /// installs use this to see or replace the image at one applied index).
+    pub fn with_applied<T>(&self, f: impl FnOnce(&mut Applied) -> Result<T>) -> Result<T> {
+        let mut applied = self.applied.lock().expect("applied lock");
+        f(&mut applied)
     }
 
     fn apply_ops(&self, ops: &[BlockOp]) -> Result<()> {
@@ -284,10 +321,36 @@ impl Engine {
         Ok(())
     }
 
-    /// Makes the image durable at the applied index.
+    /// Records the committed id replication reports. Kept in memory: each checkpoint persists
+    /// the applied index as committed, and a restarted replica re-learns the rest from its
+    /// leader, so a sync per commit is not needed.
+    pub fn note_committed(&self, id: LogId) {
+        let mut c = self.committed.lock().expect("committed lock");
+        if c.is_none_or(|old| old.index < id.index) {
+            *c = Some(id);
+        }
+    }
+
+    /// The newest committed id known: reported by replication or persisted.
+    pub fn committed(&self) -> Option<LogId> {
+        let seen = *self.committed.lock().expect("committed lock");
+        seen.max(self.state.get().committed)
+    }
+
+    /// Makes the image durable at the applied index, with applies excluded meanwhile, then
+    /// records that index as committed in the hard state if it is newer (applied entries are
+    /// committed, and replay on open runs through the persisted committed index).
     pub fn checkpoint(&self) -> Result<Applied> {
-        let applied = self.applied();
-        self.image.checkpoint(applied.clone())?;
+        let applied = {
+            let guard = self.applied.lock().expect("applied lock");
+            self.image.checkpoint(guard.clone())?;
+            guard.clone()
+        };
+        if let Some(id) = applied.log_id {
+            if self.state.get().committed.is_none_or(|c| c.index < id.index) {
+                self.state.update(|s| s.committed = Some(id))?;
+            }
+        }
         Ok(applied)
     }
 

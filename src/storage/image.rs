@@ -63,34 +63,54 @@ impl ImageGeometry {
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Applied {
     pub log_id: Option<LogId>,
+    /// The last applied membership entry: its log id and the replication layer's bytes.
     #[serde(skip)]
-    pub membership: Vec<u8>,
+    pub membership: Option<(LogId, Vec<u8>)>,
+}
+
+const APPLIED_FIXED: usize = 56;
+const HAS_LOG_ID: u8 = 1;
+const HAS_MEMBERSHIP: u8 = 2;
+
+fn put_log_id(buf: &mut [u8], at: usize, id: LogId) {
+    put_u64(buf, at, id.term);
+    put_u64(buf, at + 8, id.node);
+    put_u64(buf, at + 16, id.index);
+}
+
+fn log_id_at(buf: &[u8], at: usize) -> LogId {
+    LogId { term: u64_at(buf, at), node: u64_at(buf, at + 8), index: u64_at(buf, at + 16) }
 }
 
 impl Applied {
     fn encode(&self) -> Vec<u8> {
-        let mut buf = vec![0u8; 32 + self.membership.len()];
+        let bytes = self.membership.as_ref().map_or(&[][..], |(_, b)| b.as_slice());
+        let mut buf = vec![0u8; APPLIED_FIXED + bytes.len()];
         if let Some(id) = self.log_id {
-            buf[0] = 1;
-            put_u64(&mut buf, 8, id.term);
-            put_u64(&mut buf, 16, id.node);
-            put_u64(&mut buf, 24, id.index);
+            buf[0] |= HAS_LOG_ID;
+            put_log_id(&mut buf, 8, id);
         }
-        put_u32(&mut buf, 4, self.membership.len() as u32);
-        buf[32..].copy_from_slice(&self.membership);
+        if let Some((id, _)) = &self.membership {
+            buf[0] |= HAS_MEMBERSHIP;
+            put_log_id(&mut buf, 32, *id);
+        }
+        put_u32(&mut buf, 4, bytes.len() as u32);
+        buf[APPLIED_FIXED..].copy_from_slice(bytes);
         buf
     }
 
     fn decode(buf: &[u8]) -> std::result::Result<Applied, String> {
-        if buf.len() < 32 || buf[0] > 1 || 32 + u32_at(buf, 4) as usize != buf.len() {
+        if buf.len() < APPLIED_FIXED
+            || buf[0] & !(HAS_LOG_ID | HAS_MEMBERSHIP) != 0
+            || APPLIED_FIXED + u32_at(buf, 4) as usize != buf.len()
+            || (buf[0] & HAS_MEMBERSHIP == 0 && buf.len() != APPLIED_FIXED)
+        {
             return Err(format!("malformed applied state of {} bytes", buf.len()));
         }
-        let log_id = (buf[0] == 1).then(|| LogId {
-            term: u64_at(buf, 8),
-            node: u64_at(buf, 16),
-            index: u64_at(buf, 24),
-        });
-        Ok(Applied { log_id, membership: buf[32..].to_vec() })
+        let log_id = (buf[0] & HAS_LOG_ID != 0).then(|| log_id_at(buf, 8));
+        let membership = (buf[0] & HAS_MEMBERSHIP != 0)
+            .then(|| (log_id_at(buf, 32), buf[APPLIED_FIXED..].to_vec()));
+        Ok(Applied { log_id, membership })
     }
 }
 
@@ -239,6 +259,28 @@ impl Image {
         }
         self.check_range(lba, (out.len() / bs) as u64)?;
         let table = self.table.read().expect("image lock");
+        self.read_locked(&table, lba, out)
+    }
+
+    /// Like `read_blocks`, also saying which blocks hold written data (the rest read as zeros),
+    /// both from one instant: no write lands between the two.
+    pub fn read_extent(&self, lba: u64, out: &mut [u8]) -> Result<Vec<bool>> {
+        let bs = self.geometry.block_bytes as usize;
+        if out.len() % bs != 0 {
+            return Err(StorageError::Invalid(format!(
+                "read of {} bytes is not whole {bs}-byte blocks",
+                out.len()
+            )));
+        }
+        let blocks = out.len() / bs;
+        self.check_range(lba, blocks as u64)?;
+        let table = self.table.read().expect("image lock");
+        self.read_locked(&table, lba, out)?;
+        Ok(table.entries[lba as usize..lba as usize + blocks].iter().map(|&s| s != 0).collect())
+    }
+
+    fn read_locked(&self, table: &Table, lba: u64, out: &mut [u8]) -> Result<()> {
+        let bs = self.geometry.block_bytes as usize;
         let chunk_blocks = (IO_CHUNK_BYTES / bs).max(1);
         for (i, chunk) in out.chunks_mut(chunk_blocks * bs).enumerate() {
             let first = lba + (i * chunk_blocks) as u64;
@@ -424,9 +466,14 @@ mod tests {
 
     #[test]
     fn applied_round_trip() {
-        let a =
-            Applied { log_id: Some(LogId { term: 2, node: 3, index: 4 }), membership: vec![9; 10] };
+        let id = LogId { term: 2, node: 3, index: 4 };
+        let a = Applied { log_id: Some(id), membership: Some((id, vec![9; 10])) };
         assert_eq!(Applied::decode(&a.encode()).expect("decode"), a);
-        assert!(Applied::decode(&[2u8; 32]).is_err());
+        let empty = Applied::default();
+        assert_eq!(Applied::decode(&empty.encode()).expect("decode"), empty);
+        assert!(Applied::decode(&[4u8; 56]).is_err());
+        let mut no_flag = a.encode();
+        no_flag[0] = HAS_LOG_ID;
+        assert!(Applied::decode(&no_flag).is_err(), "membership bytes without the flag");
     }
 }

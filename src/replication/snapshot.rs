@@ -1,0 +1,452 @@
+//! Snapshots: the image streamed as fixed-size, individually checksummed records, staged on the
+//! receiver, verified whole, then installed with a durable intent so a crash mid-install is
+//! redone on restart.
+//!
+//! ```text
+//! stream = header record, then one record per chunk of CHUNK_BLOCKS blocks; every record is
+//!          RECORD_HEAD + CHUNK_BLOCKS × block_bytes bytes (the last chunk is zero-padded)
+//! header record: [0,8) "XDEVSNAP" [8,12) version [12,16) block bytes [16,24) device bytes
+//!          [24,28) chunk blocks [28,32) meta length [32,36) crc32c of the head page with this
+//!          field zero [64,…) the snapshot meta (postcard), the rest zero
+//! chunk record: [0,8) "XDEVSCHK" [8,16) chunk number [16,24) first lba [24,28) blocks
+//!          [28,32) crc32c of the head page with this field zero, then the data [32,64) zero
+//!          [64,…) a bitmap of the blocks holding data (others read as zeros), then the data
+//! ```
+//!
+//! A snapshot is sent from the live image: the stream's meta names the index of the checkpoint
+//! it was built at, and each record is read with applies excluded, so it holds every block as of
+//! some index at or after that one. Installing it and then applying the log from that index on
+//! yields the same image, because applying block writes in order is idempotent: each block ends
+//! at its last write. openraft sends records whole (its chunk size is set to the record size),
+//! so a chunk resent after a dropped connection replaces a record, never half of one.
+
+use std::io::{self, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeek, AsyncSeekExt, AsyncWrite, ReadBuf};
+
+use super::types::SnapshotMeta;
+use crate::storage::engine::Engine;
+use crate::storage::le::{put_u32, put_u64, u32_at, u64_at};
+
+/// Blocks per chunk record.
+pub const CHUNK_BLOCKS: u64 = 256;
+/// The head page of every record.
+pub const RECORD_HEAD: u64 = 4096;
+const HEADER_MAGIC: &[u8; 8] = b"XDEVSNAP";
+const CHUNK_MAGIC: &[u8; 8] = b"XDEVSCHK";
+const VERSION: u32 = 1;
+const META_AT: usize = 64;
+const BITMAP_AT: usize = 64;
+
+/// Bytes of one record for a device of `block_bytes` blocks: also openraft's snapshot chunk size.
+pub fn record_bytes(block_bytes: u32) -> u64 {
+    RECORD_HEAD + CHUNK_BLOCKS * u64::from(block_bytes)
+}
+
+/// The stream's geometry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shape {
+    pub block_bytes: u32,
+    pub device_bytes: u64,
+}
+
+impl Shape {
+    pub fn of(engine: &Engine) -> Shape {
+        let sb = engine.superblock();
+        Shape { block_bytes: sb.block_bytes, device_bytes: sb.device_bytes }
+    }
+    fn blocks(&self) -> u64 {
+        self.device_bytes / u64::from(self.block_bytes)
+    }
+    fn chunks(&self) -> u64 {
+        self.blocks().div_ceil(CHUNK_BLOCKS)
+    }
+    fn record(&self) -> u64 {
+        record_bytes(self.block_bytes)
+    }
+    /// Total stream length.
+    pub fn stream_bytes(&self) -> u64 {
+        self.record() * (1 + self.chunks())
+    }
+}
+
+fn crc_with_zero_field(page: &[u8], field: usize, rest: &[u8]) -> u32 {
+    let c = crc32c::crc32c(&page[..field]);
+    let c = crc32c::crc32c_append(c, &[0u8; 4]);
+    let c = crc32c::crc32c_append(c, &page[field + 4..]);
+    crc32c::crc32c_append(c, rest)
+}
+
+fn header_record(shape: Shape, meta: &SnapshotMeta) -> io::Result<Vec<u8>> {
+    let meta_bytes = postcard::to_allocvec(meta).map_err(io::Error::other)?;
+    if META_AT + meta_bytes.len() > RECORD_HEAD as usize {
+        return Err(io::Error::other(format!(
+            "snapshot meta of {} bytes does not fit the header page",
+            meta_bytes.len()
+        )));
+    }
+    let mut rec = vec![0u8; shape.record() as usize];
+    rec[..8].copy_from_slice(HEADER_MAGIC);
+    put_u32(&mut rec, 8, VERSION);
+    put_u32(&mut rec, 12, shape.block_bytes);
+    put_u64(&mut rec, 16, shape.device_bytes);
+    put_u32(&mut rec, 24, CHUNK_BLOCKS as u32);
+    put_u32(&mut rec, 28, meta_bytes.len() as u32);
+    rec[META_AT..META_AT + meta_bytes.len()].copy_from_slice(&meta_bytes);
+    let crc = crc_with_zero_field(&rec[..RECORD_HEAD as usize], 32, &[]);
+    put_u32(&mut rec, 32, crc);
+    Ok(rec)
+}
+
+/// Parses and checks a header record against the receiving device's shape.
+pub fn parse_header(page: &[u8], shape: Shape) -> Result<SnapshotMeta, String> {
+    if page.len() < RECORD_HEAD as usize {
+        return Err(format!("snapshot header of {} bytes is truncated", page.len()));
+    }
+    let page = &page[..RECORD_HEAD as usize];
+    if &page[..8] != HEADER_MAGIC {
+        return Err("not an xdevice snapshot (bad header magic)".into());
+    }
+    let crc = crc_with_zero_field(page, 32, &[]);
+    if crc != u32_at(page, 32) {
+        return Err(format!("snapshot header checksum mismatch ({crc:#010x})"));
+    }
+    if u32_at(page, 8) != VERSION {
+        return Err(format!("snapshot version {} is not {VERSION}", u32_at(page, 8)));
+    }
+    let theirs = Shape { block_bytes: u32_at(page, 12), device_bytes: u64_at(page, 16) };
+    if theirs != shape || u64::from(u32_at(page, 24)) != CHUNK_BLOCKS {
+        return Err(format!(
+            "snapshot of a {}-byte device with {}-byte blocks cannot install on a {}-byte device \
+             with {}-byte blocks",
+            theirs.device_bytes, theirs.block_bytes, shape.device_bytes, shape.block_bytes
+        ));
+    }
+    let len = u32_at(page, 28) as usize;
+    let meta = page.get(META_AT..META_AT + len).ok_or("snapshot meta length out of range")?;
+    postcard::from_bytes(meta).map_err(|e| format!("undecodable snapshot meta: {e}"))
+}
+
+/// Builds chunk record `n` from the live image, with applies excluded while it is read.
+fn chunk_record(engine: &Engine, shape: Shape, n: u64) -> io::Result<Vec<u8>> {
+    let bs = shape.block_bytes as usize;
+    let lba = n * CHUNK_BLOCKS;
+    let blocks = CHUNK_BLOCKS.min(shape.blocks() - lba) as usize;
+    let mut rec = vec![0u8; shape.record() as usize];
+    let head = RECORD_HEAD as usize;
+    let present = engine
+        .with_applied(|_| engine.image().read_extent(lba, &mut rec[head..head + blocks * bs]))
+        .map_err(|e| io::Error::other(format!("snapshot read of chunk {n}: {e}")))?;
+    rec[..8].copy_from_slice(CHUNK_MAGIC);
+    put_u64(&mut rec, 8, n);
+    put_u64(&mut rec, 16, lba);
+    put_u32(&mut rec, 24, blocks as u32);
+    for (i, p) in present.iter().enumerate() {
+        if *p {
+            rec[BITMAP_AT + i / 8] |= 1 << (i % 8);
+        }
+    }
+    let (page, data) = rec.split_at(head);
+    let crc = crc_with_zero_field(page, 28, data);
+    put_u32(&mut rec, 28, crc);
+    Ok(rec)
+}
+
+/// A verified chunk: its first lba, and per block the data or `None` for an unwritten block.
+struct Chunk<'a> {
+    lba: u64,
+    blocks: Vec<Option<&'a [u8]>>,
+}
+
+fn parse_chunk(rec: &[u8], shape: Shape, n: u64) -> Result<Chunk<'_>, String> {
+    let head = RECORD_HEAD as usize;
+    if rec.len() != shape.record() as usize {
+        return Err(format!("chunk {n} is {} bytes, expected {}", rec.len(), shape.record()));
+    }
+    let (page, data) = rec.split_at(head);
+    if &page[..8] != CHUNK_MAGIC {
+        return Err(format!("chunk {n}: bad magic"));
+    }
+    let crc = crc_with_zero_field(page, 28, data);
+    if crc != u32_at(page, 28) {
+        return Err(format!("chunk {n}: checksum mismatch ({crc:#010x})"));
+    }
+    let lba = n * CHUNK_BLOCKS;
+    let blocks = CHUNK_BLOCKS.min(shape.blocks() - lba) as usize;
+    if u64_at(page, 8) != n || u64_at(page, 16) != lba || u32_at(page, 24) as usize != blocks {
+        return Err(format!("chunk {n}: out of place (claims chunk {})", u64_at(page, 8)));
+    }
+    let bs = shape.block_bytes as usize;
+    let out = (0..blocks)
+        .map(|i| {
+            (page[BITMAP_AT + i / 8] & (1 << (i % 8)) != 0).then(|| &data[i * bs..(i + 1) * bs])
+        })
+        .collect();
+    Ok(Chunk { lba, blocks: out })
+}
+
+/// openraft's snapshot data: a stream generated from the live image (the sending side), or a
+/// staging file (the receiving side).
+#[derive(Debug)]
+pub enum SnapshotData {
+    Live(LiveStream),
+    File(tokio::fs::File),
+}
+
+/// The sending side's stream: records built on demand, the current one kept so a read split
+/// across calls sees one version of it.
+pub struct LiveStream {
+    engine: Arc<Engine>,
+    shape: Shape,
+    header: Arc<Vec<u8>>,
+    pos: u64,
+    current: Option<(u64, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for LiveStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveStream").field("shape", &self.shape).field("pos", &self.pos).finish()
+    }
+}
+
+impl LiveStream {
+    pub fn new(engine: Arc<Engine>, meta: &SnapshotMeta) -> io::Result<LiveStream> {
+        let shape = Shape::of(&engine);
+        let header = Arc::new(header_record(shape, meta)?);
+        Ok(LiveStream { engine, shape, header, pos: 0, current: None })
+    }
+}
+
+impl AsyncRead for LiveStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let end = this.shape.stream_bytes();
+        if this.pos >= end || buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        let record = this.shape.record();
+        let n = this.pos / record;
+        let within = (this.pos % record) as usize;
+        let bytes: &[u8] = if n == 0 {
+            &this.header
+        } else {
+            if this.current.as_ref().is_none_or(|(c, _)| *c != n) {
+                // A blocking read of one record (1 MiB at 4 KiB blocks) inside poll: short, and
+                // snapshot sends are rare.
+                this.current = Some((n, chunk_record(&this.engine, this.shape, n - 1)?));
+            }
+            match &this.current {
+                Some((_, rec)) => rec,
+                None => return Poll::Ready(Err(io::Error::other("snapshot record missing"))),
+            }
+        };
+        let take = buf.remaining().min(bytes.len() - within);
+        buf.put_slice(&bytes[within..within + take]);
+        this.pos += take as u64;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncSeek for LiveStream {
+    fn start_seek(self: Pin<&mut Self>, position: SeekFrom) -> io::Result<()> {
+        let this = self.get_mut();
+        let end = this.shape.stream_bytes() as i128;
+        let target = match position {
+            SeekFrom::Start(p) => i128::from(p),
+            SeekFrom::End(d) => end + i128::from(d),
+            SeekFrom::Current(d) => i128::from(this.pos) + i128::from(d),
+        };
+        if target < 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "seek before the start"));
+        }
+        this.pos = u64::try_from(target).unwrap_or(u64::MAX);
+        Ok(())
+    }
+    fn poll_complete(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<u64>> {
+        Poll::Ready(Ok(self.pos))
+    }
+}
+
+fn read_only() -> io::Error {
+    io::Error::new(io::ErrorKind::Unsupported, "a live snapshot stream is read-only")
+}
+
+impl AsyncRead for SnapshotData {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            SnapshotData::Live(s) => Pin::new(s).poll_read(cx, buf),
+            SnapshotData::File(f) => Pin::new(f).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for SnapshotData {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            SnapshotData::Live(_) => Poll::Ready(Err(read_only())),
+            SnapshotData::File(f) => Pin::new(f).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            SnapshotData::Live(_) => Poll::Ready(Ok(())),
+            SnapshotData::File(f) => Pin::new(f).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            SnapshotData::Live(_) => Poll::Ready(Ok(())),
+            SnapshotData::File(f) => Pin::new(f).poll_shutdown(cx),
+        }
+    }
+}
+
+impl AsyncSeek for SnapshotData {
+    fn start_seek(self: Pin<&mut Self>, position: SeekFrom) -> io::Result<()> {
+        match self.get_mut() {
+            SnapshotData::Live(s) => Pin::new(s).start_seek(position),
+            SnapshotData::File(f) => Pin::new(f).start_seek(position),
+        }
+    }
+    fn poll_complete(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<u64>> {
+        match self.get_mut() {
+            SnapshotData::Live(s) => Pin::new(s).poll_complete(cx),
+            SnapshotData::File(f) => Pin::new(f).poll_complete(cx),
+        }
+    }
+}
+
+/// Files of the receiving side, in the replica's snapshot directory.
+#[derive(Clone, Debug)]
+pub struct SnapshotFiles {
+    dir: PathBuf,
+    device: String,
+}
+
+impl SnapshotFiles {
+    pub fn new(dir: &Path, device: &str) -> SnapshotFiles {
+        SnapshotFiles { dir: dir.to_path_buf(), device: device.to_string() }
+    }
+    /// Where an incoming snapshot is written.
+    pub fn staging(&self) -> PathBuf {
+        self.dir.join(format!("{}_snap_recv", self.device))
+    }
+    /// A verified snapshot being installed; its presence is the durable install intent.
+    pub fn installing(&self) -> PathBuf {
+        self.dir.join(format!("{}_snap_install", self.device))
+    }
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Copies any snapshot stream into the staging file and syncs it.
+pub async fn stage(files: &SnapshotFiles, src: &mut SnapshotData) -> io::Result<()> {
+    let mut out = tokio::fs::File::create(files.staging()).await?;
+    src.seek(SeekFrom::Start(0)).await?;
+    tokio::io::copy(src, &mut out).await?;
+    out.sync_all().await
+}
+
+/// Reads the staged stream whole, checking the header against `shape` and every record.
+pub async fn verify(path: &Path, shape: Shape) -> Result<SnapshotMeta, String> {
+    let mut f = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| format!("open snapshot {}: {e}", path.display()))?;
+    let len = f.metadata().await.map_err(|e| e.to_string())?.len();
+    if len != shape.stream_bytes() {
+        return Err(format!(
+            "snapshot {} is {len} bytes, a complete one is {}",
+            path.display(),
+            shape.stream_bytes()
+        ));
+    }
+    let mut rec = vec![0u8; shape.record() as usize];
+    f.read_exact(&mut rec).await.map_err(|e| e.to_string())?;
+    let meta = parse_header(&rec, shape)?;
+    for n in 0..shape.chunks() {
+        f.read_exact(&mut rec).await.map_err(|e| format!("chunk {n}: {e}"))?;
+        parse_chunk(&rec, shape, n)?;
+    }
+    Ok(meta)
+}
+
+/// Marks a verified staged snapshot as being installed (a rename, made durable).
+pub fn begin_install(files: &SnapshotFiles) -> io::Result<()> {
+    std::fs::rename(files.staging(), files.installing())?;
+    sync_dir(files.dir())
+}
+
+/// Writes the snapshot at `files.installing()` over the image, checkpoints it at the snapshot's
+/// index, then removes the intent. Idempotent: a crash anywhere is repaired by running it again.
+pub fn install(engine: &Engine, files: &SnapshotFiles) -> Result<SnapshotMeta, String> {
+    use std::io::Read;
+    let shape = Shape::of(engine);
+    let path = files.installing();
+    let mut f = std::fs::File::open(&path).map_err(|e| format!("open {}: {e}", path.display()))?;
+    let mut rec = vec![0u8; shape.record() as usize];
+    f.read_exact(&mut rec).map_err(|e| format!("{}: {e}", path.display()))?;
+    let meta = parse_header(&rec, shape)?;
+    let bs = shape.block_bytes as usize;
+    engine
+        .with_applied(|applied| {
+            let image = engine.image();
+            for n in 0..shape.chunks() {
+                f.read_exact(&mut rec).map_err(|e| {
+                    crate::storage::StorageError::Invalid(format!("chunk {n}: {e}"))
+                })?;
+                let chunk =
+                    parse_chunk(&rec, shape, n).map_err(crate::storage::StorageError::Invalid)?;
+                let mut i = 0;
+                while i < chunk.blocks.len() {
+                    let written = chunk.blocks[i].is_some();
+                    let run =
+                        chunk.blocks[i..].iter().take_while(|b| b.is_some() == written).count();
+                    let lba = chunk.lba + i as u64;
+                    if written {
+                        let mut data = Vec::with_capacity(run * bs);
+                        for b in chunk.blocks[i..i + run].iter().flatten() {
+                            data.extend_from_slice(b);
+                        }
+                        image.write_blocks(lba, &data)?;
+                    } else {
+                        image.zero_blocks(lba, run as u64)?;
+                    }
+                    i += run;
+                }
+            }
+            applied.log_id = meta.last_log_id.as_ref().map(super::types::to_store_log_id);
+            applied.membership = meta.last_membership.log_id().as_ref().map(|id| {
+                (
+                    super::types::to_store_log_id(id),
+                    super::types::encode_membership(meta.last_membership.membership()),
+                )
+            });
+            Ok(())
+        })
+        .map_err(|e| format!("install snapshot: {e}"))?;
+    engine.checkpoint().map_err(|e| format!("checkpoint after snapshot install: {e}"))?;
+    std::fs::remove_file(&path).map_err(|e| format!("remove {}: {e}", path.display()))?;
+    sync_dir(files.dir()).map_err(|e| format!("sync {}: {e}", files.dir().display()))?;
+    Ok(meta)
+}
