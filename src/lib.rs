@@ -4,6 +4,7 @@
 //! `entry` is the pure encoding of what a log entry asks the block image to do.
 
 pub mod cli;
+pub mod device;
 pub mod entry;
 pub mod replication;
 pub mod storage;

@@ -1,0 +1,225 @@
+//! The embedded mode: several replicas in this process, each with its own data directory,
+//! talking through in-process channels (`LocalRouter`), and a `Cluster` over them for the device.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::ServerState;
+
+use super::{BoxFuture, Cluster, Commit};
+use crate::replication::network::{LocalRouter, LocalTransport, Transport};
+use crate::replication::node::{Node, RaftTuning};
+use crate::replication::types::{NodeId, Request};
+use crate::replication::{log_store::DEFAULT_CACHE_BYTES, open_replica};
+use crate::storage::disk::{Backend, DirVolume, Volume};
+use crate::storage::engine::{Engine, EngineConfig, FormatOptions};
+use crate::storage::layout::Location;
+use crate::storage::StorageError;
+
+/// Where and how the embedded replicas live.
+#[derive(Clone, Debug)]
+pub struct EmbeddedOptions {
+    pub dir: PathBuf,
+    pub replicas: u64,
+    pub format: FormatOptions,
+    pub engine: EngineConfig,
+    pub backend: Backend,
+    pub tuning: RaftTuning,
+}
+
+fn replica_dir(base: &Path, id: NodeId) -> PathBuf {
+    base.join(format!("replica-{id}"))
+}
+
+/// Formats (first start) or opens every replica's store, starts them, and makes them one
+/// cluster. A restart recovers each replica from its own directory.
+pub struct Embedded {
+    pub router: Arc<LocalRouter>,
+    nodes: Mutex<Vec<Option<Arc<Node>>>>,
+    opts: EmbeddedOptions,
+    leader_hint: Mutex<Option<NodeId>>,
+}
+
+impl std::fmt::Debug for Embedded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Embedded").field("dir", &self.opts.dir).finish_non_exhaustive()
+    }
+}
+
+impl Embedded {
+    pub async fn start(opts: EmbeddedOptions) -> anyhow::Result<Arc<Embedded>> {
+        anyhow::ensure!(opts.replicas >= 1, "at least one replica is needed");
+        let router = Arc::new(LocalRouter::default());
+        let embedded = Arc::new(Embedded {
+            router,
+            nodes: Mutex::new(vec![None; opts.replicas as usize]),
+            opts,
+            leader_hint: Mutex::new(None),
+        });
+        let mut fresh = false;
+        for id in 1..=embedded.opts.replicas {
+            fresh |= embedded.start_replica(id).await?;
+        }
+        if fresh {
+            let members: Vec<(NodeId, String)> =
+                (1..=embedded.opts.replicas).map(|id| (id, format!("local:{id}"))).collect();
+            embedded
+                .node(1)
+                .ok_or_else(|| anyhow::anyhow!("replica 1 is not running"))?
+                .bootstrap(&members)
+                .await?;
+        }
+        Ok(embedded)
+    }
+
+    fn location(&self, id: NodeId) -> anyhow::Result<Location> {
+        let dir = replica_dir(&self.opts.dir, id);
+        std::fs::create_dir_all(&dir)?;
+        let volume = DirVolume::open(&dir, self.opts.backend)?;
+        Ok(Location::Directory {
+            volume: Arc::new(volume) as Arc<dyn Volume>,
+            name: self.opts.format.device_name.clone(),
+        })
+    }
+
+    /// Starts replica `id`; true if its store was formatted just now.
+    pub async fn start_replica(&self, id: NodeId) -> anyhow::Result<bool> {
+        let location = self.location(id)?;
+        let mut fresh = false;
+        let mut format = self.opts.format.clone();
+        format.device_uuid = uuid::Uuid::new_v4();
+        match Engine::format(&location, &format) {
+            Ok(_) => fresh = true,
+            Err(StorageError::AlreadyFormatted(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let dir = replica_dir(&self.opts.dir, id);
+        let replica = open_replica(&location, self.opts.engine.clone(), &dir, DEFAULT_CACHE_BYTES)?;
+        let transport: Arc<dyn Transport> =
+            Arc::new(LocalTransport { router: self.router.clone(), me: id });
+        let node = Arc::new(Node::start(id, replica, transport, &self.opts.tuning).await?);
+        self.router.register(id, node.raft.clone());
+        self.nodes.lock().expect("nodes lock")[(id - 1) as usize] = Some(node);
+        Ok(fresh)
+    }
+
+    /// Stops replica `id` (its store stays; `start_replica` recovers it).
+    pub async fn stop_replica(&self, id: NodeId) -> anyhow::Result<()> {
+        self.router.unregister(id);
+        let node = self.nodes.lock().expect("nodes lock")[(id - 1) as usize].take();
+        if let Some(node) = node {
+            node.shutdown().await?;
+        }
+        Ok(())
+    }
+
+    pub fn node(&self, id: NodeId) -> Option<Arc<Node>> {
+        self.nodes.lock().expect("nodes lock").get((id - 1) as usize).cloned().flatten()
+    }
+
+    pub fn running(&self) -> Vec<Arc<Node>> {
+        self.nodes.lock().expect("nodes lock").iter().flatten().cloned().collect()
+    }
+
+    /// The running replica that is leader now, if any: of those that think they lead (an
+    /// isolated old leader may still think so), the one with the highest term.
+    pub fn leader(&self) -> Option<Arc<Node>> {
+        self.running()
+            .into_iter()
+            .filter_map(|n| {
+                let m = n.raft.metrics();
+                let m = m.borrow();
+                (m.state == ServerState::Leader && m.current_leader == Some(n.id))
+                    .then_some((m.current_term, n.clone()))
+            })
+            .max_by_key(|(term, _)| *term)
+            .map(|(_, n)| n)
+    }
+
+    /// True while `id` is the leader with the highest term.
+    fn still_leads(&self, id: NodeId) -> bool {
+        self.leader().is_some_and(|l| l.id == id)
+    }
+
+    /// Waits up to `within` for a leader.
+    pub async fn wait_leader(&self, within: Duration) -> anyhow::Result<Arc<Node>> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(l) = self.leader() {
+                return Ok(l);
+            }
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "no leader within {within:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Stops every replica.
+    pub async fn shutdown(&self) -> anyhow::Result<()> {
+        for id in 1..=self.opts.replicas {
+            self.stop_replica(id).await?;
+        }
+        Ok(())
+    }
+
+    pub fn block_bytes(&self) -> u32 {
+        self.opts.format.block_bytes
+    }
+
+    pub fn device_bytes(&self) -> u64 {
+        self.opts.format.device_bytes.unwrap_or(0)
+    }
+
+    fn pick_leader(&self) -> Option<Arc<Node>> {
+        let leader = self.leader()?;
+        *self.leader_hint.lock().expect("hint lock") = Some(leader.id);
+        Some(leader)
+    }
+}
+
+fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, openraft::BasicNode>>) -> String {
+    e.to_string()
+}
+
+impl Cluster for Embedded {
+    fn submit(self: Arc<Self>, req: Request) -> BoxFuture<Result<Commit, String>> {
+        let leader = self.pick_leader();
+        Box::pin(async move {
+            let node = leader.ok_or_else(|| "no leader".to_string())?;
+            let rx = node.raft.client_write_ff(req).await.map_err(|e| e.to_string())?;
+            let commit: Commit = Box::pin(async move {
+                let mut rx = std::pin::pin!(rx);
+                loop {
+                    tokio::select! {
+                        r = &mut rx => return match r {
+                            Ok(Ok(resp)) => Ok(resp.log_id.index),
+                            Ok(Err(e)) => Err(write_error(RaftError::APIError(e))),
+                            Err(_) => Err("leader dropped the proposal".to_string()),
+                        },
+                        // An isolated leader never hears that it was replaced: give up on it
+                        // as soon as another replica leads with a higher term.
+                        _ = tokio::time::sleep(Duration::from_millis(10)) => {
+                            if !self.still_leads(node.id) {
+                                return Err(format!("node {} lost the leadership", node.id));
+                            }
+                        }
+                    }
+                }
+            });
+            Ok(commit)
+        })
+    }
+
+    fn read(self: Arc<Self>, lba: u64, blocks: u64) -> BoxFuture<Result<Vec<u8>, String>> {
+        let leader = self.pick_leader();
+        let bytes = blocks * u64::from(self.block_bytes());
+        Box::pin(async move {
+            let node = leader.ok_or_else(|| "no leader".to_string())?;
+            node.raft.ensure_linearizable().await.map_err(|e| e.to_string())?;
+            let mut out = vec![0u8; bytes as usize];
+            node.engine.image().read_blocks(lba, &mut out).map_err(|e| e.to_string())?;
+            Ok(out)
+        })
+    }
+}

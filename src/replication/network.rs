@@ -1,0 +1,250 @@
+//! Raft RPCs behind one interface. openraft talks to `NetworkFactory`; it forwards each RPC as a
+//! `RaftRpc` through a `Transport`: `LocalRouter` (replicas in one process, the embedded mode) or
+//! TCP between processes (`tcp`). The receiving side answers with `dispatch`.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::{AnyError, BasicNode};
+use serde::{Deserialize, Serialize};
+
+use super::types::{NodeId, Raft, TypeConfig};
+
+/// A Raft RPC on the wire.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RaftRpc {
+    Append(AppendEntriesRequest<TypeConfig>),
+    Vote(VoteRequest<NodeId>),
+    Snapshot(InstallSnapshotRequest<TypeConfig>),
+}
+
+/// Its answer, with the remote Raft's own error when it refused.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RaftReply {
+    Append(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
+    Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
+    Snapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
+}
+
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// Why an RPC did not reach its target.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TransportError {
+    /// The peer cannot be reached now; openraft backs off.
+    #[error("node {0} unreachable: {1}")]
+    Unreachable(NodeId, String),
+    /// The exchange failed in a way a retry may fix (timeout, reset mid-call).
+    #[error("RPC to node {0} failed: {1}")]
+    Failed(NodeId, String),
+}
+
+/// Delivers RPCs to other replicas.
+pub trait Transport: Send + Sync + 'static {
+    fn call(
+        &self,
+        target: NodeId,
+        node: &BasicNode,
+        rpc: RaftRpc,
+        timeout: Duration,
+    ) -> BoxFuture<Result<RaftReply, TransportError>>;
+}
+
+/// Answers an RPC with the local Raft.
+pub async fn dispatch(raft: &Raft, rpc: RaftRpc) -> RaftReply {
+    match rpc {
+        RaftRpc::Append(r) => RaftReply::Append(raft.append_entries(r).await),
+        RaftRpc::Vote(r) => RaftReply::Vote(raft.vote(r).await),
+        RaftRpc::Snapshot(r) => RaftReply::Snapshot(raft.install_snapshot(r).await),
+    }
+}
+
+/// openraft's network factory for one replica.
+#[derive(Clone)]
+pub struct NetworkFactory {
+    transport: Arc<dyn Transport>,
+}
+
+impl std::fmt::Debug for NetworkFactory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetworkFactory").finish_non_exhaustive()
+    }
+}
+
+impl NetworkFactory {
+    pub fn new(transport: Arc<dyn Transport>) -> NetworkFactory {
+        NetworkFactory { transport }
+    }
+}
+
+/// The link to one peer.
+pub struct PeerNetwork {
+    target: NodeId,
+    node: BasicNode,
+    transport: Arc<dyn Transport>,
+}
+
+impl std::fmt::Debug for PeerNetwork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerNetwork").field("target", &self.target).finish_non_exhaustive()
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = PeerNetwork;
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerNetwork {
+        PeerNetwork { target, node: node.clone(), transport: self.transport.clone() }
+    }
+}
+
+type RpcResult<T, E = openraft::error::Infallible> =
+    Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
+
+impl PeerNetwork {
+    async fn call(&self, rpc: RaftRpc, option: &RPCOption) -> Result<RaftReply, TransportError> {
+        self.transport.call(self.target, &self.node, rpc, option.hard_ttl()).await
+    }
+
+    fn lift<E: std::error::Error>(
+        &self,
+        e: TransportError,
+    ) -> RPCError<NodeId, BasicNode, RaftError<NodeId, E>> {
+        match e {
+            TransportError::Unreachable(..) => {
+                RPCError::Unreachable(Unreachable::new(&AnyError::error(e.to_string())))
+            }
+            TransportError::Failed(..) => {
+                RPCError::Network(NetworkError::new(&AnyError::error(e.to_string())))
+            }
+        }
+    }
+
+    fn remote<E: std::error::Error>(
+        &self,
+        e: RaftError<NodeId, E>,
+    ) -> RPCError<NodeId, BasicNode, RaftError<NodeId, E>> {
+        RPCError::RemoteError(RemoteError::new_with_node(self.target, self.node.clone(), e))
+    }
+
+    fn mismatch<E: std::error::Error>(&self) -> RPCError<NodeId, BasicNode, RaftError<NodeId, E>> {
+        RPCError::Network(NetworkError::new(&AnyError::error(format!(
+            "node {} answered with a reply of the wrong kind",
+            self.target
+        ))))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerNetwork {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>> {
+        match self.call(RaftRpc::Append(rpc), &option).await.map_err(|e| self.lift(e))? {
+            RaftReply::Append(r) => r.map_err(|e| self.remote(e)),
+            _ => Err(self.mismatch()),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
+        match self.call(RaftRpc::Snapshot(rpc), &option).await.map_err(|e| self.lift(e))? {
+            RaftReply::Snapshot(r) => r.map_err(|e| self.remote(e)),
+            _ => Err(self.mismatch()),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> RpcResult<VoteResponse<NodeId>> {
+        match self.call(RaftRpc::Vote(rpc), &option).await.map_err(|e| self.lift(e))? {
+            RaftReply::Vote(r) => r.map_err(|e| self.remote(e)),
+            _ => Err(self.mismatch()),
+        }
+    }
+}
+
+/// In-process delivery between replicas of one process. Links can be cut, to test partitions.
+#[derive(Default)]
+pub struct LocalRouter {
+    nodes: RwLock<HashMap<NodeId, Raft>>,
+    isolated: Mutex<HashSet<NodeId>>,
+}
+
+impl std::fmt::Debug for LocalRouter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalRouter").finish_non_exhaustive()
+    }
+}
+
+impl LocalRouter {
+    pub fn register(&self, id: NodeId, raft: Raft) {
+        self.nodes.write().expect("router lock").insert(id, raft);
+    }
+    pub fn unregister(&self, id: NodeId) {
+        self.nodes.write().expect("router lock").remove(&id);
+    }
+    /// Cuts (or restores) every link to and from `id`.
+    pub fn isolate(&self, id: NodeId, isolated: bool) {
+        let mut set = self.isolated.lock().expect("router lock");
+        if isolated {
+            set.insert(id);
+        } else {
+            set.remove(&id);
+        }
+    }
+    fn is_isolated(&self, id: NodeId) -> bool {
+        self.isolated.lock().expect("router lock").contains(&id)
+    }
+}
+
+/// A `LocalRouter` as seen from one replica (so cuts apply to both directions).
+#[derive(Clone, Debug)]
+pub struct LocalTransport {
+    pub router: Arc<LocalRouter>,
+    pub me: NodeId,
+}
+
+impl Transport for LocalTransport {
+    fn call(
+        &self,
+        target: NodeId,
+        _node: &BasicNode,
+        rpc: RaftRpc,
+        timeout: Duration,
+    ) -> BoxFuture<Result<RaftReply, TransportError>> {
+        let router = self.router.clone();
+        let me = self.me;
+        Box::pin(async move {
+            if router.is_isolated(me) || router.is_isolated(target) {
+                return Err(TransportError::Unreachable(target, "link cut".into()));
+            }
+            let raft = router.nodes.read().expect("router lock").get(&target).cloned();
+            let Some(raft) = raft else {
+                return Err(TransportError::Unreachable(target, "not running".into()));
+            };
+            match tokio::time::timeout(timeout, dispatch(&raft, rpc)).await {
+                Ok(reply) => Ok(reply),
+                Err(_) => {
+                    Err(TransportError::Failed(target, format!("timed out after {timeout:?}")))
+                }
+            }
+        })
+    }
+}
