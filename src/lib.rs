@@ -5,4 +5,5 @@
 
 pub mod cli;
 pub mod entry;
+pub mod net;
 pub mod storage;
