@@ -1,0 +1,470 @@
+//! The calling side: one lazily opened connection to one peer, shared by every call and
+//! multiplexed by request id, with a reconnect backoff after failures. It never retries a call;
+//! a call that cannot be answered fails and the caller decides what to do.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::AbortHandle;
+use uuid::Uuid;
+
+use super::backoff::Backoff;
+use super::{write_loop, Hello, RpcError, MAX_ERROR_MESSAGE_BYTES};
+use super::{KIND_HELLO, KIND_HELLO_OK, KIND_REJECT, PROTOCOL_VERSION, RESERVED_KINDS};
+use crate::net::frame::{encode, read_frame, Frame, FrameError, MAX_PAYLOAD_LIMIT};
+
+/// Limits and timing of one client.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// Time for TCP connect plus handshake.
+    pub connect_timeout: Duration,
+    /// Largest request and response payload in bytes. A larger request is refused before it is
+    /// sent; a larger response breaks the connection.
+    pub max_payload: usize,
+    /// Encoded requests queued for the connection's writer; a full queue makes `call` wait.
+    pub queue_depth: usize,
+    /// Wait after the first failure before reconnecting.
+    pub backoff_min: Duration,
+    /// Longest wait between reconnect attempts.
+    pub backoff_max: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            connect_timeout: Duration::from_secs(1),
+            max_payload: 16 << 20,
+            queue_depth: 256,
+            backoff_min: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(2),
+        }
+    }
+}
+
+/// A client of one peer. Clones share the connection.
+#[derive(Clone)]
+pub struct RpcClient {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    peer: SocketAddr,
+    bind: Option<IpAddr>,
+    cluster_id: Uuid,
+    node_id: u64,
+    opts: ClientOptions,
+    next_request_id: AtomicU64,
+    next_connection_id: AtomicU64,
+    state: Mutex<State>,
+}
+
+struct State {
+    phase: Phase,
+    backoff: Backoff,
+}
+
+/// The result of a connect attempt, published to every call waiting for it.
+type Attempt = Option<Result<Arc<Connection>, RpcError>>;
+
+enum Phase {
+    Idle,
+    Connecting(watch::Receiver<Attempt>),
+    Connected(Arc<Connection>),
+}
+
+/// One established connection. Dropping the last reference stops its tasks and fails its calls.
+struct Connection {
+    id: u64,
+    tx: mpsc::Sender<Vec<u8>>,
+    pending: Arc<Pending>,
+    tasks: [AbortHandle; 2],
+}
+
+/// Calls waiting for their response on one connection.
+#[derive(Default)]
+struct Pending {
+    inner: Mutex<PendingInner>,
+}
+
+#[derive(Default)]
+struct PendingInner {
+    calls: HashMap<u64, oneshot::Sender<Frame>>,
+    /// Set once the connection failed; no call is registered after that.
+    closed: Option<String>,
+}
+
+/// What a connection's tasks use to report that it failed.
+#[derive(Clone)]
+struct Link {
+    peer: SocketAddr,
+    shared: Weak<Shared>,
+    connection_id: u64,
+    pending: Arc<Pending>,
+}
+
+impl RpcClient {
+    /// A client of `peer`; nothing is connected until the first call. `bind` is the source
+    /// address to connect from (port chosen by the system).
+    pub fn new(
+        peer: SocketAddr,
+        bind: Option<IpAddr>,
+        cluster_id: Uuid,
+        node_id: u64,
+        opts: ClientOptions,
+    ) -> RpcClient {
+        let backoff = Backoff::new(opts.backoff_min, opts.backoff_max);
+        let shared = Shared {
+            peer,
+            bind,
+            cluster_id,
+            node_id,
+            opts,
+            next_request_id: AtomicU64::new(1),
+            next_connection_id: AtomicU64::new(1),
+            state: Mutex::new(State { phase: Phase::Idle, backoff }),
+        };
+        RpcClient { shared: Arc::new(shared) }
+    }
+
+    pub fn peer(&self) -> SocketAddr {
+        self.shared.peer
+    }
+
+    /// Sends a request of `kind` and waits for its answer, at most `timeout` in all (connecting
+    /// included). Dropping the returned future abandons the call without harming the connection.
+    pub async fn call(
+        &self,
+        kind: u8,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, RpcError> {
+        if kind >= RESERVED_KINDS {
+            return Err(RpcError::Protocol(format!(
+                "kind {kind:#04x} is reserved for the RPC layer"
+            )));
+        }
+        let max = self.shared.opts.max_payload.min(MAX_PAYLOAD_LIMIT);
+        if payload.len() > max {
+            return Err(RpcError::TooLarge { len: payload.len(), max });
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        let connection = self.connection(timeout, deadline).await?;
+        let request_id = self.shared.next_request_id.fetch_add(1, Ordering::Relaxed);
+        let request = Frame::request(kind, request_id, payload);
+        let bytes = encode(self.shared.cluster_id, &request)
+            .map_err(|e| RpcError::Protocol(e.to_string()))?;
+        let answer = connection.pending.register(request_id)?;
+        let _registered = Registered { pending: &connection.pending, request_id };
+
+        match tokio::time::timeout_at(deadline, connection.tx.send(bytes)).await {
+            Err(_) => return Err(RpcError::Timeout(timeout)),
+            Ok(Err(_)) => return Err(connection.pending.unreachable()),
+            Ok(Ok(())) => {}
+        }
+        let frame = match tokio::time::timeout_at(deadline, answer).await {
+            Err(_) => return Err(RpcError::Timeout(timeout)),
+            Ok(Err(_)) => return Err(connection.pending.unreachable()),
+            Ok(Ok(frame)) => frame,
+        };
+        if frame.is_error() {
+            return Err(RpcError::Remote(String::from_utf8_lossy(&frame.payload).into_owned()));
+        }
+        Ok(frame.payload)
+    }
+
+    /// The open connection, or the outcome of a connect attempt started (or joined) now.
+    async fn connection(
+        &self,
+        timeout: Duration,
+        deadline: tokio::time::Instant,
+    ) -> Result<Arc<Connection>, RpcError> {
+        let mut attempt = match self.open_or_attempt()? {
+            Ready::Open(connection) => return Ok(connection),
+            Ready::Wait(attempt) => attempt,
+        };
+        let outcome = tokio::time::timeout_at(deadline, attempt.wait_for(Option::is_some)).await;
+        match outcome {
+            Err(_) => Err(RpcError::Timeout(timeout)),
+            Ok(Err(_)) => Err(RpcError::Unreachable(format!(
+                "connect attempt to {} was abandoned",
+                self.shared.peer
+            ))),
+            Ok(Ok(result)) => match result.as_ref() {
+                Some(result) => result.clone(),
+                None => Err(RpcError::Unreachable("connect attempt ended without outcome".into())),
+            },
+        }
+    }
+
+    /// The open connection, or a connect attempt to wait for (joining the one under way or
+    /// starting one). Fails fast while the backoff after a failure lasts.
+    fn open_or_attempt(&self) -> Result<Ready, RpcError> {
+        let mut state = lock(&self.shared.state);
+        let broken = match &state.phase {
+            Phase::Connected(c) => match c.pending.closed_reason() {
+                None => return Ok(Ready::Open(c.clone())),
+                Some(reason) => Some((c.id, reason)),
+            },
+            // A closed channel means the attempt's task was cancelled without reporting.
+            Phase::Connecting(rx) if rx.has_changed().is_ok() => {
+                return Ok(Ready::Wait(rx.clone()))
+            }
+            Phase::Connecting(_) | Phase::Idle => None,
+        };
+        let lost = broken.and_then(|(id, reason)| state.lose(id, reason));
+        let result = match state.backoff.waiting(Instant::now()) {
+            Some((left, RpcError::Rejected(reason))) => {
+                Err(RpcError::Rejected(format!("{reason} (next attempt in {left:?})")))
+            }
+            Some((left, error)) => Err(RpcError::Unreachable(format!(
+                "{}: next attempt in {left:?}; last failure: {error}",
+                self.shared.peer
+            ))),
+            None => {
+                let (done, attempt) = watch::channel(None);
+                state.phase = Phase::Connecting(attempt.clone());
+                tokio::spawn(connect(self.shared.clone(), done));
+                Ok(Ready::Wait(attempt))
+            }
+        };
+        drop(state);
+        drop(lost);
+        result
+    }
+}
+
+enum Ready {
+    Open(Arc<Connection>),
+    Wait(watch::Receiver<Attempt>),
+}
+
+impl std::fmt::Debug for RpcClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RpcClient")
+            .field("peer", &self.shared.peer)
+            .field("bind", &self.shared.bind)
+            .field("cluster_id", &self.shared.cluster_id)
+            .field("node_id", &self.shared.node_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl State {
+    /// Forgets connection `id` after it failed and starts the backoff. Returns the connection so
+    /// the caller drops it outside the lock.
+    fn lose(&mut self, id: u64, reason: String) -> Option<Arc<Connection>> {
+        if !matches!(&self.phase, Phase::Connected(c) if c.id == id) {
+            return None;
+        }
+        let jitter = rand::random::<f64>();
+        self.backoff.record_failure(Instant::now(), RpcError::Unreachable(reason), jitter);
+        match std::mem::replace(&mut self.phase, Phase::Idle) {
+            Phase::Connected(c) => Some(c),
+            _ => None,
+        }
+    }
+}
+
+/// One connect attempt: dial, handshake, start the connection; publishes the outcome.
+async fn connect(shared: Arc<Shared>, done: watch::Sender<Attempt>) {
+    let limit = shared.opts.connect_timeout;
+    let result = match tokio::time::timeout(limit, dial(&shared)).await {
+        Ok(result) => result,
+        Err(_) => Err(RpcError::Unreachable(format!(
+            "connect to {} timed out after {limit:?}",
+            shared.peer
+        ))),
+    };
+    let result = result.map(|stream| Connection::start(&shared, stream));
+    {
+        let mut state = lock(&shared.state);
+        match &result {
+            Ok(connection) => {
+                state.phase = Phase::Connected(connection.clone());
+                state.backoff.reset();
+            }
+            Err(e) => {
+                tracing::debug!(peer = %shared.peer, error = %e, "connect failed");
+                state.phase = Phase::Idle;
+                state.backoff.record_failure(Instant::now(), e.clone(), rand::random::<f64>());
+            }
+        }
+    }
+    let _ = done.send(Some(result));
+}
+
+/// Opens a TCP connection and completes the handshake on it.
+async fn dial(shared: &Shared) -> Result<TcpStream, RpcError> {
+    let peer = shared.peer;
+    let io = |what: &str, e: std::io::Error| RpcError::Unreachable(format!("{what} {peer}: {e}"));
+    let socket = if peer.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() };
+    let socket = socket.map_err(|e| io("socket for", e))?;
+    if let Some(ip) = shared.bind {
+        socket.bind(SocketAddr::new(ip, 0)).map_err(|e| io(&format!("bind {ip} to reach"), e))?;
+    }
+    let mut stream = socket.connect(peer).await.map_err(|e| io("connect to", e))?;
+    stream.set_nodelay(true).map_err(|e| io("TCP_NODELAY on connection to", e))?;
+
+    let hello = Hello { protocol_version: PROTOCOL_VERSION, node_id: shared.node_id };
+    let hello = encode(shared.cluster_id, &Frame::request(KIND_HELLO, 0, hello.encode()))
+        .map_err(|e| RpcError::Protocol(e.to_string()))?;
+    stream.write_all(&hello).await.map_err(|e| io("send HELLO to", e))?;
+    let max = shared.opts.max_payload.max(MAX_ERROR_MESSAGE_BYTES);
+    match read_frame(&mut stream, shared.cluster_id, max).await {
+        Ok(Some(f)) if f.kind == KIND_HELLO_OK && f.is_response() && !f.is_error() => Ok(stream),
+        Ok(Some(f)) if f.kind == KIND_REJECT => {
+            Err(RpcError::Rejected(String::from_utf8_lossy(&f.payload).into_owned()))
+        }
+        Ok(Some(f)) => Err(RpcError::Protocol(format!(
+            "{peer} answered HELLO with kind {:#04x} flags {:#x}",
+            f.kind, f.flags
+        ))),
+        Ok(None) => {
+            Err(RpcError::Unreachable(format!("{peer} closed the connection in the handshake")))
+        }
+        Err(FrameError::Io(e)) => Err(io("handshake with", e)),
+        Err(e) => Err(RpcError::Protocol(format!("bad handshake answer from {peer}: {e}"))),
+    }
+}
+
+impl Connection {
+    /// Starts the reader and writer tasks of an established connection.
+    fn start(shared: &Arc<Shared>, stream: TcpStream) -> Arc<Connection> {
+        let id = shared.next_connection_id.fetch_add(1, Ordering::Relaxed);
+        let (reader, writer) = stream.into_split();
+        let (tx, rx) = mpsc::channel(shared.opts.queue_depth.max(1));
+        let pending = Arc::new(Pending::default());
+        let link = Link {
+            peer: shared.peer,
+            shared: Arc::downgrade(shared),
+            connection_id: id,
+            pending: pending.clone(),
+        };
+        let write_link = link.clone();
+        let write_task = tokio::spawn(async move {
+            let reason = match write_loop(writer, rx).await {
+                Ok(()) => "connection closed by this client".to_string(),
+                Err(e) => format!("write to {} failed: {e}", write_link.peer),
+            };
+            write_link.lost(reason);
+        });
+        let max = shared.opts.max_payload.min(MAX_PAYLOAD_LIMIT);
+        let read_task = tokio::spawn(read_responses(reader, shared.cluster_id, max, link));
+        let tasks = [read_task.abort_handle(), write_task.abort_handle()];
+        Arc::new(Connection { id, tx, pending, tasks })
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        self.pending.close("connection dropped by this client");
+    }
+}
+
+/// Hands each response to the call waiting for it, until the connection fails.
+async fn read_responses(reader: OwnedReadHalf, cluster_id: Uuid, max_payload: usize, link: Link) {
+    let peer = link.peer;
+    let mut reader = BufReader::new(reader);
+    let reason = loop {
+        match read_frame(&mut reader, cluster_id, max_payload).await {
+            Ok(Some(f)) if f.kind == KIND_REJECT => {
+                break format!("{peer} rejected: {}", String::from_utf8_lossy(&f.payload));
+            }
+            Ok(Some(f)) if f.is_response() => link.pending.complete(f),
+            Ok(Some(f)) => {
+                break format!("{peer} sent a request (kind {:#04x}) to a client", f.kind)
+            }
+            Ok(None) => break format!("{peer} closed the connection"),
+            Err(e) => break format!("reading from {peer}: {e}"),
+        }
+    };
+    link.lost(reason);
+}
+
+impl Link {
+    /// Fails every pending call with `reason` and lets the client reconnect after its backoff.
+    fn lost(&self, reason: String) {
+        if !self.pending.close(&reason) {
+            return;
+        }
+        tracing::debug!(peer = %self.peer, reason, "connection lost");
+        if let Some(shared) = self.shared.upgrade() {
+            let lost = lock(&shared.state).lose(self.connection_id, reason);
+            drop(lost);
+        }
+    }
+}
+
+impl Pending {
+    fn register(&self, request_id: u64) -> Result<oneshot::Receiver<Frame>, RpcError> {
+        let mut inner = lock(&self.inner);
+        if let Some(reason) = &inner.closed {
+            return Err(RpcError::Unreachable(reason.clone()));
+        }
+        let (tx, rx) = oneshot::channel();
+        inner.calls.insert(request_id, tx);
+        Ok(rx)
+    }
+
+    /// Delivers a response; one whose call is gone (timed out or dropped) is ignored.
+    fn complete(&self, frame: Frame) {
+        let call = lock(&self.inner).calls.remove(&frame.request_id);
+        if let Some(call) = call {
+            let _ = call.send(frame);
+        }
+    }
+
+    fn forget(&self, request_id: u64) {
+        lock(&self.inner).calls.remove(&request_id);
+    }
+
+    /// Marks the connection failed and drops every waiting call. Returns false if it already was.
+    fn close(&self, reason: &str) -> bool {
+        let calls = {
+            let mut inner = lock(&self.inner);
+            if inner.closed.is_some() {
+                return false;
+            }
+            inner.closed = Some(reason.to_string());
+            std::mem::take(&mut inner.calls)
+        };
+        drop(calls);
+        true
+    }
+
+    fn closed_reason(&self) -> Option<String> {
+        lock(&self.inner).closed.clone()
+    }
+
+    fn unreachable(&self) -> RpcError {
+        let reason = self.closed_reason();
+        RpcError::Unreachable(reason.unwrap_or_else(|| "connection closed".to_string()))
+    }
+}
+
+/// Removes a call's pending entry however the call ends, so an abandoned call leaves nothing
+/// behind.
+struct Registered<'a> {
+    pending: &'a Pending,
+    request_id: u64,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.pending.forget(self.request_id);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
