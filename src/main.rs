@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use uuid::Uuid;
 
-use xdevice::cli::{demo, size, StoreArgs};
+use xdevice::cli::{demo, node, size, StoreArgs};
 use xdevice::storage::engine::{Engine, FormatOptions};
 use xdevice::storage::inspect;
 
@@ -47,6 +47,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run one replica as a server (Raft and client traffic on --listen) until SIGTERM.
+    Node(node::NodeArgs),
+    /// Manage a cluster through one of its nodes: init, add, remove, transfer, status.
+    Cluster(node::ClusterArgs),
     /// Show the storage engine working: format, append, commit, apply, reopen, verify, inspect.
     Demo {
         #[command(flatten)]
@@ -80,6 +84,8 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Node(args) => node::run_node(args)?,
+        Command::Cluster(args) => node::run_cluster(args)?,
         Command::Format { store, size, block_size, segment_size, wal_slots, cluster_id } => {
             let location = store.location(Some("xdb0"))?;
             let name = store.name.clone().unwrap_or_else(|| "xdb0".into());
@@ -95,11 +101,12 @@ fn run(cli: Cli) -> Result<()> {
             let sb = Engine::format(&location, &opts)
                 .with_context(|| format!("formatting {}", location.describe()))?;
             println!(
-                "formatted {}: device {} of {} bytes, uuid {}",
+                "formatted {}: device {} of {} bytes, uuid {}, cluster {}",
                 location.describe(),
                 sb.device_name,
                 sb.device_bytes,
-                sb.device_uuid
+                sb.device_uuid,
+                sb.cluster_id
             );
         }
         Command::Inspect { store, json } => {

@@ -2,6 +2,7 @@
 //! Errors carry context with `anyhow`; nothing here decides storage policy.
 
 pub mod demo;
+pub mod node;
 pub mod size;
 
 use std::path::PathBuf;

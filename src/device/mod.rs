@@ -15,6 +15,7 @@
 //! never completes while a write before it is unconfirmed.
 
 pub mod local;
+pub mod remote;
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;

@@ -13,6 +13,7 @@ pub mod network;
 pub mod node;
 pub mod snapshot;
 pub mod state_machine;
+pub mod tcp;
 pub mod types;
 
 use std::path::Path;

@@ -1,0 +1,332 @@
+//! Raft and client traffic between processes over the framed RPC layer (`net`): one listening
+//! address per replica, the cluster id checked on every frame.
+//!
+//! Kinds: `RAFT` carries a postcard `RaftRpc` and answers a `RaftReply`; `WRITE` proposes a
+//! `Request` and answers the committed index once applied on the leader; `READ` answers blocks
+//! from the leader's image after a linearizable check; `ADMIN` carries an `Admin` request.
+//! Writes from one connection are handed to Raft in arrival order.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::{BasicNode, ChangeMembers, ServerState};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use super::network::{dispatch, BoxFuture, RaftRpc, Transport, TransportError};
+use super::types::{NodeId, Raft, Request};
+use crate::net::{ClientOptions, Handler, RpcClient, RpcError};
+use crate::storage::engine::Engine;
+
+pub const KIND_RAFT: u8 = 1;
+pub const KIND_WRITE: u8 = 2;
+pub const KIND_READ: u8 = 3;
+pub const KIND_ADMIN: u8 = 4;
+
+/// Largest frame payload: a 4 MiB proposal or a snapshot record, with room for headers.
+pub const MAX_PAYLOAD: usize = 16 << 20;
+
+/// Cluster management requests.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Admin {
+    /// Make a new cluster of these members (id, address) on a fresh node.
+    Init(Vec<(NodeId, String)>),
+    /// Add a learner and wait until it has caught up.
+    AddLearner(NodeId, String),
+    /// Make the voters exactly this set (learners not listed stay learners).
+    SetVoters(Vec<NodeId>),
+    /// Remove a node entirely (voter or learner).
+    Remove(NodeId),
+    /// Start an election on this node (leadership transfer to it).
+    Campaign,
+    Status,
+}
+
+/// A node's view, for `xdevice cluster status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub id: NodeId,
+    pub state: String,
+    pub term: u64,
+    pub leader: Option<NodeId>,
+    pub last_log_index: Option<u64>,
+    pub last_applied: Option<u64>,
+    pub snapshot: Option<u64>,
+    pub purged: Option<u64>,
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+    pub nodes: BTreeMap<NodeId, String>,
+    /// Per follower: matched index (on the leader only).
+    pub replication: BTreeMap<NodeId, Option<u64>>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum AdminReply {
+    Done,
+    Status(Box<NodeStatus>),
+}
+
+/// What a write or read answer says when this node is not the leader.
+pub const NOT_LEADER: &str = "not the leader";
+
+pub fn status_of(raft: &Raft, id: NodeId) -> NodeStatus {
+    let m = raft.metrics().borrow().clone();
+    let membership = m.membership_config.membership();
+    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    NodeStatus {
+        id,
+        state: format!("{:?}", m.state),
+        term: m.current_term,
+        leader: m.current_leader,
+        last_log_index: m.last_log_index,
+        last_applied: m.last_applied.map(|l| l.index),
+        snapshot: m.snapshot.map(|l| l.index),
+        purged: m.purged.map(|l| l.index),
+        voters: voters.iter().copied().collect(),
+        learners: membership.learner_ids().collect(),
+        nodes: membership.nodes().map(|(id, n)| (*id, n.addr.clone())).collect(),
+        replication: m
+            .replication
+            .map(|r| r.iter().map(|(id, l)| (*id, l.map(|l| l.index))).collect())
+            .unwrap_or_default(),
+    }
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, String> {
+    postcard::to_allocvec(v).map_err(|e| format!("encode: {e}"))
+}
+
+fn decode<'a, T: Deserialize<'a>>(b: &'a [u8], what: &str) -> Result<T, String> {
+    postcard::from_bytes(b).map_err(|e| format!("malformed {what}: {e}"))
+}
+
+type Proposal = (Request, oneshot::Sender<Result<u64, String>>);
+
+/// Serves one replica's RPCs.
+pub struct NodeService {
+    id: NodeId,
+    raft: Raft,
+    engine: Arc<Engine>,
+    proposals: mpsc::UnboundedSender<Proposal>,
+}
+
+impl std::fmt::Debug for NodeService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeService").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+impl NodeService {
+    pub fn new(id: NodeId, raft: Raft, engine: Arc<Engine>) -> Arc<NodeService> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(propose_in_order(raft.clone(), rx));
+        Arc::new(NodeService { id, raft, engine, proposals: tx })
+    }
+
+    async fn admin(raft: Raft, id: NodeId, req: Admin) -> Result<AdminReply, String> {
+        match req {
+            Admin::Init(members) => {
+                let nodes: BTreeMap<NodeId, BasicNode> =
+                    members.into_iter().map(|(id, a)| (id, BasicNode::new(a))).collect();
+                raft.initialize(nodes).await.map_err(|e| e.to_string())?;
+            }
+            Admin::AddLearner(nid, addr) => {
+                raft.add_learner(nid, BasicNode::new(addr), true)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Admin::SetVoters(ids) => {
+                let set: BTreeSet<NodeId> = ids.into_iter().collect();
+                raft.change_membership(set, true).await.map_err(|e| e.to_string())?;
+            }
+            Admin::Remove(nid) => {
+                let m = raft.metrics().borrow().membership_config.membership().clone();
+                if m.voter_ids().any(|v| v == nid) {
+                    let voters: BTreeSet<NodeId> = m.voter_ids().filter(|v| *v != nid).collect();
+                    raft.change_membership(voters, false).await.map_err(|e| e.to_string())?;
+                }
+                let gone: BTreeSet<NodeId> = [nid].into();
+                raft.change_membership(ChangeMembers::RemoveNodes(gone), false)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Admin::Campaign => raft.trigger().elect().await.map_err(|e| e.to_string())?,
+            Admin::Status => return Ok(AdminReply::Status(Box::new(status_of(&raft, id)))),
+        }
+        Ok(AdminReply::Done)
+    }
+}
+
+/// Hands client proposals to Raft in the order they arrived.
+async fn propose_in_order(raft: Raft, mut rx: mpsc::UnboundedReceiver<Proposal>) {
+    while let Some((req, done)) = rx.recv().await {
+        if raft.metrics().borrow().state != ServerState::Leader {
+            let leader = raft.metrics().borrow().current_leader;
+            let _ = done.send(Err(format!("{NOT_LEADER}; leader is {leader:?}")));
+            continue;
+        }
+        match raft.client_write_ff(req).await {
+            Ok(resp) => {
+                tokio::spawn(async move {
+                    let r = match resp.await {
+                        Ok(Ok(r)) => Ok(r.log_id.index),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(_) => Err("proposal dropped".to_string()),
+                    };
+                    let _ = done.send(r);
+                });
+            }
+            Err(e) => {
+                let _ = done.send(Err(e.to_string()));
+            }
+        }
+    }
+}
+
+impl Handler for NodeService {
+    fn call(
+        &self,
+        kind: u8,
+        payload: Vec<u8>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u8>, String>> + Send>> {
+        let raft = self.raft.clone();
+        match kind {
+            KIND_RAFT => Box::pin(async move {
+                let rpc: RaftRpc = decode(&payload, "Raft RPC")?;
+                encode(&dispatch(&raft, rpc).await)
+            }),
+            KIND_WRITE => {
+                // Queued here, in frame order, before the answer is awaited.
+                let queued = decode::<Request>(&payload, "write").map(|req| {
+                    let (tx, rx) = oneshot::channel();
+                    let _ = self.proposals.send((req, tx));
+                    rx
+                });
+                Box::pin(async move {
+                    let index = queued?.await.map_err(|_| "node shutting down".to_string())??;
+                    encode(&index)
+                })
+            }
+            KIND_READ => {
+                let engine = self.engine.clone();
+                Box::pin(async move {
+                    let (lba, blocks): (u64, u64) = decode(&payload, "read")?;
+                    if raft.metrics().borrow().state != ServerState::Leader {
+                        return Err(NOT_LEADER.to_string());
+                    }
+                    raft.ensure_linearizable().await.map_err(|e| e.to_string())?;
+                    let bs = u64::from(engine.superblock().block_bytes);
+                    let len = blocks.checked_mul(bs).filter(|l| *l <= MAX_PAYLOAD as u64);
+                    let len = len.ok_or_else(|| format!("read of {blocks} blocks is too large"))?;
+                    let mut out = vec![0u8; len as usize];
+                    engine.image().read_blocks(lba, &mut out).map_err(|e| e.to_string())?;
+                    Ok(out)
+                })
+            }
+            KIND_ADMIN => {
+                let id = self.id;
+                Box::pin(async move {
+                    let req: Admin = decode(&payload, "admin request")?;
+                    encode(&NodeService::admin(raft, id, req).await?)
+                })
+            }
+            other => Box::pin(async move { Err(format!("unknown request kind {other}")) }),
+        }
+    }
+}
+
+/// Raft RPCs to peers over TCP, one pipelined connection per peer.
+#[derive(Debug)]
+pub struct TcpTransport {
+    cluster_id: uuid::Uuid,
+    me: NodeId,
+    bind: Option<IpAddr>,
+    clients: Mutex<HashMap<(NodeId, String), RpcClient>>,
+}
+
+impl TcpTransport {
+    /// `bind`: the source address for outgoing connections (this node's own address).
+    pub fn new(cluster_id: uuid::Uuid, me: NodeId, bind: Option<IpAddr>) -> TcpTransport {
+        TcpTransport { cluster_id, me, bind, clients: Mutex::new(HashMap::new()) }
+    }
+
+    fn client(&self, target: NodeId, addr: &str) -> Result<RpcClient, TransportError> {
+        let mut clients = self.clients.lock().expect("clients lock");
+        if let Some(c) = clients.get(&(target, addr.to_string())) {
+            return Ok(c.clone());
+        }
+        let peer: SocketAddr = addr.parse().map_err(|e| {
+            TransportError::Unreachable(target, format!("bad address {addr:?}: {e}"))
+        })?;
+        let opts = ClientOptions {
+            max_payload: MAX_PAYLOAD,
+            backoff_min: Duration::from_millis(20),
+            backoff_max: Duration::from_millis(500),
+            ..ClientOptions::default()
+        };
+        let c = RpcClient::new(peer, self.bind, self.cluster_id, self.me, opts);
+        clients.insert((target, addr.to_string()), c.clone());
+        Ok(c)
+    }
+}
+
+impl Transport for TcpTransport {
+    fn call(
+        &self,
+        target: NodeId,
+        node: &BasicNode,
+        rpc: RaftRpc,
+        timeout: Duration,
+    ) -> BoxFuture<Result<super::network::RaftReply, TransportError>> {
+        let client = self.client(target, &node.addr);
+        Box::pin(async move {
+            let client = client?;
+            let payload = encode(&rpc).map_err(|e| TransportError::Failed(target, e))?;
+            match client.call(KIND_RAFT, payload, timeout).await {
+                Ok(bytes) => {
+                    decode(&bytes, "Raft reply").map_err(|e| TransportError::Failed(target, e))
+                }
+                Err(RpcError::Unreachable(e)) | Err(RpcError::Rejected(e)) => {
+                    Err(TransportError::Unreachable(target, e))
+                }
+                Err(e) => Err(TransportError::Failed(target, e.to_string())),
+            }
+        })
+    }
+}
+
+/// A client of a node's `WRITE`, `READ` and `ADMIN` requests.
+#[derive(Clone, Debug)]
+pub struct NodeClient {
+    rpc: RpcClient,
+}
+
+impl NodeClient {
+    pub fn new(addr: SocketAddr, bind: Option<IpAddr>, cluster_id: uuid::Uuid) -> NodeClient {
+        let opts = ClientOptions {
+            max_payload: MAX_PAYLOAD,
+            backoff_min: Duration::from_millis(20),
+            backoff_max: Duration::from_millis(500),
+            ..ClientOptions::default()
+        };
+        NodeClient { rpc: RpcClient::new(addr, bind, cluster_id, 0, opts) }
+    }
+
+    pub async fn admin(&self, req: Admin, timeout: Duration) -> Result<AdminReply, String> {
+        let bytes =
+            self.rpc.call(KIND_ADMIN, encode(&req)?, timeout).await.map_err(|e| e.to_string())?;
+        decode(&bytes, "admin reply")
+    }
+
+    pub async fn write(&self, req: &Request, timeout: Duration) -> Result<u64, String> {
+        let bytes =
+            self.rpc.call(KIND_WRITE, encode(req)?, timeout).await.map_err(|e| e.to_string())?;
+        decode(&bytes, "write reply")
+    }
+
+    pub async fn read(&self, lba: u64, blocks: u64, timeout: Duration) -> Result<Vec<u8>, String> {
+        self.rpc.call(KIND_READ, encode(&(lba, blocks))?, timeout).await.map_err(|e| e.to_string())
+    }
+}
