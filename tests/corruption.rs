@@ -972,7 +972,8 @@ fn every_byte_flip_in_the_image_header_slots_falls_back_or_is_harmless() {
     let store = Store::dir();
     store_with_checkpoints(&store);
     let model = model_through(39);
-    let used = 24 + 32;
+    // Slot header, then the 56-byte applied-state payload (docs/disk-format.md).
+    let used = 24 + 56;
     for slot in 0..2u64 {
         for at in 0..used + 8 {
             let damaged = store.clean();
