@@ -316,15 +316,16 @@ fn lagging_replica_catches_up_by_snapshot() {
         }
         let purged_past = cluster.leader().unwrap().engine.wal().bounds().first;
 
-        // Writes keep landing while the snapshot streams from the live image.
+        // Writes keep landing while the snapshot streams from the live image; they cover only
+        // the first 512 blocks, so the rest of the follower's image comes from the snapshot.
         let writer = {
             let dev = dev.clone();
             let version = version;
             tokio::spawn(async move {
                 let mut want = Expected::new();
                 for round in 0..8u64 {
-                    let first = (round * 512) % blocks;
-                    write_range(&dev, first..first + 512, version + round, &mut want).await;
+                    let first = (round * 128) % 512;
+                    write_range(&dev, first..first + 128, version + round, &mut want).await;
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 want
