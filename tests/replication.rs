@@ -9,9 +9,16 @@ use std::time::{Duration, Instant};
 
 use xdevice::device::local::{Embedded, EmbeddedOptions};
 use xdevice::device::{CacheMode, Device, DeviceConfig};
+use xdevice::entry::{BlockOp, EntryBody};
+use xdevice::replication::log_store::DEFAULT_CACHE_BYTES;
 use xdevice::replication::node::{Node, RaftTuning};
-use xdevice::storage::disk::Backend;
-use xdevice::storage::engine::{EngineConfig, FormatOptions};
+use xdevice::replication::snapshot::{self, LiveStream, Shape, SnapshotData, SnapshotFiles};
+use xdevice::replication::types::{from_store_log_id, SnapshotMeta};
+use xdevice::replication::{open_replica, Replica};
+use xdevice::storage::disk::{Backend, DirVolume, Volume};
+use xdevice::storage::engine::{Engine, EngineConfig, FormatOptions};
+use xdevice::storage::layout::Location;
+use xdevice::storage::state::LogId as StoreLogId;
 use xdevice::storage::wal::{CommitMode, WalConfig};
 
 const BS: usize = 4096;
@@ -375,5 +382,130 @@ fn lagging_replica_catches_up_by_snapshot() {
         check_image(&node, &want, blocks);
         dev.close();
         cluster.shutdown().await.unwrap();
+    });
+}
+
+/// A formatted store of `device_bytes` in `dir`, opened as a replica (snapshots staged in `dir`).
+fn replica_in(dir: &std::path::Path, device_bytes: u64) -> Replica {
+    let volume = DirVolume::open(dir, Backend::File).unwrap();
+    let location =
+        Location::Directory { volume: Arc::new(volume) as Arc<dyn Volume>, name: "xdb0".into() };
+    if !dir.join("xdb0_snap_install").exists() {
+        let format = FormatOptions {
+            device_name: "xdb0".into(),
+            device_bytes: Some(device_bytes),
+            segment_bytes: 8 << 20,
+            ..FormatOptions::default()
+        };
+        match Engine::format(&location, &format) {
+            Ok(_) | Err(xdevice::storage::StorageError::AlreadyFormatted(_)) => {}
+            Err(e) => panic!("format: {e}"),
+        }
+    }
+    open_replica(&location, EngineConfig::default(), dir, DEFAULT_CACHE_BYTES).unwrap()
+}
+
+/// Applies `lbas` written at `version` as log entry `index`, and records them in `want`.
+fn apply(
+    engine: &Engine,
+    index: u64,
+    lbas: std::ops::Range<u64>,
+    version: u64,
+    want: &mut Expected,
+) {
+    let ops = lbas
+        .map(|lba| {
+            want.insert(lba, version);
+            BlockOp::Write { lba, data: block(lba, version) }
+        })
+        .collect();
+    let id = StoreLogId { term: 1, node: 1, index };
+    engine.apply_entries([(id, &EntryBody::Blocks(ops))]).unwrap();
+}
+
+/// Stages a snapshot of `source`'s live image into `files`' staging file.
+async fn stage_from(source: &Arc<Engine>, files: &SnapshotFiles) -> SnapshotMeta {
+    let applied = source.checkpoint().unwrap();
+    let meta = SnapshotMeta {
+        last_log_id: applied.log_id.map(from_store_log_id),
+        last_membership: Default::default(),
+        snapshot_id: "test".into(),
+    };
+    let mut data = SnapshotData::Live(LiveStream::new(source.clone(), &meta).unwrap());
+    snapshot::stage(files, &mut data).await.unwrap();
+    meta
+}
+
+/// A crash after the install intent is durable but before the install ran: opening the replica
+/// finishes the install. Damaged or foreign snapshots are refused with the reason.
+#[test]
+fn interrupted_snapshot_install_is_redone_on_open() {
+    runtime().block_on(async {
+        let src_dir = tempfile::tempdir().unwrap();
+        let dst_dir = tempfile::tempdir().unwrap();
+        let device_bytes = 16u64 << 20;
+        let blocks = device_bytes / BS as u64;
+        let source = replica_in(src_dir.path(), device_bytes).engine;
+        let mut want = Expected::new();
+        apply(&source, 1, 0..300, 1, &mut want);
+        apply(&source, 2, 1000..1100, 2, &mut want);
+        apply(&source, 3, blocks - 10..blocks, 3, &mut want);
+        source.image().zero_blocks(1050, 20).unwrap();
+        want.retain(|lba, _| !(1050..1070).contains(lba));
+
+        // The receiver holds data of its own where the snapshot has none: it must read as zeros.
+        let target = replica_in(dst_dir.path(), device_bytes);
+        let mut theirs = Expected::new();
+        apply(&target.engine, 1, 2000..2100, 9, &mut theirs);
+        target.engine.checkpoint().unwrap();
+        let files = SnapshotFiles::new(dst_dir.path(), "xdb0");
+        let meta = stage_from(&source, &files).await;
+        let shape = Shape::of(&target.engine);
+        assert_eq!(snapshot::verify(&files.staging(), shape).await.unwrap(), meta);
+        snapshot::begin_install(&files).unwrap();
+        assert!(files.installing().exists() && !files.staging().exists());
+        // Crash: the install never runs.
+        target.engine.close().unwrap();
+        drop(target);
+
+        let reopened = replica_in(dst_dir.path(), device_bytes);
+        assert!(!files.installing().exists(), "the install intent is removed once redone");
+        let applied = reopened.engine.applied().log_id.map(from_store_log_id);
+        assert_eq!(applied, meta.last_log_id);
+        let check_engine = |engine: &Arc<Engine>, want: &Expected| {
+            let mut img = vec![0u8; 256 * BS];
+            for first in (0..blocks).step_by(256) {
+                engine.image().read_blocks(first, &mut img).unwrap();
+                for lba in first..first + 256 {
+                    let got = &img[(lba - first) as usize * BS..][..BS];
+                    let expect = want.get(&lba).map_or(vec![0u8; BS], |v| block(lba, *v));
+                    assert!(got == expect, "lba {lba} differs from the source");
+                }
+            }
+        };
+        check_engine(&reopened.engine, &want);
+        check_engine(&source, &want);
+        reopened.engine.close().unwrap();
+        drop(reopened);
+        // Durable: a second open finds the same image and no intent to redo.
+        let again = replica_in(dst_dir.path(), device_bytes);
+        check_engine(&again.engine, &want);
+        again.engine.close().unwrap();
+
+        // One flipped byte in chunk 5's data is refused, naming the chunk.
+        stage_from(&source, &files).await;
+        let at = snapshot::record_bytes(BS as u32) * 6 + snapshot::RECORD_HEAD + 12345;
+        let mut bytes = std::fs::read(files.staging()).unwrap();
+        bytes[at as usize] ^= 0x40;
+        std::fs::write(files.staging(), &bytes).unwrap();
+        let e = snapshot::verify(&files.staging(), shape).await.unwrap_err();
+        assert!(e.contains("chunk 5") && e.contains("checksum"), "{e}");
+
+        // A snapshot of a differently sized device is refused as such.
+        stage_from(&source, &files).await;
+        let small = Shape { block_bytes: BS as u32, device_bytes: 8 << 20 };
+        let e = snapshot::verify(&files.staging(), small).await.unwrap_err();
+        assert!(e.contains("16777216-byte device") && e.contains("8388608-byte device"), "{e}");
+        source.close().unwrap();
     });
 }
