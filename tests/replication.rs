@@ -3,14 +3,23 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use xdevice::device::local::{Embedded, EmbeddedOptions};
 use xdevice::device::{CacheMode, Device, DeviceConfig};
-use xdevice::replication::node::RaftTuning;
-use xdevice::storage::disk::Backend;
-use xdevice::storage::engine::{EngineConfig, FormatOptions};
+use xdevice::entry::{BlockOp, EntryBody};
+use xdevice::replication::log_store::DEFAULT_CACHE_BYTES;
+use xdevice::replication::node::{Node, RaftTuning};
+use xdevice::replication::snapshot::{self, LiveStream, Shape, SnapshotData, SnapshotFiles};
+use xdevice::replication::types::{from_store_log_id, SnapshotMeta};
+use xdevice::replication::{open_replica, Replica};
+use xdevice::storage::disk::{Backend, DirVolume, Volume};
+use xdevice::storage::engine::{Engine, EngineConfig, FormatOptions};
+use xdevice::storage::layout::Location;
+use xdevice::storage::state::LogId as StoreLogId;
+use xdevice::storage::wal::{CommitMode, WalConfig};
 
 const BS: usize = 4096;
 
@@ -151,5 +160,352 @@ fn leader_isolation_fails_over_and_loses_no_flushed_write() {
         assert!(*worst < election * 10, "failover took {worst:?}");
         dev.close();
         cluster.shutdown().await.unwrap();
+    });
+}
+
+/// What the device should read: lba → version of its last write (absent: zeros).
+type Expected = BTreeMap<u64, u64>;
+
+async fn write_range(dev: &Device, lbas: std::ops::Range<u64>, version: u64, want: &mut Expected) {
+    for lba in lbas {
+        dev.write(lba * BS as u64, &block(lba, version), false).await.unwrap();
+        want.insert(lba, version);
+    }
+}
+
+/// Waits until `node` has applied through `index`.
+async fn wait_applied(node: &Node, index: u64, within: Duration) {
+    let mut rx = node.raft.metrics();
+    let deadline = Instant::now() + within;
+    while rx.borrow().last_applied.map(|l| l.index) < Some(index) {
+        let now = rx.borrow().last_applied;
+        assert!(Instant::now() < deadline, "node {} applied only {now:?}, not {index}", node.id);
+        tokio::time::timeout(Duration::from_millis(100), rx.changed()).await.ok();
+    }
+}
+
+/// The leader's applied index, once a write through the device has committed.
+fn leader_applied(cluster: &Embedded) -> u64 {
+    let leader = cluster.leader().expect("a leader");
+    let applied = leader.raft.metrics().borrow().last_applied;
+    applied.expect("leader applied something").index
+}
+
+/// Compares `node`'s image with `want`, block by block, over the whole device.
+fn check_image(node: &Node, want: &Expected, blocks: u64) {
+    let per = 256u64;
+    let mut img = vec![0u8; per as usize * BS];
+    for first in (0..blocks).step_by(per as usize) {
+        let n = per.min(blocks - first);
+        let img = &mut img[..n as usize * BS];
+        node.engine.image().read_blocks(first, img).unwrap();
+        for lba in first..first + n {
+            let got = &img[(lba - first) as usize * BS..][..BS];
+            match want.get(&lba) {
+                Some(v) => {
+                    assert!(got == block(lba, *v), "node {} lba {lba}: not version {v}", node.id)
+                }
+                None => {
+                    assert!(got.iter().all(|&b| b == 0), "node {} lba {lba}: not zeros", node.id)
+                }
+            }
+        }
+    }
+}
+
+/// A follower stopped and restarted recovers its own store and catches up from the log; the
+/// leader stopped hands over to a new one that serves writes, and catches up in turn.
+#[test]
+fn restarted_replica_recovers_and_rejoins() {
+    runtime().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = Embedded::start(options(dir.path())).await.unwrap();
+        let blocks = cluster.device_bytes() / BS as u64;
+        let leader = cluster.wait_leader(Duration::from_secs(5)).await.unwrap();
+        let dev = device(&cluster, CacheMode::Writeback).await;
+        let mut want = Expected::new();
+        write_range(&dev, 0..64, 1, &mut want).await;
+        dev.flush().await.unwrap();
+
+        let follower = (1..=3).find(|&id| id != leader.id).unwrap();
+        cluster.stop_replica(follower).await.unwrap();
+        write_range(&dev, 32..128, 2, &mut want).await;
+        dev.discard(40 * BS as u64, 4 * BS as u64, false).await.unwrap();
+        want.retain(|lba, _| !(40..44).contains(lba));
+        dev.flush().await.unwrap();
+        cluster.start_replica(follower).await.unwrap();
+        let node = cluster.node(follower).unwrap();
+        wait_applied(&node, leader_applied(&cluster), Duration::from_secs(10)).await;
+        check_image(&node, &want, blocks);
+
+        // Now the leader itself.
+        let old = cluster.wait_leader(Duration::from_secs(5)).await.unwrap().id;
+        drop(leader);
+        cluster.stop_replica(old).await.unwrap();
+        write_range(&dev, 100..160, 3, &mut want).await;
+        dev.write(0, &block(0, 3), true).await.unwrap();
+        want.insert(0, 3);
+        dev.flush().await.unwrap();
+        let new = cluster.wait_leader(Duration::from_secs(5)).await.unwrap();
+        assert_ne!(new.id, old, "leadership must move off the stopped leader");
+        cluster.start_replica(old).await.unwrap();
+        let index = leader_applied(&cluster);
+        for node in cluster.running() {
+            wait_applied(&node, index, Duration::from_secs(10)).await;
+            check_image(&node, &want, blocks);
+        }
+        for lba in [0u64, 41, 100, 159] {
+            let got = dev.read(lba * BS as u64, BS as u64).await.unwrap();
+            let expect = want.get(&lba).map_or(vec![0u8; BS], |v| block(lba, *v));
+            assert!(got == expect, "device read of lba {lba}");
+        }
+        dev.close();
+        cluster.shutdown().await.unwrap();
+    });
+}
+
+/// 1 MiB segments, snapshots every 2 live segments, 8 entries kept: a follower that misses a
+/// few MiB of writes finds the leader's log purged past it and must be sent a snapshot.
+fn snapshot_options(dir: &std::path::Path) -> EmbeddedOptions {
+    let mut opts = options(dir);
+    opts.format.segment_bytes = 1 << 20;
+    opts.engine = EngineConfig {
+        wal: WalConfig {
+            max_record_bytes: 256 << 10,
+            max_batch_bytes: 512 << 10,
+            max_batch_records: 1024,
+            max_pending_bytes: 8 << 20,
+            compress: true,
+            mode: CommitMode::Thread,
+        },
+        fill_segments: false,
+    };
+    opts.tuning.snapshot_segments = 2;
+    opts.tuning.keep_entries = 8;
+    opts
+}
+
+#[test]
+fn lagging_replica_catches_up_by_snapshot() {
+    runtime().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = Embedded::start(snapshot_options(dir.path())).await.unwrap();
+        let blocks = cluster.device_bytes() / BS as u64;
+        let leader = cluster.wait_leader(Duration::from_secs(5)).await.unwrap();
+        let mut cfg = DeviceConfig::new(BS as u32, blocks, CacheMode::Writeback);
+        cfg.max_proposal_bytes = 64 << 10;
+        let dev = Device::start(cfg, cluster.clone());
+        let mut want = Expected::new();
+        write_range(&dev, 0..256, 1, &mut want).await;
+        dev.flush().await.unwrap();
+
+        let follower = (1..=3).find(|&id| id != leader.id).unwrap();
+        let node = cluster.node(follower).unwrap();
+        wait_applied(&node, leader_applied(&cluster), Duration::from_secs(10)).await;
+        let follower_last = node.raft.metrics().borrow().last_log_index.unwrap();
+        drop(node);
+        cluster.stop_replica(follower).await.unwrap();
+
+        // Several segments' worth of writes, until the leader has purged past the follower.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut version = 2;
+        loop {
+            write_range(&dev, 0..blocks, version, &mut want).await;
+            dev.flush().await.unwrap();
+            version += 1;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            // No running replica holds the entry after the follower's last: only a snapshot
+            // can bring it up to date.
+            if cluster.running().iter().all(|n| n.engine.wal().bounds().first > follower_last + 1) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "leader never purged past {follower_last}");
+        }
+        let purged_past = cluster.leader().unwrap().engine.wal().bounds().first;
+
+        // Writes keep landing while the snapshot streams from the live image; they cover only
+        // the first 512 blocks, so the rest of the follower's image comes from the snapshot.
+        let writer = {
+            let dev = dev.clone();
+            let version = version;
+            tokio::spawn(async move {
+                let mut want = Expected::new();
+                for round in 0..8u64 {
+                    let first = (round * 128) % 512;
+                    write_range(&dev, first..first + 128, version + round, &mut want).await;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                want
+            })
+        };
+        cluster.start_replica(follower).await.unwrap();
+        want.extend(writer.await.unwrap());
+        version += 8;
+        dev.flush().await.unwrap();
+        let node = cluster.node(follower).unwrap();
+        wait_applied(&node, leader_applied(&cluster), Duration::from_secs(15)).await;
+        let snap = node.raft.metrics().borrow().snapshot;
+        let snap = snap.expect("the follower installed a snapshot");
+        assert!(
+            snap.index >= purged_past - 1,
+            "snapshot at {} does not cover the leader's purged log (first held {purged_past})",
+            snap.index
+        );
+        // Its log restarts above the gap (it may have purged further after snapshots of its own).
+        let bounds = node.engine.wal().bounds();
+        assert!(bounds.purged.is_some_and(|p| p.index > follower_last), "{bounds:?}");
+        for f in ["xdb0_snap_recv", "xdb0_snap_install"] {
+            let path = dir.path().join(format!("replica-{follower}")).join(f);
+            assert!(!path.exists(), "{} left behind", path.display());
+        }
+        println!(
+            "follower {follower} stopped at {follower_last}; leader log from {purged_past}; \
+             follower snapshot at {}, {version} passes written, term {}",
+            snap.index,
+            node.raft.metrics().borrow().current_term
+        );
+        check_image(&node, &want, blocks);
+
+        // Writes continue and reach the caught-up replica, also across its restart (its store
+        // now starts from the installed snapshot).
+        write_range(&dev, 10..74, version, &mut want).await;
+        dev.flush().await.unwrap();
+        wait_applied(&node, leader_applied(&cluster), Duration::from_secs(10)).await;
+        check_image(&node, &want, blocks);
+        drop(node);
+        cluster.stop_replica(follower).await.unwrap();
+        cluster.start_replica(follower).await.unwrap();
+        write_range(&dev, 70..90, version + 1, &mut want).await;
+        dev.flush().await.unwrap();
+        let node = cluster.node(follower).unwrap();
+        wait_applied(&node, leader_applied(&cluster), Duration::from_secs(10)).await;
+        check_image(&node, &want, blocks);
+        dev.close();
+        cluster.shutdown().await.unwrap();
+    });
+}
+
+/// A formatted store of `device_bytes` in `dir`, opened as a replica (snapshots staged in `dir`).
+fn replica_in(dir: &std::path::Path, device_bytes: u64) -> Replica {
+    let volume = DirVolume::open(dir, Backend::File).unwrap();
+    let location =
+        Location::Directory { volume: Arc::new(volume) as Arc<dyn Volume>, name: "xdb0".into() };
+    if !dir.join("xdb0_snap_install").exists() {
+        let format = FormatOptions {
+            device_name: "xdb0".into(),
+            device_bytes: Some(device_bytes),
+            segment_bytes: 8 << 20,
+            ..FormatOptions::default()
+        };
+        match Engine::format(&location, &format) {
+            Ok(_) | Err(xdevice::storage::StorageError::AlreadyFormatted(_)) => {}
+            Err(e) => panic!("format: {e}"),
+        }
+    }
+    open_replica(&location, EngineConfig::default(), dir, DEFAULT_CACHE_BYTES).unwrap()
+}
+
+/// Applies `lbas` written at `version` as log entry `index`, and records them in `want`.
+fn apply(
+    engine: &Engine,
+    index: u64,
+    lbas: std::ops::Range<u64>,
+    version: u64,
+    want: &mut Expected,
+) {
+    let ops = lbas
+        .map(|lba| {
+            want.insert(lba, version);
+            BlockOp::Write { lba, data: block(lba, version) }
+        })
+        .collect();
+    let id = StoreLogId { term: 1, node: 1, index };
+    engine.apply_entries([(id, &EntryBody::Blocks(ops))]).unwrap();
+}
+
+/// Stages a snapshot of `source`'s live image into `files`' staging file.
+async fn stage_from(source: &Arc<Engine>, files: &SnapshotFiles) -> SnapshotMeta {
+    let applied = source.checkpoint().unwrap();
+    let meta = SnapshotMeta {
+        last_log_id: applied.log_id.map(from_store_log_id),
+        last_membership: Default::default(),
+        snapshot_id: "test".into(),
+    };
+    let mut data = SnapshotData::Live(LiveStream::new(source.clone(), &meta).unwrap());
+    snapshot::stage(files, &mut data).await.unwrap();
+    meta
+}
+
+/// A crash after the install intent is durable but before the install ran: opening the replica
+/// finishes the install. Damaged or foreign snapshots are refused with the reason.
+#[test]
+fn interrupted_snapshot_install_is_redone_on_open() {
+    runtime().block_on(async {
+        let src_dir = tempfile::tempdir().unwrap();
+        let dst_dir = tempfile::tempdir().unwrap();
+        let device_bytes = 16u64 << 20;
+        let blocks = device_bytes / BS as u64;
+        let source = replica_in(src_dir.path(), device_bytes).engine;
+        let mut want = Expected::new();
+        apply(&source, 1, 0..300, 1, &mut want);
+        apply(&source, 2, 1000..1100, 2, &mut want);
+        apply(&source, 3, blocks - 10..blocks, 3, &mut want);
+        source.image().zero_blocks(1050, 20).unwrap();
+        want.retain(|lba, _| !(1050..1070).contains(lba));
+
+        // The receiver holds data of its own where the snapshot has none: it must read as zeros.
+        let target = replica_in(dst_dir.path(), device_bytes);
+        let mut theirs = Expected::new();
+        apply(&target.engine, 1, 2000..2100, 9, &mut theirs);
+        target.engine.checkpoint().unwrap();
+        let files = SnapshotFiles::new(dst_dir.path(), "xdb0");
+        let meta = stage_from(&source, &files).await;
+        let shape = Shape::of(&target.engine);
+        assert_eq!(snapshot::verify(&files.staging(), shape).await.unwrap(), meta);
+        snapshot::begin_install(&files).unwrap();
+        assert!(files.installing().exists() && !files.staging().exists());
+        // Crash: the install never runs.
+        target.engine.close().unwrap();
+        drop(target);
+
+        let reopened = replica_in(dst_dir.path(), device_bytes);
+        assert!(!files.installing().exists(), "the install intent is removed once redone");
+        let applied = reopened.engine.applied().log_id.map(from_store_log_id);
+        assert_eq!(applied, meta.last_log_id);
+        let check_engine = |engine: &Arc<Engine>, want: &Expected| {
+            let mut img = vec![0u8; 256 * BS];
+            for first in (0..blocks).step_by(256) {
+                engine.image().read_blocks(first, &mut img).unwrap();
+                for lba in first..first + 256 {
+                    let got = &img[(lba - first) as usize * BS..][..BS];
+                    let expect = want.get(&lba).map_or(vec![0u8; BS], |v| block(lba, *v));
+                    assert!(got == expect, "lba {lba} differs from the source");
+                }
+            }
+        };
+        check_engine(&reopened.engine, &want);
+        check_engine(&source, &want);
+        reopened.engine.close().unwrap();
+        drop(reopened);
+        // Durable: a second open finds the same image and no intent to redo.
+        let again = replica_in(dst_dir.path(), device_bytes);
+        check_engine(&again.engine, &want);
+        again.engine.close().unwrap();
+
+        // One flipped byte in chunk 5's data is refused, naming the chunk.
+        stage_from(&source, &files).await;
+        let at = snapshot::record_bytes(BS as u32) * 6 + snapshot::RECORD_HEAD + 12345;
+        let mut bytes = std::fs::read(files.staging()).unwrap();
+        bytes[at as usize] ^= 0x40;
+        std::fs::write(files.staging(), &bytes).unwrap();
+        let e = snapshot::verify(&files.staging(), shape).await.unwrap_err();
+        assert!(e.contains("chunk 5") && e.contains("checksum"), "{e}");
+
+        // A snapshot of a differently sized device is refused as such.
+        stage_from(&source, &files).await;
+        let small = Shape { block_bytes: BS as u32, device_bytes: 8 << 20 };
+        let e = snapshot::verify(&files.staging(), small).await.unwrap_err();
+        assert!(e.contains("16777216-byte device") && e.contains("8388608-byte device"), "{e}");
+        source.close().unwrap();
     });
 }

@@ -374,6 +374,12 @@ pub async fn verify(path: &Path, shape: Shape) -> Result<SnapshotMeta, String> {
         .await
         .map_err(|e| format!("open snapshot {}: {e}", path.display()))?;
     let len = f.metadata().await.map_err(|e| e.to_string())?.len();
+    // The header first: a snapshot of another device's geometry is refused as such, not as a
+    // file of the wrong length (its length follows from that geometry).
+    let mut rec = vec![0u8; shape.record() as usize];
+    let head = RECORD_HEAD.min(len) as usize;
+    f.read_exact(&mut rec[..head]).await.map_err(|e| format!("{}: {e}", path.display()))?;
+    let meta = parse_header(&rec[..head], shape)?;
     if len != shape.stream_bytes() {
         return Err(format!(
             "snapshot {} is {len} bytes, a complete one is {}",
@@ -381,9 +387,7 @@ pub async fn verify(path: &Path, shape: Shape) -> Result<SnapshotMeta, String> {
             shape.stream_bytes()
         ));
     }
-    let mut rec = vec![0u8; shape.record() as usize];
-    f.read_exact(&mut rec).await.map_err(|e| e.to_string())?;
-    let meta = parse_header(&rec, shape)?;
+    f.read_exact(&mut rec[head..]).await.map_err(|e| format!("{}: {e}", path.display()))?;
     for n in 0..shape.chunks() {
         f.read_exact(&mut rec).await.map_err(|e| format!("chunk {n}: {e}"))?;
         parse_chunk(&rec, shape, n)?;
