@@ -6,11 +6,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
-use openraft::{AnyError, EntryPayload as RaftPayload, RaftSnapshotBuilder, StorageIOError};
+use openraft::{AnyError, RaftSnapshotBuilder, StorageIOError};
 
 use super::snapshot::{self, LiveStream, Shape, SnapshotData, SnapshotFiles};
 use super::types::{
-    decode_membership, entry_body, from_store_log_id, to_store_log_id, Entry, LogId, Response,
+    decode_membership, from_store_log_id, into_entry_body, to_store_log_id, Entry, LogId, Response,
     SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
 use crate::storage::engine::Engine;
@@ -115,12 +115,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
-        let entries: Vec<Entry> = entries.into_iter().collect();
-        let mut replies = Vec::with_capacity(entries.len());
-        let mut bodies = Vec::with_capacity(entries.len());
-        for e in &entries {
+        let mut replies = Vec::new();
+        let mut bodies = Vec::new();
+        for e in entries {
             replies.push(Response { index: e.log_id.index });
-            bodies.push((to_store_log_id(&e.log_id), entry_body_ref(e)));
+            bodies.push((to_store_log_id(&e.log_id), into_entry_body(e)));
         }
         self.engine.apply_entries(bodies.iter().map(|(id, body)| (*id, body))).map_err(sm_err)?;
         Ok(replies)
@@ -174,12 +173,5 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         };
         let stream = LiveStream::new(self.engine.clone(), &meta).map_err(snap_err)?;
         Ok(Some(Snapshot { meta, snapshot: Box::new(SnapshotData::Live(stream)) }))
-    }
-}
-
-/// The engine body of an entry (block data cloned once, on the apply path).
-fn entry_body_ref(e: &Entry) -> crate::entry::EntryBody {
-    match &e.payload {
-        RaftPayload::Normal(_) | RaftPayload::Blank | RaftPayload::Membership(_) => entry_body(e),
     }
 }

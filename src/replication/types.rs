@@ -100,13 +100,14 @@ pub fn decode_entry(index: u64, term: u64, payload: &[u8]) -> Result<Entry, Stri
     Ok(Entry { log_id, payload })
 }
 
-/// The engine's view of an entry's effect on the image.
-pub fn entry_body(entry: &Entry) -> EntryBody {
-    match &entry.payload {
+/// The engine's view of an entry's effect on the image; consumes the entry so block data is
+/// moved, not copied, on the apply path.
+pub fn into_entry_body(entry: Entry) -> EntryBody {
+    match entry.payload {
         RaftPayload::Blank => EntryBody::Blank,
         RaftPayload::Normal(Request::Flush) => EntryBody::Flush,
-        RaftPayload::Normal(Request::Blocks(ops)) => EntryBody::Blocks(ops.clone()),
-        RaftPayload::Membership(m) => EntryBody::Membership(encode_membership(m)),
+        RaftPayload::Normal(Request::Blocks(ops)) => EntryBody::Blocks(ops),
+        RaftPayload::Membership(m) => EntryBody::Membership(encode_membership(&m)),
     }
 }
 
