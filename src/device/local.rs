@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openraft::error::{ClientWriteError, RaftError};
 use openraft::ServerState;
 
 use super::{BoxFuture, Cluster, Commit};
@@ -39,7 +38,6 @@ pub struct Embedded {
     pub router: Arc<LocalRouter>,
     nodes: Mutex<Vec<Option<Arc<Node>>>>,
     opts: EmbeddedOptions,
-    leader_hint: Mutex<Option<NodeId>>,
 }
 
 impl std::fmt::Debug for Embedded {
@@ -56,7 +54,6 @@ impl Embedded {
             router,
             nodes: Mutex::new(vec![None; opts.replicas as usize]),
             opts,
-            leader_hint: Mutex::new(None),
         });
         let mut fresh = false;
         for id in 1..=embedded.opts.replicas {
@@ -170,21 +167,11 @@ impl Embedded {
     pub fn device_bytes(&self) -> u64 {
         self.opts.format.device_bytes.unwrap_or(0)
     }
-
-    fn pick_leader(&self) -> Option<Arc<Node>> {
-        let leader = self.leader()?;
-        *self.leader_hint.lock().expect("hint lock") = Some(leader.id);
-        Some(leader)
-    }
-}
-
-fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, openraft::BasicNode>>) -> String {
-    e.to_string()
 }
 
 impl Cluster for Embedded {
     fn submit(self: Arc<Self>, req: Request) -> BoxFuture<Result<Commit, String>> {
-        let leader = self.pick_leader();
+        let leader = self.leader();
         Box::pin(async move {
             let node = leader.ok_or_else(|| "no leader".to_string())?;
             let rx = node.raft.client_write_ff(req).await.map_err(|e| e.to_string())?;
@@ -194,7 +181,7 @@ impl Cluster for Embedded {
                     tokio::select! {
                         r = &mut rx => return match r {
                             Ok(Ok(resp)) => Ok(resp.log_id.index),
-                            Ok(Err(e)) => Err(write_error(RaftError::APIError(e))),
+                            Ok(Err(e)) => Err(e.to_string()),
                             Err(_) => Err("leader dropped the proposal".to_string()),
                         },
                         // An isolated leader never hears that it was replaced: give up on it
@@ -212,7 +199,7 @@ impl Cluster for Embedded {
     }
 
     fn read(self: Arc<Self>, lba: u64, blocks: u64) -> BoxFuture<Result<Vec<u8>, String>> {
-        let leader = self.pick_leader();
+        let leader = self.leader();
         let bytes = blocks * u64::from(self.block_bytes());
         Box::pin(async move {
             let node = leader.ok_or_else(|| "no leader".to_string())?;

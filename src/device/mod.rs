@@ -18,8 +18,6 @@ pub mod local;
 pub mod remote;
 
 use std::collections::{HashMap, VecDeque};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,7 +26,7 @@ use tokio::sync::Notify;
 use crate::entry::BlockOp;
 use crate::replication::types::Request;
 
-pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+pub use crate::replication::network::BoxFuture;
 
 /// Resolves when a submitted proposal is committed (and applied on the leader), to its index.
 pub type Commit = BoxFuture<Result<u64, String>>;

@@ -252,11 +252,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             // An empty log may start anywhere (openraft's own tests do this); the gap is
             // recorded as purged, attributed to no leader (term 0), and never read.
             let gap = StoreLogId { term: 0, node: 0, index: first.log_id.index - 1 };
-            let engine = self.inner.engine.clone();
-            tokio::task::spawn_blocking(move || engine.wal().purge(gap))
-                .await
-                .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?
-                .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+            self.blocking(move |engine| {
+                engine.wal().purge(gap).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))
+            })
+            .await?;
             self.cache().clear();
         }
         let records: Vec<NewEntry> = entries

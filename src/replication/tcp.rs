@@ -237,6 +237,17 @@ impl Handler for NodeService {
     }
 }
 
+/// Connections between replicas and to them: frames up to `MAX_PAYLOAD`, and reconnects backed
+/// off well inside an election timeout.
+fn client_options() -> ClientOptions {
+    ClientOptions {
+        max_payload: MAX_PAYLOAD,
+        backoff_min: Duration::from_millis(20),
+        backoff_max: Duration::from_millis(500),
+        ..ClientOptions::default()
+    }
+}
+
 /// Raft RPCs to peers over TCP, one pipelined connection per peer.
 #[derive(Debug)]
 pub struct TcpTransport {
@@ -260,13 +271,7 @@ impl TcpTransport {
         let peer: SocketAddr = addr.parse().map_err(|e| {
             TransportError::Unreachable(target, format!("bad address {addr:?}: {e}"))
         })?;
-        let opts = ClientOptions {
-            max_payload: MAX_PAYLOAD,
-            backoff_min: Duration::from_millis(20),
-            backoff_max: Duration::from_millis(500),
-            ..ClientOptions::default()
-        };
-        let c = RpcClient::new(peer, self.bind, self.cluster_id, self.me, opts);
+        let c = RpcClient::new(peer, self.bind, self.cluster_id, self.me, client_options());
         clients.insert((target, addr.to_string()), c.clone());
         Ok(c)
     }
@@ -305,13 +310,7 @@ pub struct NodeClient {
 
 impl NodeClient {
     pub fn new(addr: SocketAddr, bind: Option<IpAddr>, cluster_id: uuid::Uuid) -> NodeClient {
-        let opts = ClientOptions {
-            max_payload: MAX_PAYLOAD,
-            backoff_min: Duration::from_millis(20),
-            backoff_max: Duration::from_millis(500),
-            ..ClientOptions::default()
-        };
-        NodeClient { rpc: RpcClient::new(addr, bind, cluster_id, 0, opts) }
+        NodeClient { rpc: RpcClient::new(addr, bind, cluster_id, 0, client_options()) }
     }
 
     pub async fn admin(&self, req: Admin, timeout: Duration) -> Result<AdminReply, String> {
