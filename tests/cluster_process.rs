@@ -105,6 +105,43 @@ fn version_of(lba: u64, data: &[u8]) -> Result<u64, String> {
     Ok(v)
 }
 
+/// What the device was told: per block the version written last, and the last one covered by a
+/// completed flush.
+#[derive(Default)]
+struct Checker {
+    written: HashMap<u64, u64>,
+    flushed: HashMap<u64, u64>,
+    version: u64,
+    writes: u64,
+    checks: u64,
+}
+
+impl Checker {
+    async fn write(&mut self, dev: &Device, lba: u64) {
+        self.version += 1;
+        dev.write(lba * BS as u64, &block(lba, self.version), false).await.unwrap();
+        self.written.insert(lba, self.version);
+        self.writes += 1;
+    }
+
+    async fn flush(&mut self, dev: &Device) {
+        dev.flush().await.unwrap();
+        self.flushed.clone_from(&self.written);
+    }
+
+    /// A block must hold its last flushed version or a later written one, whole.
+    fn check(&mut self, cycle: u64, lba: u64, data: &[u8]) {
+        let v = version_of(lba, data).unwrap();
+        let floor = self.flushed.get(&lba).copied().unwrap_or(0);
+        let ceil = self.written.get(&lba).copied().unwrap_or(0);
+        assert!(
+            v >= floor && v <= ceil,
+            "cycle {cycle} lba {lba}: version {v}, flushed {floor}, written {ceil}"
+        );
+        self.checks += 1;
+    }
+}
+
 async fn leader_of(procs: &[Proc], cluster: uuid::Uuid) -> Option<u64> {
     for p in procs.iter().filter(|p| p.child.is_some()) {
         let c = NodeClient::new(p.addr, None, cluster);
@@ -151,23 +188,13 @@ fn faults_under_load_lose_no_flushed_write() {
         cfg.io_timeout = Duration::from_secs(60);
         let dev = Device::start(cfg, remote);
 
-        // Per block: the version written last, and the last one covered by a completed flush.
-        let mut written: HashMap<u64, u64> = HashMap::new();
-        let mut flushed: HashMap<u64, u64> = HashMap::new();
-        let mut version = 0u64;
-        let mut checks = 0u64;
-        let mut writes = 0u64;
+        let mut checker = Checker::default();
         let started = Instant::now();
         for cycle in 0..cycles {
             for i in 0..64u64 {
-                let lba = (cycle * 37 + i * 5) % BLOCKS;
-                version += 1;
-                dev.write(lba * BS as u64, &block(lba, version), false).await.unwrap();
-                written.insert(lba, version);
-                writes += 1;
+                checker.write(&dev, (cycle * 37 + i * 5) % BLOCKS).await;
                 if i % 16 == 15 {
-                    dev.flush().await.unwrap();
-                    flushed.clone_from(&written);
+                    checker.flush(&dev).await;
                 }
             }
             let leader = loop {
@@ -184,29 +211,16 @@ fn faults_under_load_lose_no_flushed_write() {
             let p = procs.iter_mut().find(|p| p.id == victim).unwrap();
             match fault {
                 0 => p.kill(),
-                1 => p.signal(nix::sys::signal::Signal::SIGSTOP),
                 _ => p.signal(nix::sys::signal::Signal::SIGSTOP),
             }
             // Keep writing through the fault, then flush: this must wait for the new majority.
             for i in 0..16u64 {
-                let lba = (cycle * 11 + i * 3) % BLOCKS;
-                version += 1;
-                dev.write(lba * BS as u64, &block(lba, version), false).await.unwrap();
-                written.insert(lba, version);
-                writes += 1;
+                checker.write(&dev, (cycle * 11 + i * 3) % BLOCKS).await;
             }
-            dev.flush().await.unwrap();
-            flushed.clone_from(&written);
+            checker.flush(&dev).await;
             for lba in 0..BLOCKS {
                 let data = dev.read(lba * BS as u64, BS as u64).await.unwrap();
-                let v = version_of(lba, &data).unwrap();
-                let floor = flushed.get(&lba).copied().unwrap_or(0);
-                let ceil = written.get(&lba).copied().unwrap_or(0);
-                assert!(
-                    v >= floor && v <= ceil,
-                    "cycle {cycle} lba {lba}: version {v}, flushed {floor}, written {ceil}"
-                );
-                checks += 1;
+                checker.check(cycle, lba, &data);
             }
             let p = procs.iter_mut().find(|p| p.id == victim).unwrap();
             match fault {
@@ -215,7 +229,9 @@ fn faults_under_load_lose_no_flushed_write() {
             }
         }
         println!(
-            "{cycles} fault cycles, {writes} writes, {checks} block checks, 0 violations in {:.1?}",
+            "{cycles} fault cycles, {} writes, {} block checks, 0 violations in {:.1?}",
+            checker.writes,
+            checker.checks,
             started.elapsed()
         );
         dev.close();
