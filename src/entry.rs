@@ -41,7 +41,9 @@ pub enum EntryBody {
     Membership(Vec<u8>),
     /// Block writes applied in order.
     Blocks(Vec<BlockOp>),
-    /// A flush barrier: no effect on the image; completes a FLUSH once committed.
+    /// A flush barrier: no effect on the image. The device's FLUSH proposes none (it waits for
+    /// the writes before it to commit); a client with nothing in flight proposes one to learn
+    /// that everything the leader accepted before it is committed.
     Flush,
 }
 

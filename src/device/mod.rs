@@ -110,8 +110,7 @@ enum State {
 #[derive(Debug)]
 struct Batch {
     seq: u64,
-    /// `None` is a flush barrier.
-    op: Option<BlockOp>,
+    op: BlockOp,
     bytes: usize,
     state: State,
 }
@@ -212,7 +211,7 @@ impl Device {
             return Ok(());
         }
         let op = BlockOp::Write { lba, data: data.to_vec() };
-        let seq = self.enqueue(Some(op)).await?;
+        let seq = self.enqueue(op).await?;
         self.lock().stats.writes += 1;
         self.complete(seq, fua).await
     }
@@ -224,7 +223,7 @@ impl Device {
         let mut last = None;
         while start < lba + blocks {
             let n = (lba + blocks - start).min(u64::from(u32::MAX));
-            last = Some(self.enqueue(Some(BlockOp::Zero { lba: start, blocks: n as u32 })).await?);
+            last = Some(self.enqueue(BlockOp::Zero { lba: start, blocks: n as u32 }).await?);
             start += n;
         }
         match last {
@@ -234,10 +233,20 @@ impl Device {
     }
 
     /// Completes once every write completed before it is committed on a majority.
+    ///
+    /// A flush adds nothing to the log: every write before it is already queued for proposal,
+    /// and commit means durable on a majority, so it only waits for that prefix to commit. With
+    /// nothing unconfirmed it completes at once.
     pub async fn flush(&self) -> Result<(), DeviceError> {
-        let seq = self.enqueue(None).await?;
-        self.lock().stats.flushes += 1;
-        self.wait_until(|i| i.confirmed > seq).await
+        let upto = {
+            let mut inner = self.lock();
+            if inner.closed {
+                return Err(DeviceError::Closed);
+            }
+            inner.stats.flushes += 1;
+            inner.next_seq
+        };
+        self.wait_until(|i| i.confirmed >= upto).await
     }
 
     async fn complete(&self, seq: u64, durable: bool) -> Result<(), DeviceError> {
@@ -291,10 +300,10 @@ impl Device {
         self.kick.notify_one();
     }
 
-    async fn enqueue(&self, op: Option<BlockOp>) -> Result<u64, DeviceError> {
+    async fn enqueue(&self, op: BlockOp) -> Result<u64, DeviceError> {
         let bytes = match &op {
-            Some(BlockOp::Write { data, .. }) => data.len(),
-            _ => 0,
+            BlockOp::Write { data, .. } => data.len(),
+            BlockOp::Zero { .. } => 0,
         };
         let deadline = tokio::time::Instant::now() + self.cfg.io_timeout;
         loop {
@@ -312,17 +321,16 @@ impl Device {
                     inner.unconfirmed_bytes += bytes;
                     let bs = self.cfg.block_bytes as usize;
                     match &op {
-                        Some(BlockOp::Write { lba, data }) => {
+                        BlockOp::Write { lba, data } => {
                             for (i, block) in data.chunks(bs).enumerate() {
                                 inner.overlay.insert(lba + i as u64, (seq, Some(Arc::from(block))));
                             }
                         }
-                        Some(BlockOp::Zero { lba, blocks }) => {
+                        BlockOp::Zero { lba, blocks } => {
                             for b in *lba..lba + u64::from(*blocks) {
                                 inner.overlay.insert(b, (seq, None));
                             }
                         }
-                        None => {}
                     }
                     inner.queue.push_back(Batch { seq, op, bytes, state: State::Queued });
                     drop(inner);
@@ -371,16 +379,13 @@ impl Device {
             b.state = State::Submitted;
             bytes += b.bytes;
             seqs.push(b.seq);
-            if let Some(op) = &b.op {
-                ops.push(op.clone());
-            }
+            ops.push(b.op.clone());
         }
         if seqs.is_empty() {
             return None;
         }
         inner.stats.proposals += 1;
-        let req = if ops.is_empty() { Request::Flush } else { Request::Blocks(ops) };
-        Some((epoch, seqs, req))
+        Some((epoch, seqs, Request::Blocks(ops)))
     }
 
     /// A proposal failed: everything unconfirmed goes again, in order.
@@ -430,11 +435,10 @@ impl Device {
                 inner.accepted = inner.confirmed;
             }
             let (lba, n) = match &b.op {
-                Some(BlockOp::Write { lba, data }) => {
+                BlockOp::Write { lba, data } => {
                     (*lba, (data.len() / self.cfg.block_bytes as usize) as u64)
                 }
-                Some(BlockOp::Zero { lba, blocks }) => (*lba, u64::from(*blocks)),
-                None => (0, 0),
+                BlockOp::Zero { lba, blocks } => (*lba, u64::from(*blocks)),
             };
             for l in lba..lba + n {
                 if inner.overlay.get(&l).is_some_and(|(s, _)| *s == b.seq) {
