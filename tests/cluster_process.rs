@@ -1,8 +1,14 @@
-//! Three `xdevice node` processes on 127.0.0.1 under a write and flush load through the device
-//! API, while the test kills the leader with SIGKILL, pauses a node with SIGSTOP, and restarts
-//! nodes. After every fault the checker reads back every block it wrote: each must hold the last
-//! write completed before a completed flush, or a later one; never older, never torn.
-//! `XDEVICE_LONG=1` runs 50 fault cycles instead of 3.
+//! Three `xdevice node` processes on 127.0.0.11-13 under a write and flush load through the
+//! device API, while the test kills the leader with SIGKILL, cuts the leader or a follower off
+//! the network with firewall rules, pauses a node with SIGSTOP, and restarts nodes. After every
+//! fault the checker reads back every block it wrote: each must hold the last write completed
+//! before a completed flush, or a later one; never older, never torn. Failover (leader fault to
+//! the first write committed after it) is printed per fault kind.
+//!
+//! Partitions need root: the test moves itself into a network namespace of its own (where only
+//! it and its nodes live) and cuts a node off with iptables there. Without root they are skipped
+//! with a note, unless `XDEVICE_REQUIRE_NETNS=1` (CI) makes that a failure.
+//! `XDEVICE_LONG=1` runs 50 fault cycles instead of one of each kind.
 
 #![allow(clippy::unwrap_used)]
 
@@ -14,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use xdevice::device::remote::RemoteCluster;
 use xdevice::device::{CacheMode, Device, DeviceConfig};
-use xdevice::replication::tcp::{Admin, AdminReply, NodeClient};
+use xdevice::replication::tcp::{Admin, AdminReply, NodeClient, NodeStatus};
 
 const BS: usize = 4096;
 const BLOCKS: u64 = 256;
@@ -23,8 +29,50 @@ fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_xdevice")
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+fn free_addr(ip: &str) -> SocketAddr {
+    std::net::TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap()
+}
+
+fn run(cmd: &str, args: &[&str]) -> Result<(), String> {
+    let out = Command::new(cmd).args(args).output().map_err(|e| format!("{cmd}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+/// Moves this thread (and so every thread and process it starts later) into a new network
+/// namespace with loopback up, where iptables rules touch nothing else on the machine. On
+/// failure the thread stays in (or returns to) the namespace it was in.
+fn private_network() -> Result<(), String> {
+    use nix::sched::{setns, unshare, CloneFlags};
+    if !nix::unistd::geteuid().is_root() {
+        return Err("not root".into());
+    }
+    run("iptables", &["--version"])?;
+    run("ip", &["-V"])?;
+    let home = std::fs::File::open("/proc/thread-self/ns/net").map_err(|e| e.to_string())?;
+    unshare(CloneFlags::CLONE_NEWNET).map_err(|e| format!("unshare(CLONE_NEWNET): {e}"))?;
+    let ready = run("ip", &["link", "set", "lo", "up"])
+        .and_then(|()| run("iptables", &["-w", "-L", "INPUT", "-n"]));
+    if let Err(e) = ready {
+        setns(&home, CloneFlags::CLONE_NEWNET).expect("return to the original network namespace");
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Drops every packet from or to `ip` (or stops dropping them).
+fn partition(ip: std::net::IpAddr, cut: bool) {
+    let ip = ip.to_string();
+    let op = if cut { "-I" } else { "-D" };
+    for dir in ["-s", "-d"] {
+        run("iptables", &["-w", op, "INPUT", dir, &ip, "-j", "DROP"]).unwrap();
+    }
 }
 
 struct Proc {
@@ -142,22 +190,73 @@ impl Checker {
     }
 }
 
-async fn leader_of(procs: &[Proc], cluster: uuid::Uuid) -> Option<u64> {
+async fn statuses(procs: &[Proc], cluster: uuid::Uuid) -> Vec<NodeStatus> {
+    let mut out = Vec::new();
     for p in procs.iter().filter(|p| p.child.is_some()) {
         let c = NodeClient::new(p.addr, None, cluster);
         if let Ok(AdminReply::Status(s)) = c.admin(Admin::Status, Duration::from_millis(300)).await
         {
-            if s.state == "Leader" {
-                return Some(s.id);
-            }
+            out.push(*s);
         }
     }
-    None
+    out
+}
+
+/// Waits until one node leads and every node has applied everything it has, so that each fault
+/// hits a healthy cluster (and every node is seen to rejoin after its fault). The leader's id.
+async fn healthy(procs: &[Proc], cluster: uuid::Uuid, cycle: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let all = statuses(procs, cluster).await;
+        // An isolated old leader may still think it leads: the highest term wins.
+        let leader = all.iter().filter(|s| s.state == "Leader").max_by_key(|s| s.term);
+        if let Some(l) = leader {
+            let caught_up = all.len() == procs.len()
+                && all.iter().all(|s| s.leader == Some(l.id) && s.last_applied >= l.last_applied);
+            if caught_up {
+                return l.id;
+            }
+        }
+        assert!(Instant::now() < deadline, "cycle {cycle}: the cluster did not heal: {all:#?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    KillLeader,
+    CutLeader,
+    StopFollower,
+    StopLeader,
+    CutFollower,
+}
+
+impl Fault {
+    fn hits_leader(self) -> bool {
+        matches!(self, Fault::KillLeader | Fault::CutLeader | Fault::StopLeader)
+    }
 }
 
 #[test]
 fn faults_under_load_lose_no_flushed_write() {
-    let cycles = if std::env::var_os("XDEVICE_LONG").is_some() { 50 } else { 3 };
+    let partitions = match private_network() {
+        Ok(()) => true,
+        Err(why) => {
+            assert!(
+                std::env::var_os("XDEVICE_REQUIRE_NETNS").is_none(),
+                "partition faults need a private network namespace: {why}"
+            );
+            println!("partition faults skipped: {why}");
+            false
+        }
+    };
+    let mut kinds = vec![Fault::KillLeader, Fault::StopFollower, Fault::StopLeader];
+    if partitions {
+        kinds.insert(1, Fault::CutLeader);
+        kinds.push(Fault::CutFollower);
+    }
+    let cycles = if std::env::var_os("XDEVICE_LONG").is_some() { 50 } else { kinds.len() as u64 };
+    // Built after the namespace move, so its threads (and the nodes they start) live in it.
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap();
     rt.block_on(async {
@@ -168,7 +267,7 @@ fn faults_under_load_lose_no_flushed_write() {
                 let dir = base.path().join(format!("n{id}"));
                 std::fs::create_dir_all(&dir).unwrap();
                 format(&dir, &cluster);
-                let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+                let addr = free_addr(&format!("127.0.0.{}", 10 + id));
                 Proc { id, dir, addr, child: None }
             })
             .collect();
@@ -189,6 +288,7 @@ fn faults_under_load_lose_no_flushed_write() {
         let dev = Device::start(cfg, remote);
 
         let mut checker = Checker::default();
+        let mut failover: HashMap<&'static str, Vec<Duration>> = HashMap::new();
         let started = Instant::now();
         for cycle in 0..cycles {
             for i in 0..64u64 {
@@ -197,25 +297,29 @@ fn faults_under_load_lose_no_flushed_write() {
                     checker.flush(&dev).await;
                 }
             }
-            let leader = loop {
-                if let Some(l) = leader_of(&procs, cluster).await {
-                    break l;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            };
-            let fault = cycle % 3;
-            let victim = match fault {
-                0 | 2 => leader,
-                _ => procs.iter().map(|p| p.id).find(|&id| id != leader).unwrap(),
+            let leader = healthy(&procs, cluster, cycle).await;
+            let fault = kinds[(cycle % kinds.len() as u64) as usize];
+            let victim = if fault.hits_leader() {
+                leader
+            } else {
+                procs.iter().map(|p| p.id).find(|&id| id != leader).unwrap()
             };
             let p = procs.iter_mut().find(|p| p.id == victim).unwrap();
+            let at = Instant::now();
             match fault {
-                0 => p.kill(),
-                _ => p.signal(nix::sys::signal::Signal::SIGSTOP),
+                Fault::KillLeader => p.kill(),
+                Fault::CutLeader | Fault::CutFollower => partition(p.addr.ip(), true),
+                Fault::StopFollower | Fault::StopLeader => {
+                    p.signal(nix::sys::signal::Signal::SIGSTOP)
+                }
             }
-            // Keep writing through the fault, then flush: this must wait for the new majority.
+            // Keep writing through the fault (writes over TCP complete at commit, so the first
+            // one marks a leader serving writes again), then flush.
             for i in 0..16u64 {
                 checker.write(&dev, (cycle * 11 + i * 3) % BLOCKS).await;
+                if i == 0 && fault.hits_leader() {
+                    failover.entry(format!("{fault:?}").leak()).or_default().push(at.elapsed());
+                }
             }
             checker.flush(&dev).await;
             for lba in 0..BLOCKS {
@@ -224,8 +328,11 @@ fn faults_under_load_lose_no_flushed_write() {
             }
             let p = procs.iter_mut().find(|p| p.id == victim).unwrap();
             match fault {
-                0 => p.start(),
-                _ => p.signal(nix::sys::signal::Signal::SIGCONT),
+                Fault::KillLeader => p.start(),
+                Fault::CutLeader | Fault::CutFollower => partition(p.addr.ip(), false),
+                Fault::StopFollower | Fault::StopLeader => {
+                    p.signal(nix::sys::signal::Signal::SIGCONT)
+                }
             }
         }
         println!(
@@ -234,6 +341,19 @@ fn faults_under_load_lose_no_flushed_write() {
             checker.checks,
             started.elapsed()
         );
+        let mut kinds: Vec<_> = failover.into_iter().collect();
+        kinds.sort();
+        for (kind, mut times) in kinds {
+            times.sort();
+            println!(
+                "failover after {kind} (fault to first committed write, {} faults): \
+                 min {:.0?}, median {:.0?}, max {:.0?}",
+                times.len(),
+                times[0],
+                times[times.len() / 2],
+                times[times.len() - 1]
+            );
+        }
         dev.close();
     });
 }

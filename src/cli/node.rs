@@ -34,15 +34,47 @@ pub struct NodeArgs {
     /// Where incoming snapshots are staged (default: the data directory).
     #[arg(long)]
     pub snapshot_dir: Option<PathBuf>,
-    /// Heartbeat interval in milliseconds; the election timeout is 3-6 heartbeats.
-    #[arg(long, default_value_t = 50)]
-    pub heartbeat_ms: u64,
+    /// Leader heartbeat interval in milliseconds [default: 30].
+    #[arg(long)]
+    pub heartbeat_ms: Option<u64>,
+    /// Election timeout range in milliseconds, MIN-MAX [default: 100-300]. A follower stands
+    /// for election once MAX (openraft's leader lease) plus a random time in the range have
+    /// passed without a heartbeat.
+    #[arg(long, value_parser = parse_range)]
+    pub election_ms: Option<(u64, u64)>,
+}
+
+fn parse_range(s: &str) -> Result<(u64, u64), String> {
+    let bad = || format!("{s:?} is not MIN-MAX in milliseconds (e.g. 100-300)");
+    let (lo, hi) = s.split_once('-').ok_or_else(bad)?;
+    let lo: u64 = lo.trim().parse().map_err(|_| bad())?;
+    let hi: u64 = hi.trim().parse().map_err(|_| bad())?;
+    if lo == 0 || lo >= hi {
+        return Err(format!("election timeout {s:?}: MIN must be above 0 and below MAX"));
+    }
+    Ok((lo, hi))
 }
 
 /// Runs a replica until SIGTERM or SIGINT, then stops cleanly (everything queued committed).
 pub fn run_node(args: NodeArgs) -> Result<()> {
     if args.id == 0 {
         bail!("--id must be greater than 0");
+    }
+    let mut tuning = RaftTuning::default();
+    if let Some(ms) = args.heartbeat_ms {
+        tuning.heartbeat = Duration::from_millis(ms);
+    }
+    if let Some((lo, hi)) = args.election_ms {
+        tuning.election_min = Duration::from_millis(lo);
+        tuning.election_max = Duration::from_millis(hi);
+    }
+    if tuning.heartbeat.is_zero() || tuning.heartbeat >= tuning.election_min {
+        bail!(
+            "--heartbeat-ms ({:?}) must be above 0 and below the election timeout's minimum \
+             ({:?})",
+            tuning.heartbeat,
+            tuning.election_min
+        );
     }
     let location = args.store.location(None)?;
     let snapshot_dir = match (&args.snapshot_dir, &args.store.dir) {
@@ -55,13 +87,6 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
             open_replica(&location, EngineConfig::default(), &snapshot_dir, DEFAULT_CACHE_BYTES)
                 .with_context(|| format!("opening {}", location.describe()))?;
         let cluster_id = replica.engine.superblock().cluster_id;
-        let hb = Duration::from_millis(args.heartbeat_ms.max(10));
-        let tuning = RaftTuning {
-            heartbeat: hb,
-            election_min: hb * 3,
-            election_max: hb * 6,
-            ..RaftTuning::default()
-        };
         let transport: Arc<dyn Transport> =
             Arc::new(TcpTransport::new(cluster_id, args.id, Some(args.listen.ip())));
         let node = Node::start(args.id, replica, transport, &tuning).await?;
@@ -187,4 +212,19 @@ pub fn run_cluster(args: ClusterArgs) -> Result<()> {
         println!("ok");
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_range;
+
+    #[test]
+    fn election_range_parses_and_rejects_nonsense() {
+        assert_eq!(parse_range("100-300"), Ok((100, 300)));
+        assert_eq!(parse_range(" 150 - 600 "), Ok((150, 600)));
+        for bad in ["300", "300-100", "0-100", "100-100", "a-b", "-5-10", ""] {
+            let e = parse_range(bad).expect_err(bad);
+            assert!(e.contains(bad.trim()) || e.contains("MIN"), "{bad:?}: {e}");
+        }
+    }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
@@ -177,6 +177,19 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
             RaftReply::Vote(r) => r.map_err(|e| self.remote(e)),
             _ => Err(self.mismatch()),
         }
+    }
+
+    /// How long replication to an unreachable peer pauses between attempts. openraft's default
+    /// is a flat 500 ms, so a peer back from a partition or a restart would wait up to that long
+    /// before it is sent what it missed, and a stale peer is a poor candidate if the leader fails
+    /// again meanwhile. Start at 10 ms and double to 200 ms: a returning peer catches up within
+    /// a few heartbeats, and a peer that stays down costs at most five attempts a second (the
+    /// TCP transport paces its reconnects on its own besides).
+    fn backoff(&self) -> Backoff {
+        Backoff::new(
+            std::iter::successors(Some(Duration::from_millis(10)), |d| Some(*d * 2))
+                .map(|d| d.min(Duration::from_millis(200))),
+        )
     }
 }
 
