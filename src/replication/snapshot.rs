@@ -197,14 +197,17 @@ pub enum SnapshotData {
     File(tokio::fs::File),
 }
 
-/// The sending side's stream: records built on demand, the current one kept so a read split
-/// across calls sees one version of it.
+/// The sending side's stream: records built on demand on the blocking pool (a record is 1 MiB
+/// of image reads at 4 KiB blocks), the current one kept so a read split across calls sees one
+/// version of it.
 pub struct LiveStream {
     engine: Arc<Engine>,
     shape: Shape,
     header: Arc<Vec<u8>>,
     pos: u64,
     current: Option<(u64, Vec<u8>)>,
+    /// The record being read, and the read.
+    pending: Option<(u64, tokio::task::JoinHandle<io::Result<Vec<u8>>>)>,
 }
 
 impl std::fmt::Debug for LiveStream {
@@ -217,14 +220,14 @@ impl LiveStream {
     pub fn new(engine: Arc<Engine>, meta: &SnapshotMeta) -> io::Result<LiveStream> {
         let shape = Shape::of(&engine);
         let header = Arc::new(header_record(shape, meta)?);
-        Ok(LiveStream { engine, shape, header, pos: 0, current: None })
+        Ok(LiveStream { engine, shape, header, pos: 0, current: None, pending: None })
     }
 }
 
 impl AsyncRead for LiveStream {
     fn poll_read(
         self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
+        cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
@@ -239,9 +242,21 @@ impl AsyncRead for LiveStream {
             &this.header
         } else {
             if this.current.as_ref().is_none_or(|(c, _)| *c != n) {
-                // A blocking read of one record (1 MiB at 4 KiB blocks) inside poll: short, and
-                // snapshot sends are rare.
-                this.current = Some((n, chunk_record(&this.engine, this.shape, n - 1)?));
+                if this.pending.as_ref().is_none_or(|(p, _)| *p != n) {
+                    let (engine, shape) = (this.engine.clone(), this.shape);
+                    let read =
+                        tokio::task::spawn_blocking(move || chunk_record(&engine, shape, n - 1));
+                    this.pending = Some((n, read));
+                }
+                let Some((_, read)) = this.pending.as_mut() else {
+                    return Poll::Ready(Err(io::Error::other("snapshot record read missing")));
+                };
+                let rec = match std::future::Future::poll(Pin::new(read), cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(joined) => joined.map_err(io::Error::other)??,
+                };
+                this.pending = None;
+                this.current = Some((n, rec));
             }
             match &this.current {
                 Some((_, rec)) => rec,

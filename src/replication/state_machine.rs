@@ -121,7 +121,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             replies.push(Response { index: e.log_id.index });
             bodies.push((to_store_log_id(&e.log_id), into_entry_body(e)));
         }
-        self.engine.apply_entries(bodies.iter().map(|(id, body)| (*id, body))).map_err(sm_err)?;
+        // Image writes block: keep them off the runtime's workers, where they would stall the
+        // heartbeats and RPCs sharing the worker.
+        let engine = self.engine.clone();
+        tokio::task::spawn_blocking(move || {
+            engine.apply_entries(bodies.iter().map(|(id, body)| (*id, body)))
+        })
+        .await
+        .map_err(sm_err)?
+        .map_err(sm_err)?;
         Ok(replies)
     }
 

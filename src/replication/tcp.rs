@@ -220,9 +220,13 @@ impl Handler for NodeService {
                     let bs = u64::from(engine.superblock().block_bytes);
                     let len = blocks.checked_mul(bs).filter(|l| *l <= MAX_PAYLOAD as u64);
                     let len = len.ok_or_else(|| format!("read of {blocks} blocks is too large"))?;
-                    let mut out = vec![0u8; len as usize];
-                    engine.image().read_blocks(lba, &mut out).map_err(|e| e.to_string())?;
-                    Ok(out)
+                    tokio::task::spawn_blocking(move || {
+                        let mut out = vec![0u8; len as usize];
+                        engine.image().read_blocks(lba, &mut out).map_err(|e| e.to_string())?;
+                        Ok(out)
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?
                 })
             }
             KIND_ADMIN => {
