@@ -182,7 +182,19 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Unbounded => u64::MAX,
         }
         .min(bounds.next);
-        (start..end.max(start)).map(|i| self.entry(i)).collect()
+        let range = start..end.max(start);
+        let cached: Option<Vec<Entry>> = {
+            let cache = self.cache();
+            range.clone().map(|i| cache.get(i).cloned()).collect()
+        };
+        if let Some(entries) = cached {
+            return Ok(entries);
+        }
+        // A lagging reader: the entries come from disk, off the async workers.
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || range.map(|i| this.entry(i)).collect())
+            .await
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?
     }
 }
 
