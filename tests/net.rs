@@ -20,6 +20,7 @@ const ECHO: u8 = 1;
 const FAIL: u8 = 2;
 const SLOW: u8 = 3;
 const ECHO_LATER: u8 = 4;
+const PANIC: u8 = 5;
 
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const SERVER_MAX: usize = 64 * 1024;
@@ -49,6 +50,10 @@ impl Handler for TestHandler {
                 ECHO_LATER => {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                     Ok(payload)
+                }
+                PANIC => {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    panic!("test handler panics on purpose");
                 }
                 other => Err(format!("unknown kind {other}")),
             }
@@ -249,6 +254,17 @@ async fn handler_error_arrives_as_remote_with_its_text() {
     let result = client.call(FAIL, vec![0; 12], CALL_TIMEOUT).await;
     assert_eq!(result, Err(RpcError::Remote("refused 12 bytes: état invalide".into())));
     assert_eq!(client.call(ECHO, b"after".to_vec(), CALL_TIMEOUT).await.unwrap(), b"after");
+}
+
+#[tokio::test]
+async fn handler_panic_is_answered_and_the_connection_stays_usable() {
+    let (server, _) = serve(cluster_a()).await;
+    let c = client(&server, cluster_a());
+    match c.call(PANIC, vec![1], CALL_TIMEOUT).await {
+        Err(RpcError::Remote(m)) => assert_eq!(m, "handler panicked"),
+        other => panic!("expected a remote error, got {other:?}"),
+    }
+    assert_eq!(c.call(ECHO, vec![2, 3], CALL_TIMEOUT).await.unwrap(), vec![2, 3]);
 }
 
 #[tokio::test]

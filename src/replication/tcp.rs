@@ -102,7 +102,9 @@ fn decode<'a, T: Deserialize<'a>>(b: &'a [u8], what: &str) -> Result<T, String> 
     postcard::from_bytes(b).map_err(|e| format!("malformed {what}: {e}"))
 }
 
-type Proposal = (Request, oneshot::Sender<Result<u64, String>>);
+/// A client write and where to send what became of it: refused, or accepted with a future of its
+/// committed index.
+type Proposal = (Request, oneshot::Sender<Result<BoxFuture<Result<u64, String>>, String>>);
 
 /// Serves one replica's RPCs.
 pub struct NodeService {
@@ -169,14 +171,14 @@ async fn propose_in_order(raft: Raft, mut rx: mpsc::UnboundedReceiver<Proposal>)
         }
         match raft.client_write_ff(req).await {
             Ok(resp) => {
-                tokio::spawn(async move {
-                    let r = match resp.await {
+                // The request's own task awaits the outcome: no task in between on the way back.
+                let _ = done.send(Ok(Box::pin(async move {
+                    match resp.await {
                         Ok(Ok(r)) => Ok(r.log_id.index),
                         Ok(Err(e)) => Err(e.to_string()),
                         Err(_) => Err("proposal dropped".to_string()),
-                    };
-                    let _ = done.send(r);
-                });
+                    }
+                })));
             }
             Err(e) => {
                 let _ = done.send(Err(e.to_string()));
@@ -205,8 +207,8 @@ impl Handler for NodeService {
                     rx
                 });
                 Box::pin(async move {
-                    let index = queued?.await.map_err(|_| "node shutting down".to_string())??;
-                    encode(&index)
+                    let commit = queued?.await.map_err(|_| "node shutting down".to_string())??;
+                    encode(&commit.await?)
                 })
             }
             KIND_READ => {

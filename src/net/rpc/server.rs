@@ -3,6 +3,7 @@
 //! id. It never retries, never dials out, and drops a connection on the first malformed frame.
 
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -247,10 +248,17 @@ async fn send_reject(tx: &mpsc::Sender<Vec<u8>>, cluster_id: Uuid, reason: &str)
 
 /// Runs the handler for one request and encodes its answer. A handler that panics or returns more
 /// than `max_payload` bytes produces an error response instead.
+///
+/// The handler runs inside the request's own task (not a task of its own): one task hand-off less
+/// per request, and it is cancelled with the connection because the request tasks are.
 async fn answer(config: &Config, request: Frame) -> Option<Vec<u8>> {
     let Frame { kind, request_id, payload, .. } = request;
-    let run = AbortOnDrop(tokio::spawn(config.handler.call(kind, payload)));
-    let response = match run.await {
+    let call = std::panic::catch_unwind(AssertUnwindSafe(|| config.handler.call(kind, payload)));
+    let outcome = match call {
+        Ok(future) => CatchUnwind(future).await,
+        Err(_) => Err(()),
+    };
+    let response = match outcome {
         Ok(Ok(result)) if result.len() <= config.max_payload => {
             Frame::response(kind, request_id, result)
         }
@@ -266,8 +274,8 @@ async fn answer(config: &Config, request: Frame) -> Option<Vec<u8>> {
             let limit = MAX_ERROR_MESSAGE_BYTES.min(config.max_payload);
             Frame::error_response(kind, request_id, bounded_message(&message, limit))
         }
-        Err(e) => {
-            tracing::warn!(kind, request_id, error = %e, "handler failed");
+        Err(()) => {
+            tracing::warn!(kind, request_id, "handler panicked");
             Frame::error_response(kind, request_id, "handler panicked")
         }
     };
@@ -275,23 +283,24 @@ async fn answer(config: &Config, request: Frame) -> Option<Vec<u8>> {
     encode(config.cluster_id, &response).ok()
 }
 
-/// A spawned task that is cancelled when its awaiting side is dropped, so a closed connection
-/// does not leave handlers running.
-struct AbortOnDrop<T>(JoinHandle<T>);
+/// A handler's future whose panic becomes `Err(())` instead of unwinding through the request's
+/// task (which would drop the request unanswered). It is not polled again after a panic.
+struct CatchUnwind(HandlerFuture);
 
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
+type HandlerFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u8>, String>> + Send>>;
 
-impl<T> std::future::Future for AbortOnDrop<T> {
-    type Output = Result<T, tokio::task::JoinError>;
+impl std::future::Future for CatchUnwind {
+    type Output = Result<Result<Vec<u8>, String>, ()>;
 
     fn poll(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
-        std::pin::Pin::new(&mut self.0).poll(cx)
+        let inner = &mut self.0;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.as_mut().poll(cx))) {
+            Ok(poll) => poll.map(Ok),
+            Err(_) => std::task::Poll::Ready(Err(())),
+        }
     }
 }
