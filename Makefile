@@ -24,7 +24,7 @@ test-long:
 	XDEVICE_LONG=1 $(CARGO) test --release $(TEST_ARGS)
 
 bench:
-	$(CARGO) bench --bench wal-append --bench group-commit --bench replay
+	$(CARGO) bench --bench wal-append --bench group-commit --bench replay --bench replicated-commit
 
 fmt:
 	$(CARGO) fmt --all
