@@ -96,6 +96,16 @@ pub enum BodyRef<'a> {
     Flush,
 }
 
+/// The length of `encode_parts(_, body)`, without encoding.
+pub fn encoded_len(body: BodyRef<'_>) -> usize {
+    HEADER_BYTES
+        + match body {
+            BodyRef::Blank | BodyRef::Flush => 0,
+            BodyRef::Membership(bytes) => bytes.len(),
+            BodyRef::Blocks(ops) => 8 + ops.iter().map(BlockOp::encoded_len).sum::<usize>(),
+        }
+}
+
 /// Encodes an entry payload from its parts; `EntryPayload::encode` in borrowed form.
 pub fn encode_parts(leader_node: u64, body: BodyRef<'_>) -> Vec<u8> {
     let mut out = vec![0u8; HEADER_BYTES];
@@ -198,7 +208,15 @@ mod tests {
         ];
         for body in bodies {
             let p = EntryPayload { leader_node: 7, body };
-            assert_eq!(EntryPayload::decode(&p.encode()).expect("decode"), p);
+            let bytes = p.encode();
+            let body = match &p.body {
+                EntryBody::Blank => BodyRef::Blank,
+                EntryBody::Flush => BodyRef::Flush,
+                EntryBody::Membership(m) => BodyRef::Membership(m),
+                EntryBody::Blocks(ops) => BodyRef::Blocks(ops),
+            };
+            assert_eq!(encoded_len(body), bytes.len());
+            assert_eq!(EntryPayload::decode(&bytes).expect("decode"), p);
         }
     }
 

@@ -200,11 +200,20 @@ impl Handler for NodeService {
                 encode(&dispatch(&raft, rpc).await)
             }),
             KIND_WRITE => {
-                // Queued here, in frame order, before the answer is awaited.
-                let queued = decode::<Request>(&payload, "write").map(|req| {
+                // Queued here, in frame order, before the answer is awaited. A request too large
+                // for one WAL record is refused here: appended, it would fail every replica's
+                // log store, which openraft treats as fatal.
+                let limit = self.engine.wal().max_record_bytes();
+                let queued = decode::<Request>(&payload, "write").and_then(|req| {
+                    if req.payload_len() > limit {
+                        return Err(format!(
+                            "a proposal of {} bytes exceeds the {limit}-byte entry limit",
+                            req.payload_len()
+                        ));
+                    }
                     let (tx, rx) = oneshot::channel();
                     let _ = self.proposals.send((req, tx));
-                    rx
+                    Ok(rx)
                 });
                 Box::pin(async move {
                     let commit = queued?.await.map_err(|_| "node shutting down".to_string())??;

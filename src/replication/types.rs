@@ -4,7 +4,7 @@
 use openraft::{BasicNode, EntryPayload as RaftPayload, Membership};
 use serde::{Deserialize, Serialize};
 
-use crate::entry::{encode_parts, BlockOp, BodyRef, EntryBody, EntryPayload};
+use crate::entry::{encode_parts, encoded_len, BlockOp, BodyRef, EntryBody, EntryPayload};
 use crate::storage::state::{LogId as StoreLogId, Vote as StoreVote};
 
 use super::snapshot::SnapshotData;
@@ -16,6 +16,16 @@ pub enum Request {
     Blocks(Vec<BlockOp>),
     /// A barrier: committing it commits every entry before it.
     Flush,
+}
+
+impl Request {
+    /// The bytes of the WAL record payload an entry of this request takes (`encode_entry`).
+    pub fn payload_len(&self) -> usize {
+        match self {
+            Request::Blocks(ops) => encoded_len(BodyRef::Blocks(ops)),
+            Request::Flush => encoded_len(BodyRef::Flush),
+        }
+    }
 }
 
 /// What applying an entry answers: the index it was applied at.

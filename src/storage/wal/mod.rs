@@ -65,7 +65,9 @@ pub struct WalConfig {
 impl Default for WalConfig {
     fn default() -> Self {
         WalConfig {
-            max_record_bytes: 4 << 20,
+            // A 4 MiB proposal of block data (the device's default) with its entry and op
+            // headers (16 bytes per op, up to 4096 ops).
+            max_record_bytes: (4 << 20) + (128 << 10),
             max_batch_bytes: 4 << 20,
             max_batch_records: 4096,
             max_pending_bytes: 64 << 20,
@@ -329,6 +331,11 @@ impl Wal {
             Slot::Pending { term, .. } => Ok(*term),
             Slot::Durable(loc) => Ok(loc.term),
         }
+    }
+
+    /// The largest entry payload `append` accepts.
+    pub fn max_record_bytes(&self) -> usize {
+        self.shared.cfg.max_record_bytes
     }
 
     pub fn bounds(&self) -> LogBounds {
