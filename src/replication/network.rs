@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
+    Unreachable,
 };
 use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -48,6 +49,9 @@ pub enum TransportError {
     /// The exchange failed in a way a retry may fix (timeout, reset mid-call).
     #[error("RPC to node {0} failed: {1}")]
     Failed(NodeId, String),
+    /// The request encodes to more bytes (`.1`) than the transport carries in one message (`.2`).
+    #[error("RPC to node {0} of {1} bytes exceeds the {2}-byte message limit")]
+    TooLarge(NodeId, usize, usize),
 }
 
 /// Delivers RPCs to other replicas.
@@ -124,7 +128,7 @@ impl PeerNetwork {
             TransportError::Unreachable(..) => {
                 RPCError::Unreachable(Unreachable::new(&AnyError::error(e.to_string())))
             }
-            TransportError::Failed(..) => {
+            TransportError::Failed(..) | TransportError::TooLarge(..) => {
                 RPCError::Network(NetworkError::new(&AnyError::error(e.to_string())))
             }
         }
@@ -151,7 +155,19 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
-        match self.call(RaftRpc::Append(rpc), &option).await.map_err(|e| self.lift(e))? {
+        let entries = rpc.entries.len() as u64;
+        let reply = match self.call(RaftRpc::Append(rpc), &option).await {
+            // Too many large entries for one message (a follower far behind on 4 MiB writes):
+            // openraft retries at once with at most the hinted number. Without this the same
+            // batch would be refused forever and the follower never catch up.
+            Err(TransportError::TooLarge(_, bytes, limit)) if entries > 1 => {
+                let fit = entries * limit as u64 / (bytes as u64).max(1);
+                let hint = fit.clamp(1, entries - 1);
+                return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(hint)));
+            }
+            r => r.map_err(|e| self.lift(e))?,
+        };
+        match reply {
             RaftReply::Append(r) => r.map_err(|e| self.remote(e)),
             _ => Err(self.mismatch()),
         }
@@ -259,5 +275,57 @@ impl Transport for LocalTransport {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{Entry, EntryPayload, LogId, Vote};
+
+    use super::*;
+
+    /// Refuses every request as too large for one message, as TCP does past `MAX_PAYLOAD`.
+    struct Small;
+
+    impl Transport for Small {
+        fn call(
+            &self,
+            target: NodeId,
+            _node: &BasicNode,
+            _rpc: RaftRpc,
+            _timeout: Duration,
+        ) -> BoxFuture<Result<RaftReply, TransportError>> {
+            Box::pin(async move { Err(TransportError::TooLarge(target, 40 << 20, 16 << 20)) })
+        }
+    }
+
+    fn append(entries: u64) -> AppendEntriesRequest<TypeConfig> {
+        let entry = |i| Entry::<TypeConfig> {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), i),
+            payload: EntryPayload::Blank,
+        };
+        AppendEntriesRequest {
+            vote: Vote::new_committed(1, 1),
+            prev_log_id: None,
+            leader_commit: None,
+            entries: (1..=entries).map(entry).collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn too_many_entries_for_one_message_ask_openraft_for_fewer() {
+        let mut peer =
+            PeerNetwork { target: 2, node: BasicNode::new("x"), transport: Arc::new(Small) };
+        let option = RPCOption::new(Duration::from_secs(1));
+        // 10 entries in 40 MiB through 16 MiB messages: 4 fit.
+        match peer.append_entries(append(10), option.clone()).await {
+            Err(RPCError::PayloadTooLarge(p)) => assert_eq!(p.entries_hint(), 4),
+            other => panic!("{other:?}"),
+        }
+        // One entry cannot be split: an ordinary network error, not an endless retry.
+        match peer.append_entries(append(1), option).await {
+            Err(RPCError::Network(e)) => assert!(e.to_string().contains("message limit"), "{e}"),
+            other => panic!("{other:?}"),
+        }
     }
 }

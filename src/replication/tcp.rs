@@ -304,6 +304,9 @@ impl Transport for TcpTransport {
         Box::pin(async move {
             let client = client?;
             let payload = encode(&rpc).map_err(|e| TransportError::Failed(target, e))?;
+            if payload.len() > MAX_PAYLOAD {
+                return Err(TransportError::TooLarge(target, payload.len(), MAX_PAYLOAD));
+            }
             match client.call(KIND_RAFT, payload, timeout).await {
                 Ok(bytes) => {
                     decode(&bytes, "Raft reply").map_err(|e| TransportError::Failed(target, e))
