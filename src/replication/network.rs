@@ -65,12 +65,98 @@ pub trait Transport: Send + Sync + 'static {
     ) -> BoxFuture<Result<RaftReply, TransportError>>;
 }
 
-/// Answers an RPC with the local Raft.
-pub async fn dispatch(raft: &Raft, rpc: RaftRpc) -> RaftReply {
+/// Answers an RPC with the local Raft; `hold` is that replica's (see `SnapshotHold`).
+pub async fn dispatch(raft: &Raft, hold: &SnapshotHold, rpc: RaftRpc) -> RaftReply {
     match rpc {
         RaftRpc::Append(r) => RaftReply::Append(raft.append_entries(r).await),
         RaftRpc::Vote(r) => RaftReply::Vote(raft.vote(r).await),
-        RaftRpc::Snapshot(r) => RaftReply::Snapshot(raft.install_snapshot(r).await),
+        RaftRpc::Snapshot(r) => {
+            let vote = r.vote;
+            let mut held = hold.enter(raft);
+            let reply = raft.install_snapshot(r).await;
+            // Accepted: this replica's vote is not above the sender's.
+            held.accepted = reply.as_ref().is_ok_and(|resp| resp.vote <= vote);
+            RaftReply::Snapshot(reply)
+        }
+    }
+}
+
+/// Keeps a replica from campaigning while it receives a snapshot.
+///
+/// openraft 0.9 sends heartbeats on the same per-follower stream as snapshot chunks, so none
+/// reach a follower during a transfer, and a chunk does not reset the follower's election timer.
+/// A voter receiving a snapshot that lasts longer than an election timeout would campaign; its
+/// vote fails (its log is behind) but the leader steps down on seeing the higher term, and the
+/// next leader starts the snapshot over: the voter never catches up and the cluster churns
+/// leaders every few hundred milliseconds. So an accepted chunk counts as a heartbeat here:
+/// elections stay off on this replica while a chunk is handled (the last one includes verifying
+/// and installing the whole image) and for twice the longest election timeout after the last
+/// accepted one, so a leader lost mid-transfer is still replaced.
+#[derive(Clone, Debug, Default)]
+pub struct SnapshotHold {
+    state: Arc<Mutex<HoldState>>,
+}
+
+#[derive(Debug, Default)]
+struct HoldState {
+    /// Chunks being handled now.
+    inflight: usize,
+    /// Elections stay off until then (once nothing is in flight).
+    until: Option<tokio::time::Instant>,
+    /// Elections are off and a task is watching for the hold to end.
+    active: bool,
+}
+
+/// One chunk being handled; `accepted` extends the hold when it ends.
+#[derive(Debug)]
+struct Held {
+    hold: SnapshotHold,
+    grace: Duration,
+    accepted: bool,
+}
+
+impl SnapshotHold {
+    fn enter(&self, raft: &Raft) -> Held {
+        let grace = Duration::from_millis(raft.config().election_timeout_max.saturating_mul(2));
+        let mut st = self.state.lock().expect("hold lock");
+        st.inflight += 1;
+        if !st.active {
+            st.active = true;
+            raft.runtime_config().elect(false);
+            tokio::spawn(self.clone().watch(raft.clone(), grace));
+        }
+        Held { hold: self.clone(), grace, accepted: false }
+    }
+
+    /// Turns elections back on once no chunk is in flight and the grace after the last passed.
+    async fn watch(self, raft: Raft, grace: Duration) {
+        loop {
+            let wake = {
+                let mut st = self.state.lock().expect("hold lock");
+                let now = tokio::time::Instant::now();
+                match st.until {
+                    _ if st.inflight > 0 => now + grace,
+                    Some(until) if until > now => until,
+                    _ => {
+                        st.active = false;
+                        st.until = None;
+                        raft.runtime_config().elect(true);
+                        return;
+                    }
+                }
+            };
+            tokio::time::sleep_until(wake).await;
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut st = self.hold.state.lock().expect("hold lock");
+        st.inflight -= 1;
+        if self.accepted {
+            st.until = Some(tokio::time::Instant::now() + self.grace);
+        }
     }
 }
 
@@ -212,7 +298,7 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
 /// In-process delivery between replicas of one process. Links can be cut, to test partitions.
 #[derive(Default)]
 pub struct LocalRouter {
-    nodes: RwLock<HashMap<NodeId, Raft>>,
+    nodes: RwLock<HashMap<NodeId, (Raft, SnapshotHold)>>,
     isolated: Mutex<HashSet<NodeId>>,
 }
 
@@ -224,7 +310,7 @@ impl std::fmt::Debug for LocalRouter {
 
 impl LocalRouter {
     pub fn register(&self, id: NodeId, raft: Raft) {
-        self.nodes.write().expect("router lock").insert(id, raft);
+        self.nodes.write().expect("router lock").insert(id, (raft, SnapshotHold::default()));
     }
     pub fn unregister(&self, id: NodeId) {
         self.nodes.write().expect("router lock").remove(&id);
@@ -264,11 +350,11 @@ impl Transport for LocalTransport {
             if router.is_isolated(me) || router.is_isolated(target) {
                 return Err(TransportError::Unreachable(target, "link cut".into()));
             }
-            let raft = router.nodes.read().expect("router lock").get(&target).cloned();
-            let Some(raft) = raft else {
+            let node = router.nodes.read().expect("router lock").get(&target).cloned();
+            let Some((raft, hold)) = node else {
                 return Err(TransportError::Unreachable(target, "not running".into()));
             };
-            match tokio::time::timeout(timeout, dispatch(&raft, rpc)).await {
+            match tokio::time::timeout(timeout, dispatch(&raft, &hold, rpc)).await {
                 Ok(reply) => Ok(reply),
                 Err(_) => {
                     Err(TransportError::Failed(target, format!("timed out after {timeout:?}")))

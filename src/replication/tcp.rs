@@ -15,7 +15,7 @@ use openraft::{BasicNode, ChangeMembers, ServerState};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use super::network::{dispatch, BoxFuture, RaftRpc, Transport, TransportError};
+use super::network::{dispatch, BoxFuture, RaftRpc, SnapshotHold, Transport, TransportError};
 use super::types::{NodeId, Raft, Request};
 use crate::net::{ClientOptions, Handler, RpcClient, RpcError};
 use crate::storage::engine::Engine;
@@ -111,6 +111,7 @@ pub struct NodeService {
     id: NodeId,
     raft: Raft,
     engine: Arc<Engine>,
+    hold: SnapshotHold,
     proposals: mpsc::UnboundedSender<Proposal>,
 }
 
@@ -124,7 +125,7 @@ impl NodeService {
     pub fn new(id: NodeId, raft: Raft, engine: Arc<Engine>) -> Arc<NodeService> {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(propose_in_order(raft.clone(), rx));
-        Arc::new(NodeService { id, raft, engine, proposals: tx })
+        Arc::new(NodeService { id, raft, engine, hold: SnapshotHold::default(), proposals: tx })
     }
 
     async fn admin(raft: Raft, id: NodeId, req: Admin) -> Result<AdminReply, String> {
@@ -195,10 +196,13 @@ impl Handler for NodeService {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u8>, String>> + Send>> {
         let raft = self.raft.clone();
         match kind {
-            KIND_RAFT => Box::pin(async move {
-                let rpc: RaftRpc = decode(&payload, "Raft RPC")?;
-                encode(&dispatch(&raft, rpc).await)
-            }),
+            KIND_RAFT => {
+                let hold = self.hold.clone();
+                Box::pin(async move {
+                    let rpc: RaftRpc = decode(&payload, "Raft RPC")?;
+                    encode(&dispatch(&raft, &hold, rpc).await)
+                })
+            }
             KIND_WRITE => {
                 // Queued here, in frame order, before the answer is awaited. A request too large
                 // for one WAL record is refused here: appended, it would fail every replica's
