@@ -23,6 +23,7 @@
 use std::io::{self, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -194,7 +195,79 @@ fn parse_chunk(rec: &[u8], shape: Shape, n: u64) -> Result<Chunk<'_>, String> {
 #[derive(Debug)]
 pub enum SnapshotData {
     Live(LiveStream),
-    File(tokio::fs::File),
+    File(Staging),
+}
+
+/// What a replica's incoming snapshot is doing, for `NodeStatus`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ReceivePhase {
+    /// Chunks are arriving in the staging file.
+    Receiving,
+    /// The stream is complete: being verified whole, then installed over the image.
+    Installing,
+}
+
+/// Progress of the incoming snapshot, shared by the state machine (which writes it) and the
+/// node's status (which reads it). Only one snapshot is received at a time.
+#[derive(Debug, Default)]
+pub struct ReceiveProgress {
+    /// 0 idle, 1 receiving, 2 installing.
+    phase: AtomicU8,
+    /// The highest stream offset staged so far (a resent chunk does not count twice).
+    received: AtomicU64,
+    /// Snapshots installed since the process started.
+    installed: AtomicU64,
+}
+
+impl ReceiveProgress {
+    /// A new incoming stream replaces any earlier, abandoned one.
+    pub fn begin(&self) {
+        self.received.store(0, Ordering::Relaxed);
+        self.phase.store(1, Ordering::Relaxed);
+    }
+    pub fn installing(&self) {
+        self.phase.store(2, Ordering::Relaxed);
+    }
+    /// The install finished: `ok` counts it.
+    pub fn finished(&self, ok: bool) {
+        if ok {
+            self.installed.fetch_add(1, Ordering::Relaxed);
+        }
+        self.phase.store(0, Ordering::Relaxed);
+    }
+    fn staged(&self, end: u64) {
+        self.received.fetch_max(end, Ordering::Relaxed);
+    }
+    /// The phase and bytes staged of the snapshot in progress, if one is.
+    pub fn current(&self) -> Option<(ReceivePhase, u64)> {
+        let phase = match self.phase.load(Ordering::Relaxed) {
+            1 => ReceivePhase::Receiving,
+            2 => ReceivePhase::Installing,
+            _ => return None,
+        };
+        Some((phase, self.received.load(Ordering::Relaxed)))
+    }
+    pub fn installed(&self) -> u64 {
+        self.installed.load(Ordering::Relaxed)
+    }
+}
+
+/// The receiving side's staging file: openraft seeks to each chunk's offset and writes it; the
+/// highest offset written is reported to `ReceiveProgress`.
+#[derive(Debug)]
+pub struct Staging {
+    file: tokio::fs::File,
+    pos: u64,
+    progress: Arc<ReceiveProgress>,
+}
+
+impl Staging {
+    pub fn new(file: tokio::fs::File, progress: Arc<ReceiveProgress>) -> Staging {
+        Staging { file, pos: 0, progress }
+    }
+    pub async fn sync_all(&self) -> io::Result<()> {
+        self.file.sync_all().await
+    }
 }
 
 /// The sending side's stream: records built on demand on the blocking pool (a record is 1 MiB
@@ -302,7 +375,12 @@ impl AsyncRead for SnapshotData {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             SnapshotData::Live(s) => Pin::new(s).poll_read(cx, buf),
-            SnapshotData::File(f) => Pin::new(f).poll_read(cx, buf),
+            SnapshotData::File(f) => {
+                let before = buf.filled().len();
+                std::task::ready!(Pin::new(&mut f.file).poll_read(cx, buf))?;
+                f.pos += (buf.filled().len() - before) as u64;
+                Poll::Ready(Ok(()))
+            }
         }
     }
 }
@@ -315,19 +393,24 @@ impl AsyncWrite for SnapshotData {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             SnapshotData::Live(_) => Poll::Ready(Err(read_only())),
-            SnapshotData::File(f) => Pin::new(f).poll_write(cx, buf),
+            SnapshotData::File(f) => {
+                let n = std::task::ready!(Pin::new(&mut f.file).poll_write(cx, buf))?;
+                f.pos += n as u64;
+                f.progress.staged(f.pos);
+                Poll::Ready(Ok(n))
+            }
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             SnapshotData::Live(_) => Poll::Ready(Ok(())),
-            SnapshotData::File(f) => Pin::new(f).poll_flush(cx),
+            SnapshotData::File(f) => Pin::new(&mut f.file).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             SnapshotData::Live(_) => Poll::Ready(Ok(())),
-            SnapshotData::File(f) => Pin::new(f).poll_shutdown(cx),
+            SnapshotData::File(f) => Pin::new(&mut f.file).poll_shutdown(cx),
         }
     }
 }
@@ -336,13 +419,17 @@ impl AsyncSeek for SnapshotData {
     fn start_seek(self: Pin<&mut Self>, position: SeekFrom) -> io::Result<()> {
         match self.get_mut() {
             SnapshotData::Live(s) => Pin::new(s).start_seek(position),
-            SnapshotData::File(f) => Pin::new(f).start_seek(position),
+            SnapshotData::File(f) => Pin::new(&mut f.file).start_seek(position),
         }
     }
     fn poll_complete(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<u64>> {
         match self.get_mut() {
             SnapshotData::Live(s) => Pin::new(s).poll_complete(cx),
-            SnapshotData::File(f) => Pin::new(f).poll_complete(cx),
+            SnapshotData::File(f) => {
+                let pos = std::task::ready!(Pin::new(&mut f.file).poll_complete(cx))?;
+                f.pos = pos;
+                Poll::Ready(Ok(pos))
+            }
         }
     }
 }

@@ -8,7 +8,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{AnyError, RaftSnapshotBuilder, StorageIOError};
 
-use super::snapshot::{self, LiveStream, Shape, SnapshotData, SnapshotFiles};
+use super::snapshot::{
+    self, LiveStream, ReceiveProgress, Shape, SnapshotData, SnapshotFiles, Staging,
+};
 use super::types::{
     decode_membership, from_store_log_id, into_entry_body, to_store_log_id, Entry, LogId, Response,
     SnapshotMeta, StorageError, StoredMembership, TypeConfig,
@@ -51,6 +53,7 @@ pub struct StateMachine {
     engine: Arc<Engine>,
     files: SnapshotFiles,
     current: Arc<Mutex<Option<SnapshotMeta>>>,
+    receiving: Arc<ReceiveProgress>,
 }
 
 impl StateMachine {
@@ -62,11 +65,55 @@ impl StateMachine {
             snapshot::install(&engine, &files).map_err(snap_err)?;
         }
         let current = meta_of(&engine.image().applied())?;
-        Ok(StateMachine { engine, files, current: Arc::new(Mutex::new(current)) })
+        Ok(StateMachine {
+            engine,
+            files,
+            current: Arc::new(Mutex::new(current)),
+            receiving: Arc::default(),
+        })
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
         &self.engine
+    }
+
+    /// Stages (if it is not staged yet), verifies and installs a received snapshot.
+    async fn install(
+        &mut self,
+        meta: &SnapshotMeta,
+        mut snapshot: Box<SnapshotData>,
+    ) -> Result<(), StorageError> {
+        match &mut *snapshot {
+            SnapshotData::File(f) => f.sync_all().await.map_err(snap_err)?,
+            live @ SnapshotData::Live(_) => {
+                snapshot::stage(&self.files, live).await.map_err(snap_err)?
+            }
+        }
+        drop(snapshot);
+        let shape = Shape::of(&self.engine);
+        let staged = snapshot::verify(&self.files.staging(), shape).await.map_err(snap_err)?;
+        if staged.last_log_id != meta.last_log_id || staged.last_membership != meta.last_membership
+        {
+            return Err(snap_err(format!(
+                "received snapshot is of {:?}, expected {:?}",
+                staged.last_log_id, meta.last_log_id
+            )));
+        }
+        snapshot::begin_install(&self.files).map_err(snap_err)?;
+        let engine = self.engine.clone();
+        let files = self.files.clone();
+        tokio::task::spawn_blocking(move || snapshot::install(&engine, &files))
+            .await
+            .map_err(snap_err)?
+            .map_err(snap_err)?;
+        tracing::info!(last_log_id = ?meta.last_log_id, "snapshot installed");
+        self.set_current(meta.clone());
+        Ok(())
+    }
+
+    /// The progress of the snapshot this replica is receiving (shown in its status).
+    pub fn receive_progress(&self) -> Arc<ReceiveProgress> {
+        self.receiving.clone()
     }
 
     fn set_current(&self, meta: SnapshotMeta) {
@@ -139,40 +186,19 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotData>, StorageError> {
         let file = tokio::fs::File::create(self.files.staging()).await.map_err(snap_err)?;
-        Ok(Box::new(SnapshotData::File(file)))
+        self.receiving.begin();
+        Ok(Box::new(SnapshotData::File(Staging::new(file, self.receiving.clone()))))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta,
-        mut snapshot: Box<SnapshotData>,
+        snapshot: Box<SnapshotData>,
     ) -> Result<(), StorageError> {
-        match &mut *snapshot {
-            SnapshotData::File(f) => f.sync_all().await.map_err(snap_err)?,
-            live @ SnapshotData::Live(_) => {
-                snapshot::stage(&self.files, live).await.map_err(snap_err)?
-            }
-        }
-        drop(snapshot);
-        let shape = Shape::of(&self.engine);
-        let staged = snapshot::verify(&self.files.staging(), shape).await.map_err(snap_err)?;
-        if staged.last_log_id != meta.last_log_id || staged.last_membership != meta.last_membership
-        {
-            return Err(snap_err(format!(
-                "received snapshot is of {:?}, expected {:?}",
-                staged.last_log_id, meta.last_log_id
-            )));
-        }
-        snapshot::begin_install(&self.files).map_err(snap_err)?;
-        let engine = self.engine.clone();
-        let files = self.files.clone();
-        tokio::task::spawn_blocking(move || snapshot::install(&engine, &files))
-            .await
-            .map_err(snap_err)?
-            .map_err(snap_err)?;
-        tracing::info!(last_log_id = ?meta.last_log_id, "snapshot installed");
-        self.set_current(meta.clone());
-        Ok(())
+        self.receiving.installing();
+        let r = self.install(meta, snapshot).await;
+        self.receiving.finished(r.is_ok());
+        r
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use super::network::{dispatch, BoxFuture, RaftRpc, SnapshotHold, Transport, TransportError};
+use super::snapshot::{ReceivePhase, ReceiveProgress, Shape};
 use super::types::{NodeId, Raft, Request};
 use crate::net::{ClientOptions, Handler, RpcClient, RpcError};
 use crate::storage::engine::Engine;
@@ -28,20 +29,38 @@ pub const KIND_ADMIN: u8 = 4;
 /// Largest frame payload: a 4 MiB proposal or a snapshot record, with room for headers.
 pub const MAX_PAYLOAD: usize = 16 << 20;
 
-/// Cluster management requests.
+/// Cluster management requests. Membership changes (`AddLearner`, `SetVoters`, `Remove`) must be
+/// sent to the leader; another node refuses them, naming the leader it knows.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Admin {
-    /// Make a new cluster of these members (id, address) on a fresh node.
+    /// Make a new cluster of these members (id, address) on a fresh node. Answers `Done`.
     Init(Vec<(NodeId, String)>),
-    /// Add a learner and wait until it has caught up.
+    /// Add a learner (id, address). Answers `Index`, the log index of the membership entry, once
+    /// that entry is committed; it does not wait for the learner to catch up, which for a large
+    /// device means a snapshot lasting longer than any one request should. The learner has caught
+    /// up once the leader's `replication` entry for it reaches that index; meanwhile the
+    /// learner's own `snapshot_in` shows a snapshot arriving.
     AddLearner(NodeId, String),
-    /// Make the voters exactly this set (learners not listed stay learners).
+    /// Make the voters exactly this set (learners not listed stay learners). Answers `Done` once
+    /// the new configuration is committed.
     SetVoters(Vec<NodeId>),
-    /// Remove a node entirely (voter or learner).
+    /// Remove a node entirely (voter or learner). Answers `Done`.
     Remove(NodeId),
-    /// Start an election on this node (leadership transfer to it).
+    /// Start an election on this node (leadership transfer to it). Answers `Done`.
     Campaign,
+    /// Answers `Status`: this node's view.
     Status,
+}
+
+/// An incoming snapshot on a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotTransfer {
+    pub phase: ReceivePhase,
+    /// Stream bytes staged so far.
+    pub received: u64,
+    /// Stream bytes of a whole snapshot of this device (its size plus one record head per
+    /// chunk and a header record).
+    pub total: u64,
 }
 
 /// A node's view, for `xdevice cluster status`.
@@ -58,20 +77,32 @@ pub struct NodeStatus {
     pub voters: Vec<NodeId>,
     pub learners: Vec<NodeId>,
     pub nodes: BTreeMap<NodeId, String>,
-    /// Per follower: matched index (on the leader only).
+    /// Per follower and learner: matched index (on the leader only).
     pub replication: BTreeMap<NodeId, Option<u64>>,
+    /// The snapshot this node is receiving or installing, if any.
+    pub snapshot_in: Option<SnapshotTransfer>,
+    /// Snapshots this node has installed since its process started.
+    pub snapshots_installed: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum AdminReply {
     Done,
+    /// A membership change committed at this log index.
+    Index(u64),
     Status(Box<NodeStatus>),
 }
 
 /// What a write or read answer says when this node is not the leader.
 pub const NOT_LEADER: &str = "not the leader";
 
-pub fn status_of(raft: &Raft, id: NodeId) -> NodeStatus {
+/// `raft`'s view; `receiving` and `stream_bytes` describe its incoming snapshot.
+pub fn status_of(
+    raft: &Raft,
+    id: NodeId,
+    receiving: &ReceiveProgress,
+    stream_bytes: u64,
+) -> NodeStatus {
     let m = raft.metrics().borrow().clone();
     let membership = m.membership_config.membership();
     let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
@@ -91,6 +122,12 @@ pub fn status_of(raft: &Raft, id: NodeId) -> NodeStatus {
             .replication
             .map(|r| r.iter().map(|(id, l)| (*id, l.map(|l| l.index))).collect())
             .unwrap_or_default(),
+        snapshot_in: receiving.current().map(|(phase, received)| SnapshotTransfer {
+            phase,
+            received,
+            total: stream_bytes,
+        }),
+        snapshots_installed: receiving.installed(),
     }
 }
 
@@ -111,6 +148,7 @@ pub struct NodeService {
     id: NodeId,
     raft: Raft,
     engine: Arc<Engine>,
+    receiving: Arc<ReceiveProgress>,
     hold: SnapshotHold,
     proposals: mpsc::UnboundedSender<Proposal>,
 }
@@ -122,13 +160,32 @@ impl std::fmt::Debug for NodeService {
 }
 
 impl NodeService {
-    pub fn new(id: NodeId, raft: Raft, engine: Arc<Engine>) -> Arc<NodeService> {
+    /// `receiving`: the state machine's incoming snapshot progress
+    /// (`StateMachine::receive_progress`), shown in the status.
+    pub fn new(
+        id: NodeId,
+        raft: Raft,
+        engine: Arc<Engine>,
+        receiving: Arc<ReceiveProgress>,
+    ) -> Arc<NodeService> {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(propose_in_order(raft.clone(), rx));
-        Arc::new(NodeService { id, raft, engine, hold: SnapshotHold::default(), proposals: tx })
+        Arc::new(NodeService {
+            id,
+            raft,
+            engine,
+            receiving,
+            hold: SnapshotHold::default(),
+            proposals: tx,
+        })
     }
 
-    async fn admin(raft: Raft, id: NodeId, req: Admin) -> Result<AdminReply, String> {
+    fn status(&self) -> NodeStatus {
+        let stream_bytes = Shape::of(&self.engine).stream_bytes();
+        status_of(&self.raft, self.id, &self.receiving, stream_bytes)
+    }
+
+    async fn admin(raft: Raft, req: Admin) -> Result<AdminReply, String> {
         match req {
             Admin::Init(members) => {
                 let nodes: BTreeMap<NodeId, BasicNode> =
@@ -136,9 +193,11 @@ impl NodeService {
                 raft.initialize(nodes).await.map_err(|e| e.to_string())?;
             }
             Admin::AddLearner(nid, addr) => {
-                raft.add_learner(nid, BasicNode::new(addr), true)
+                let r = raft
+                    .add_learner(nid, BasicNode::new(addr), false)
                     .await
                     .map_err(|e| e.to_string())?;
+                return Ok(AdminReply::Index(r.log_id.index));
             }
             Admin::SetVoters(ids) => {
                 let set: BTreeSet<NodeId> = ids.into_iter().collect();
@@ -156,7 +215,7 @@ impl NodeService {
                     .map_err(|e| e.to_string())?;
             }
             Admin::Campaign => raft.trigger().elect().await.map_err(|e| e.to_string())?,
-            Admin::Status => return Ok(AdminReply::Status(Box::new(status_of(&raft, id)))),
+            Admin::Status => return Err("status is answered by `call`".to_string()),
         }
         Ok(AdminReply::Done)
     }
@@ -245,10 +304,14 @@ impl Handler for NodeService {
                 })
             }
             KIND_ADMIN => {
-                let id = self.id;
+                let req = decode::<Admin>(&payload, "admin request");
+                // Status needs the service's snapshot progress: answered here.
+                let status = matches!(req, Ok(Admin::Status)).then(|| self.status());
                 Box::pin(async move {
-                    let req: Admin = decode(&payload, "admin request")?;
-                    encode(&NodeService::admin(raft, id, req).await?)
+                    if let Some(s) = status {
+                        return encode(&AdminReply::Status(Box::new(s)));
+                    }
+                    encode(&NodeService::admin(raft, req?).await?)
                 })
             }
             other => Box::pin(async move { Err(format!("unknown request kind {other}")) }),
