@@ -1,8 +1,8 @@
 //! Membership changes on `xdevice node` processes through the real `xdevice cluster` CLI:
 //! a fourth node added to a cluster holding 1 GiB of written data catches up by snapshot (the
-//! leader's log is purged) with progress shown, and its image matches what was written, and a
-//! voter that fell as far behind catches up the same way; a proposal too large for a log
-//! record is refused without harm.
+//! leader's log is purged) with progress shown, and its image matches what was written; a
+//! removed node stops receiving entries and never disrupts the voters that remain; a proposal
+//! too large for a log record is refused without harm.
 
 #![allow(clippy::unwrap_used)]
 
@@ -399,6 +399,108 @@ fn fourth_node_catches_up_by_snapshot_with_progress() {
             }
         }
         engine.close().unwrap();
+        for p in &mut procs {
+            p.stop();
+        }
+    });
+}
+
+/// `xdevice cluster remove` of a follower (asked through that follower: the CLI finds the
+/// leader): the leader stops replicating to it, it never campaigns, the two remaining voters
+/// keep committing; removing the leader itself is refused.
+#[test]
+fn removed_node_stops_receiving_entries() {
+    runtime().block_on(async {
+        let base = tempfile::tempdir().unwrap();
+        let cluster = uuid::Uuid::new_v4();
+        let mut procs = cluster_of(base.path(), cluster, 3, "16M", &[]).await;
+        let addrs: Vec<SocketAddr> = procs.iter().map(|p| p.addr).collect();
+        let remote = RemoteCluster::new(&addrs, None, cluster, Duration::from_secs(5));
+        let dev =
+            Device::start(DeviceConfig::new(BS as u32, 4096, CacheMode::Writethrough), remote);
+        for lba in 0..32u64 {
+            dev.write(lba * BS as u64, &blocks_data(lba, 1, 1), false).await.unwrap();
+        }
+        let leader = leader_status(&procs, cluster).await;
+        let victim = procs.iter().position(|p| p.id != leader.id).unwrap();
+
+        let refused = cli(
+            procs[victim].addr,
+            cluster,
+            &["remove".into(), "--id".into(), leader.id.to_string()],
+        )
+        .await;
+        let err = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success() && err.contains("is the leader"), "{err}");
+
+        let vid = procs[victim].id;
+        let out =
+            cli(procs[victim].addr, cluster, &["remove".into(), "--id".into(), vid.to_string()])
+                .await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "cluster remove failed: {stderr}");
+
+        let leader = leader_status(&procs, cluster).await;
+        let rest: Vec<u64> = (1..=3).filter(|&id| id != vid).collect();
+        assert_eq!(leader.voters, rest);
+        assert!(leader.learners.is_empty(), "{:?}", leader.learners);
+        assert!(!leader.nodes.contains_key(&vid) && !leader.replication.contains_key(&vid));
+        // What the removed node was last given: a configuration in which it is only a learner.
+        let before = status(&procs[victim], cluster).await;
+        assert_eq!(before.state, "Learner", "{before:?}");
+        assert_eq!(before.voters, rest);
+
+        // Keep writing for a while (many election timeouts).
+        let started = Instant::now();
+        let mut writes = 0u64;
+        while started.elapsed() < Duration::from_secs(2) {
+            let lba = writes % 64;
+            dev.write(lba * BS as u64, &blocks_data(lba, 1, 2 + writes), false).await.unwrap();
+            writes += 1;
+        }
+        dev.flush().await.unwrap();
+        let after_leader = leader_status(&procs, cluster).await;
+        let after = status(&procs[victim], cluster).await;
+        println!(
+            "removed node {vid}: log {:?} applied {:?} term {}; leader {} went from log {:?} to \
+             {:?} ({writes} writes), term {} to {}",
+            after.last_log_index,
+            after.last_applied,
+            after.term,
+            after_leader.id,
+            leader.last_log_index,
+            after_leader.last_log_index,
+            leader.term,
+            after_leader.term
+        );
+        assert!(
+            after_leader.last_log_index.unwrap() >= leader.last_log_index.unwrap() + writes,
+            "the remaining voters kept committing"
+        );
+        assert_eq!(after.last_log_index, before.last_log_index, "the removed node got entries");
+        assert_eq!(after.last_applied, before.last_applied);
+        assert_eq!((after.term, after.state.as_str()), (before.term, "Learner"), "it campaigned");
+        assert_eq!((after_leader.id, after_leader.term), (leader.id, leader.term));
+
+        // Added back (its store is behind; the leader still has the entries it lacks), with
+        // `--json`: one object on stdout, nothing on stderr.
+        let add =
+            ["--json", "add", "--id", &vid.to_string(), "--addr", &procs[victim].addr.to_string()];
+        let out = cli(procs[victim].addr, cluster, &add.map(String::from)).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "cluster add failed: {stderr}");
+        assert!(stderr.is_empty(), "--json printed progress: {stderr}");
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        println!("re-added: {report}");
+        assert_eq!(report["node"], vid);
+        assert_eq!(report["voter"], true);
+        assert_eq!(report["snapshot_bytes"], 0, "caught up from the log alone");
+        assert!(report["caught_up_index"].as_u64() >= report["learner_index"].as_u64());
+        dev.write(0, &blocks_data(0, 1, 9), true).await.unwrap();
+        let (leader, theirs) = wait_caught_up(&procs, &procs[victim], cluster).await;
+        assert_eq!((leader.voters, theirs.voters), (vec![1, 2, 3], vec![1, 2, 3]));
+        assert_eq!(theirs.state, "Follower");
+        dev.close();
         for p in &mut procs {
             p.stop();
         }

@@ -44,7 +44,11 @@ pub enum Admin {
     /// Make the voters exactly this set (learners not listed stay learners). Answers `Done` once
     /// the new configuration is committed.
     SetVoters(Vec<NodeId>),
-    /// Remove a node entirely (voter or learner). Answers `Done`.
+    /// Remove a node (voter or learner): the leader stops replicating to it. A voter is first
+    /// made a learner and given that configuration (waiting a few seconds for it to confirm),
+    /// so it knows it may no longer vote and never campaigns once the leader stops contacting
+    /// it. Refused for the leader itself: move leadership first (`Campaign` on another node).
+    /// Answers `Done`.
     Remove(NodeId),
     /// Start an election on this node (leadership transfer to it). Answers `Done`.
     Campaign,
@@ -159,6 +163,9 @@ impl std::fmt::Debug for NodeService {
     }
 }
 
+/// How long `Admin::Remove` waits for a demoted voter to receive its learner configuration.
+const DEMOTE_CONFIRM: Duration = Duration::from_secs(5);
+
 impl NodeService {
     /// `receiving`: the state machine's incoming snapshot progress
     /// (`StateMachine::receive_progress`), shown in the status.
@@ -185,7 +192,7 @@ impl NodeService {
         status_of(&self.raft, self.id, &self.receiving, stream_bytes)
     }
 
-    async fn admin(raft: Raft, req: Admin) -> Result<AdminReply, String> {
+    async fn admin(raft: Raft, id: NodeId, req: Admin) -> Result<AdminReply, String> {
         match req {
             Admin::Init(members) => {
                 let nodes: BTreeMap<NodeId, BasicNode> =
@@ -204,10 +211,27 @@ impl NodeService {
                 raft.change_membership(set, true).await.map_err(|e| e.to_string())?;
             }
             Admin::Remove(nid) => {
+                if nid == id && raft.metrics().borrow().state == ServerState::Leader {
+                    return Err(format!(
+                        "node {nid} is the leader: move leadership to another node first"
+                    ));
+                }
                 let m = raft.metrics().borrow().membership_config.membership().clone();
                 if m.voter_ids().any(|v| v == nid) {
+                    // Demote, keeping it a learner so the leader still replicates the new
+                    // configuration to it. Dropped straight away, it would keep the joint
+                    // configuration in which it is a voter and campaign forever (harmlessly, as
+                    // its log is behind, but every election timeout).
                     let voters: BTreeSet<NodeId> = m.voter_ids().filter(|v| *v != nid).collect();
-                    raft.change_membership(voters, false).await.map_err(|e| e.to_string())?;
+                    let r =
+                        raft.change_membership(voters, true).await.map_err(|e| e.to_string())?;
+                    if !wait_matched(&raft, nid, r.log_id.index, DEMOTE_CONFIRM).await {
+                        tracing::warn!(
+                            node = nid,
+                            index = r.log_id.index,
+                            "removing a node that did not confirm its demotion to learner"
+                        );
+                    }
                 }
                 let gone: BTreeSet<NodeId> = [nid].into();
                 raft.change_membership(ChangeMembers::RemoveNodes(gone), false)
@@ -218,6 +242,26 @@ impl NodeService {
             Admin::Status => return Err("status is answered by `call`".to_string()),
         }
         Ok(AdminReply::Done)
+    }
+}
+
+/// Waits until the leader's matched index for `target` reaches `index`; false after `within`.
+async fn wait_matched(raft: &Raft, target: NodeId, index: u64, within: Duration) -> bool {
+    let mut rx = raft.metrics();
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let matched = rx
+            .borrow()
+            .replication
+            .as_ref()
+            .and_then(|r| r.get(&target).copied().flatten())
+            .map(|l| l.index);
+        if matched >= Some(index) {
+            return true;
+        }
+        if tokio::time::timeout_at(deadline, rx.changed()).await.map_or(true, |r| r.is_err()) {
+            return false;
+        }
     }
 }
 
@@ -304,6 +348,7 @@ impl Handler for NodeService {
                 })
             }
             KIND_ADMIN => {
+                let id = self.id;
                 let req = decode::<Admin>(&payload, "admin request");
                 // Status needs the service's snapshot progress: answered here.
                 let status = matches!(req, Ok(Admin::Status)).then(|| self.status());
@@ -311,7 +356,7 @@ impl Handler for NodeService {
                     if let Some(s) = status {
                         return encode(&AdminReply::Status(Box::new(s)));
                     }
-                    encode(&NodeService::admin(raft, req?).await?)
+                    encode(&NodeService::admin(raft, id, req?).await?)
                 })
             }
             other => Box::pin(async move { Err(format!("unknown request kind {other}")) }),
