@@ -512,3 +512,25 @@ fn interrupted_snapshot_install_is_redone_on_open() {
         source.close().unwrap();
     });
 }
+
+/// A write larger than one proposal is split into proposals in order, and reads back whole.
+#[test]
+fn a_write_larger_than_a_proposal_is_split_and_reads_back() {
+    runtime().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = Embedded::start(options(dir.path())).await.unwrap();
+        cluster.wait_leader(Duration::from_secs(5)).await.unwrap();
+        let blocks = cluster.device_bytes() / BS as u64;
+        let mut cfg = DeviceConfig::new(BS as u32, blocks, CacheMode::Writethrough);
+        cfg.max_proposal_bytes = 64 << 10;
+        let dev = Device::start(cfg, cluster.clone());
+        let data: Vec<u8> = (0..256u64).flat_map(|lba| block(lba, 7)).collect();
+        dev.write(0, &data, false).await.unwrap();
+        let stats = dev.stats();
+        assert_eq!(stats.writes, 1);
+        assert!(stats.proposals >= 16, "1 MiB in 64 KiB proposals: {stats:?}");
+        assert_eq!(dev.read(0, data.len() as u64).await.unwrap(), data);
+        dev.close();
+        cluster.shutdown().await.unwrap();
+    });
+}

@@ -210,8 +210,15 @@ impl Device {
         if data.is_empty() {
             return Ok(());
         }
-        let op = BlockOp::Write { lba, data: data.to_vec() };
-        let seq = self.enqueue(op).await?;
+        // A write larger than one proposal goes as several, in order, each whole blocks; it
+        // completes with its last part, and the contract covers the parts in order.
+        let bs = self.cfg.block_bytes as usize;
+        let part = (self.cfg.max_proposal_bytes / bs).max(1) * bs;
+        let mut seq = 0;
+        for (i, chunk) in data.chunks(part).enumerate() {
+            let op = BlockOp::Write { lba: lba + (i * part / bs) as u64, data: chunk.to_vec() };
+            seq = self.enqueue(op).await?;
+        }
         self.lock().stats.writes += 1;
         self.complete(seq, fua).await
     }
