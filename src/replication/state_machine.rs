@@ -99,13 +99,15 @@ impl StateMachine {
                 staged.last_log_id, meta.last_log_id
             )));
         }
-        snapshot::begin_install(&self.files).map_err(snap_err)?;
         let engine = self.engine.clone();
         let files = self.files.clone();
-        tokio::task::spawn_blocking(move || snapshot::install(&engine, &files))
-            .await
-            .map_err(snap_err)?
-            .map_err(snap_err)?;
+        tokio::task::spawn_blocking(move || {
+            snapshot::begin_install(&files).map_err(|e| format!("starting the install: {e}"))?;
+            snapshot::install(&engine, &files)
+        })
+        .await
+        .map_err(snap_err)?
+        .map_err(snap_err)?;
         tracing::info!(last_log_id = ?meta.last_log_id, "snapshot installed");
         self.set_current(meta.clone());
         Ok(())
