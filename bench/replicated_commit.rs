@@ -11,33 +11,36 @@
 //! majority) and applied on the leader before the pair returns.
 //!
 //! References, in the same run, on the same file system:
-//! - fio's 8 KiB write + fdatasync job (`common::fio_append_args`, the wal-append reference): on a
-//!   fresh fallocated file, as the nodes' segments are (they are not zero-filled), and on a
-//!   prewritten file beside it. Its p50 is fio's write p50 + fdatasync p50; its IOPS are the
-//!   fdatasyncs per second the throughput is compared with.
+//! - fio's 8 KiB write + fdatasync job (`common::fio_append_args`, the wal-append reference) on
+//!   a fresh fallocated file, as the nodes' segments are (they are not zero-filled); the same on a
+//!   prewritten file beside it. p50 = fio's write p50 + fdatasync p50; its IOPS are the
+//!   fdatasyncs per second the throughput is set against, as in group-commit.
+//! - beside it, the shape of a node's WAL commit: 8 KiB `pwrite` with O_DIRECT + `fdatasync` on a
+//!   fresh fallocated file, timed per pair in this process.
 //! - the TCP round trip: an 8 KiB request and a 64-byte reply ping-ponged over one loopback
 //!   connection with TCP_NODELAY between two threads of this process, which is what one
 //!   replicated append costs on the wire. Beside it (not part of the reference) the same round
 //!   trip through xdevice's own RPC layer (`net::RpcClient`/`RpcServer`), to show what framing
 //!   and the async runtime add.
 //!
-//! The headline ratio is xdevice p50 ÷ (fio p50 + TCP p50). Note the client runs in another
-//! process than the leader, so a commit crosses two round trips (client → leader, leader →
-//! followers) plus one fdatasync on the leader in parallel with the followers'.
+//! The headline ratio is xdevice p50 ÷ (fio p50 + TCP p50). The client runs in another process
+//! than the leader, so a commit crosses two round trips (client → leader, leader → followers)
+//! besides the syncs.
 //!
 //! Phases run interleaved in rounds with a rotating order and are pooled over the rounds, like
 //! the other benchmarks, because the disk's flush latency drifts by an order of magnitude over
-//! minutes. The cluster stays up across rounds.
+//! minutes. The cluster stays up across rounds, and every reference file stays until the end
+//! (about 6.5 GiB with the defaults), so no deletion (a discard, on file systems mounted with
+//! `discard` as the test machines are) lands inside a measured phase. Where a one-writer commit's
+//! time goes is traced in `docs/benchmarks.md`.
 //!
-//! A one-writer commit is also traced by phase in `docs/benchmarks.md` (where its time goes).
-//!
-//! Settings: `XDEVICE_BENCH_SAMPLES` (write + flush pairs timed per round; also the TCP samples;
-//! default 2000), `XDEVICE_BENCH_SECONDS` (each fio and throughput phase, each round; default 5),
-//! `XDEVICE_BENCH_ROUNDS` (default 3), `XDEVICE_BENCH_DIR` or `--dir PATH` (where the scratch
-//! directory is made; default the repository's `target/bench-tmp`), `XDEVICE_BENCH_BACKEND`
-//! (the nodes' `--backend`, default `uring`), `XDEVICE_BENCH_PHASES` (for diagnosis: a
-//! comma-separated subset of `fio,tcp,latency,rpc,fio-prewritten,throughput`; figures whose phases
-//! did not run are reported as null).
+//! Settings: `XDEVICE_BENCH_SAMPLES` (write + flush pairs timed per round; also the O_DIRECT and
+//! TCP samples; default 2000), `XDEVICE_BENCH_SECONDS` (each fio and throughput phase, each
+//! round; default 5), `XDEVICE_BENCH_ROUNDS` (default 3), `XDEVICE_BENCH_DIR` or `--dir PATH`
+//! (where the scratch directory is made; default the repository's `target/bench-tmp`),
+//! `XDEVICE_BENCH_BACKEND` (the nodes' `--backend`, default `uring`), `XDEVICE_BENCH_PHASES` (for
+//! diagnosis: a comma-separated subset of `fio,direct,tcp,latency,rpc,fio-prewritten,throughput`;
+//! figures whose phases did not run are reported as null).
 
 #[path = "common/mod.rs"]
 mod common;
@@ -58,6 +61,7 @@ use xdevice::device::remote::RemoteCluster;
 use xdevice::device::{CacheMode, Device, DeviceConfig};
 use xdevice::net::{ClientOptions, Handler, RpcClient, RpcServer};
 use xdevice::replication::tcp::{Admin, AdminReply, NodeClient, NodeStatus};
+use xdevice::storage::disk::AlignedBuf;
 
 const BENCH: &str = "replicated-commit";
 const WRITE_BYTES: usize = 8192;
@@ -78,6 +82,7 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
     Fio { prewritten: bool },
+    Direct,
     TcpRtt,
     RpcRtt,
     Latency,
@@ -224,7 +229,8 @@ fn main() -> Result<()> {
     );
     println!(
         "reference p50 = fio write p50 + fio fdatasync p50 (fresh file) + TCP round-trip p50 \
-         ({WRITE_BYTES}-byte request, {REPLY_BYTES}-byte reply, 127.0.0.1, TCP_NODELAY)"
+         ({WRITE_BYTES}-byte request, {REPLY_BYTES}-byte reply, 127.0.0.1, TCP_NODELAY); an \
+         O_DIRECT pwrite + fdatasync loop beside it"
     );
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -243,7 +249,7 @@ fn main() -> Result<()> {
     let device = {
         let _guard = rt.enter();
         let remote =
-            RemoteCluster::new(&cluster.client_addrs(), None, cluster.id, Duration::from_secs(10));
+            RemoteCluster::new(&cluster.addrs(), None, cluster.id, Duration::from_secs(10));
         let mut cfg = DeviceConfig::new(
             BLOCK_BYTES,
             DEVICE_BYTES / u64::from(BLOCK_BYTES),
@@ -257,6 +263,7 @@ fn main() -> Result<()> {
     let phases = phases()?;
     let mut fio = FioSide::default();
     let mut fio_pre = FioSide::default();
+    let mut direct = LatencySide::default();
     let mut tcp = LatencySide::default();
     let mut rpc = LatencySide::default();
     let mut xdev = LatencySide::default();
@@ -268,16 +275,22 @@ fn main() -> Result<()> {
             let phase = phases[(i + round) % phases.len()];
             match phase {
                 Phase::Fio { prewritten } => {
-                    let dir = scratch.path().join(format!("fio-r{round}"));
+                    // Kept until the end: this file system may be mounted with `discard`, and
+                    // deleting fio's 2 GiB file mid-run slowed the phases after it.
+                    let variant = if prewritten { "pre" } else { "fresh" };
+                    let dir = scratch.path().join(format!("fio-{variant}-r{round}"));
                     std::fs::create_dir_all(&dir)
                         .with_context(|| format!("create {}", dir.display()))?;
                     let run = common::run_fio(&common::fio_append_args(&dir, seconds, prewritten))?;
-                    std::fs::remove_dir_all(&dir)
-                        .with_context(|| format!("remove {}", dir.display()))?;
                     let side = if prewritten { &mut fio_pre } else { &mut fio };
                     let (p50, iops) = side.add(&run)?;
                     let name = if prewritten { "fio-prewritten" } else { "fio" };
                     line += &format!(" {name} p50 {p50:.0}us ({iops:.0}/s);");
+                }
+                Phase::Direct => {
+                    let file = scratch.path().join(format!("direct-r{round}"));
+                    let p50 = direct.add(direct_syncs(&file, samples, &payloads)?, json!({}));
+                    line += &format!(" direct p50 {p50:.0}us;");
                 }
                 Phase::TcpRtt => {
                     let p50 = tcp.add(tcp_round_trips(samples)?, json!({}));
@@ -311,15 +324,15 @@ fn main() -> Result<()> {
     let status_after = rt.block_on(cluster.leader_status())?;
     device.close();
 
-    let fio_p50 = fio.p50();
     let tcp_p50 = tcp.p50();
-    let reference = fio_p50 + tcp_p50;
+    let reference = fio.p50() + tcp_p50;
     let reference_p99 = fio.p99() + tcp.p99();
     let x_p50 = xdev.p50();
     let x_p99 = xdev.p99();
     let ratio = x_p50 / reference;
     let ratio_p99 = x_p99 / reference_p99;
     let ratio_pre = x_p50 / (fio_pre.p50() + tcp_p50);
+    let ratio_direct = x_p50 / (direct.p50() + tcp_p50);
 
     println!();
     println!("pooled over {rounds} rounds (latency in µs; fio rows are write + fdatasync):");
@@ -339,9 +352,11 @@ fn main() -> Result<()> {
             "".into(),
         ]);
     }
-    for (name, side) in
-        [("TCP round trip 8 KiB/64 B", &mut tcp), ("xdevice RPC round trip", &mut rpc)]
-    {
+    for (name, side) in [
+        ("pwrite+fdatasync, O_DIRECT", &mut direct),
+        ("TCP round trip 8 KiB/64 B", &mut tcp),
+        ("xdevice RPC round trip", &mut rpc),
+    ] {
         rows.push(vec![
             name.to_string(),
             side.samples.len().to_string(),
@@ -369,15 +384,17 @@ fn main() -> Result<()> {
     ]);
     common::print_table(&["", "samples", "p50", "p99", "mean", "÷ reference"], &rows);
     println!(
-        "p50 ratio {ratio:.3} (goal ≤ {GOAL}: {}); p99 ratio {ratio_p99:.3}; against the \
-         pre-written fio file {ratio_pre:.3}",
+        "p50 ratio {ratio:.3} (goal ≤ {GOAL}: {}); p99 ratio {ratio_p99:.3}; with the \
+         pre-written fio file instead {ratio_pre:.3}, with the O_DIRECT loop instead \
+         {ratio_direct:.3}",
         if ratio <= GOAL { "met" } else { "missed" }
     );
 
     println!();
+    let direct_per_s = direct.samples.len() as f64 / (direct.samples.total_us() / 1e6);
     println!(
-        "throughput, {WRITERS} writers (pooled over {rounds} rounds; fio: fdatasyncs/s {:.0} \
-         fresh file, {:.0} pre-written):",
+        "throughput, {WRITERS} writers (pooled over {rounds} rounds; durable 8 KiB writes/s of one \
+         writer: fio {:.0} fresh file, {:.0} pre-written, O_DIRECT loop {direct_per_s:.0}):",
         fio.per_s(),
         fio_pre.per_s()
     );
@@ -390,8 +407,9 @@ fn main() -> Result<()> {
             "p50 µs",
             "p99 µs",
             "writes/entry",
-            "÷ fdatasync/s",
+            "÷ fio/s",
             "÷ pre-written",
+            "÷ O_DIRECT/s",
         ],
         &[vec![
             WRITERS.to_string(),
@@ -402,6 +420,7 @@ fn main() -> Result<()> {
             format!("{:.1}", tput.pairs as f64 / tput.entries.max(1) as f64),
             format!("{tput_ratio:.2}"),
             format!("{:.2}", tput.pairs_per_s() / fio_pre.per_s()),
+            format!("{:.2}", tput.pairs_per_s() / direct_per_s),
         ]],
     );
     println!(
@@ -435,6 +454,8 @@ fn main() -> Result<()> {
                 127.0.0.1, TCP_NODELAY)",
             "ratio_p99": common::finite(ratio_p99),
             "ratio_vs_prewritten_fio": common::finite(ratio_pre),
+            "ratio_vs_direct_sync": common::finite(ratio_direct),
+            "direct_sync": direct.summary(),
             "xdevice": xdev.summary(),
             "tcp_round_trip": tcp.summary(),
             "rpc_round_trip": rpc.summary(),
@@ -454,6 +475,7 @@ fn main() -> Result<()> {
                 "ratio_vs_fdatasyncs_per_s": common::finite(tput_ratio),
                 "ratio_vs_prewritten_fdatasyncs_per_s":
                     common::finite(tput.pairs_per_s() / fio_pre.per_s()),
+                "ratio_vs_direct_syncs_per_s": common::finite(tput.pairs_per_s() / direct_per_s),
                 "rounds": tput.rounds,
             },
             "leader": {
@@ -474,6 +496,7 @@ fn main() -> Result<()> {
 fn phases() -> Result<Vec<Phase>> {
     let all = [
         ("fio", Phase::Fio { prewritten: false }),
+        ("direct", Phase::Direct),
         ("tcp", Phase::TcpRtt),
         ("latency", Phase::Latency),
         ("rpc", Phase::RpcRtt),
@@ -647,11 +670,8 @@ impl Cluster {
         }
     }
 
-    /// Node addresses for the client, the current leader first (the client starts there).
-    fn client_addrs(&self) -> Vec<SocketAddr> {
-        let mut procs: Vec<&NodeProc> = self.procs.iter().collect();
-        procs.sort_by_key(|p| p.id != self.leader);
-        procs.iter().map(|p| p.addr).collect()
+    fn addrs(&self) -> Vec<SocketAddr> {
+        self.procs.iter().map(|p| p.addr).collect()
     }
 
     /// Fails, with the tail of its log, if a node process has exited.
@@ -796,6 +816,38 @@ async fn throughput(
     }));
     side.latency.extend(&latency);
     Ok(rate)
+}
+
+/// The second disk reference, shaped like a node's WAL commit: `samples` timed { `pwrite`
+/// 8 KiB with O_DIRECT at the next offset; `fdatasync` } on a fresh fallocated file (unwritten
+/// extents, as a new WAL segment is), after a warm-up.
+fn direct_syncs(path: &Path, samples: usize, payloads: &[Arc<[u8]>]) -> Result<Samples> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let ops = WARMUP_OPS + samples;
+    let file = std::fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .with_context(|| format!("create {} with O_DIRECT", path.display()))?;
+    let len = i64::try_from(ops * WRITE_BYTES)?;
+    nix::fcntl::fallocate(file.as_raw_fd(), nix::fcntl::FallocateFlags::empty(), 0, len)
+        .with_context(|| format!("fallocate {}", path.display()))?;
+    file.sync_all().with_context(|| format!("sync {}", path.display()))?;
+    let bufs: Vec<AlignedBuf> = payloads.iter().map(|p| AlignedBuf::from_slice_padded(p)).collect();
+    let mut out = Samples::default();
+    for i in 0..ops {
+        let buf = &bufs[i % bufs.len()];
+        let t = Instant::now();
+        file.write_all_at(&buf[..WRITE_BYTES], (i * WRITE_BYTES) as u64)?;
+        file.sync_data()?;
+        if i >= WARMUP_OPS {
+            out.push(t.elapsed());
+        }
+    }
+    // The file stays until the scratch directory goes (see the fio phase).
+    Ok(out)
 }
 
 /// The wire reference: `samples` round trips of an 8 KiB request and a small reply over one
