@@ -4,7 +4,7 @@
 CARGO     ?= cargo
 TEST_ARGS ?=
 
-.PHONY: build check test test-long bench fmt clean
+.PHONY: build check test test-long bench guest-smoke fmt clean
 
 build:
 	$(CARGO) build --release
@@ -25,6 +25,12 @@ test-long:
 
 bench:
 	$(CARGO) bench --bench wal-append --bench group-commit --bench replay --bench replicated-commit
+
+# The ublk smoke test (docs/guest.md): natively when this kernel has ublk, otherwise inside a
+# QEMU guest with Debian's backports kernel. Root; the first run downloads the kernel and
+# builds rublk (minutes). Not part of `check` until the ublk frontend exists.
+guest-smoke:
+	ublk/guest/test-e2e --rublk
 
 fmt:
 	$(CARGO) fmt --all
