@@ -222,7 +222,7 @@ async fn healthy(procs: &[Proc], cluster: uuid::Uuid, cycle: u64) -> u64 {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Fault {
     KillLeader,
     CutLeader,
@@ -288,7 +288,7 @@ fn faults_under_load_lose_no_flushed_write() {
         let dev = Device::start(cfg, remote);
 
         let mut checker = Checker::default();
-        let mut failover: HashMap<&'static str, Vec<Duration>> = HashMap::new();
+        let mut failover: std::collections::BTreeMap<Fault, Vec<Duration>> = Default::default();
         let started = Instant::now();
         for cycle in 0..cycles {
             for i in 0..64u64 {
@@ -318,7 +318,7 @@ fn faults_under_load_lose_no_flushed_write() {
             for i in 0..16u64 {
                 checker.write(&dev, (cycle * 11 + i * 3) % BLOCKS).await;
                 if i == 0 && fault.hits_leader() {
-                    failover.entry(format!("{fault:?}").leak()).or_default().push(at.elapsed());
+                    failover.entry(fault).or_default().push(at.elapsed());
                 }
             }
             checker.flush(&dev).await;
@@ -341,12 +341,10 @@ fn faults_under_load_lose_no_flushed_write() {
             checker.checks,
             started.elapsed()
         );
-        let mut kinds: Vec<_> = failover.into_iter().collect();
-        kinds.sort();
-        for (kind, mut times) in kinds {
+        for (kind, mut times) in failover {
             times.sort();
             println!(
-                "failover after {kind} (fault to first committed write, {} faults): \
+                "failover after {kind:?} (fault to first committed write, {} faults): \
                  min {:.0?}, median {:.0?}, max {:.0?}",
                 times.len(),
                 times[0],
