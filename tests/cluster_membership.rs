@@ -354,7 +354,18 @@ fn fourth_node_catches_up_by_snapshot_with_progress() {
             }
             assert!(Instant::now() < deadline, "the leader never purged past {behind}: {l:?}");
         }
-        let before = leader_status(&procs, cluster).await;
+        // With writes stopped, let the leader's snapshot reach its last entry first: otherwise
+        // it may snapshot and purge again while the voter installs, and one snapshot no longer
+        // covers the gap.
+        let settle = Instant::now() + Duration::from_secs(20);
+        let before = loop {
+            let l = leader_status(&procs, cluster).await;
+            if l.snapshot.is_some() && l.snapshot == l.last_log_index {
+                break l;
+            }
+            assert!(Instant::now() < settle, "the leader never snapshotted its log: {l:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         let started = Instant::now();
         procs[lagger].start();
         let (after, theirs) = wait_caught_up(&procs, &procs[lagger], cluster).await;
