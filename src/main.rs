@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use uuid::Uuid;
 
-use xdevice::cli::{demo, node, size, StoreArgs};
+use xdevice::cli::{demo, node, serve, size, StoreArgs};
 use xdevice::storage::engine::{Engine, FormatOptions};
 use xdevice::storage::inspect;
 
@@ -18,6 +18,14 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Serve a replicated device as /dev/ublkbN: every replica in this process, each with its
+    /// own data directory under --dir. Prints the device path once it is live; SIGTERM stops it
+    /// cleanly. Re-attaches by itself to the device a crashed daemon left behind.
+    Serve(serve::ServeArgs),
+    /// Re-attach to the device a crashed daemon served from --dir; in-flight I/O is reissued.
+    Recover(serve::RecoverArgs),
+    /// Show every served device: replicas, leader, log positions, I/O and pipeline.
+    Status(serve::StatusArgs),
     /// Create a new store for one replica of one device.
     Format {
         #[command(flatten)]
@@ -84,6 +92,9 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Serve(args) => serve::run_serve(args)?,
+        Command::Recover(args) => serve::run_recover(args)?,
+        Command::Status(args) => serve::run_status(args)?,
         Command::Node(args) => node::run_node(args)?,
         Command::Cluster(args) => node::run_cluster(args)?,
         Command::Format { store, size, block_size, segment_size, wal_slots, cluster_id } => {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use xdevice::device::local::{Embedded, EmbeddedOptions};
-use xdevice::device::{CacheMode, Device, DeviceConfig};
+use xdevice::device::{CacheMode, Device, DeviceConfig, DeviceError};
 use xdevice::entry::{BlockOp, EntryBody};
 use xdevice::replication::log_store::DEFAULT_CACHE_BYTES;
 use xdevice::replication::node::{Node, RaftTuning};
@@ -105,7 +105,8 @@ fn errors_name_the_problem() {
         let dev = device(&cluster, CacheMode::Writethrough).await;
         let size = dev.size_bytes();
         let e = dev.write(size, &block(0, 1), false).await.unwrap_err();
-        assert_eq!(e.errno(), libc::EINVAL);
+        assert!(matches!(e, DeviceError::OutOfRange { .. }), "{e}");
+        assert_eq!(xdevice_ublk::IoError::from(e.clone()).errno(), libc::EINVAL);
         assert!(e.to_string().contains("beyond"), "{e}");
         let e = dev.read(100, BS as u64).await.unwrap_err();
         assert!(e.to_string().contains("aligned"), "{e}");

@@ -3,6 +3,7 @@
 
 pub mod demo;
 pub mod node;
+pub mod serve;
 pub mod size;
 
 use std::path::PathBuf;

@@ -41,7 +41,10 @@ pub trait Cluster: Send + Sync + 'static {
 }
 
 /// When a write completes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum CacheMode {
     Writeback,
     Writethrough,
@@ -89,13 +92,21 @@ pub enum DeviceError {
     Closed,
 }
 
-impl DeviceError {
-    /// The errno the block layer gets.
-    pub fn errno(&self) -> i32 {
-        match self {
-            DeviceError::OutOfRange { .. } | DeviceError::Misaligned { .. } => libc::EINVAL,
-            DeviceError::Timeout(_) | DeviceError::Read(_) => libc::EIO,
-            DeviceError::Closed => libc::ENODEV,
+/// The frontend's error for each device error; `xdevice_ublk::IoError::errno` is the one place
+/// errors become errnos.
+impl From<DeviceError> for xdevice_ublk::IoError {
+    fn from(e: DeviceError) -> Self {
+        use xdevice_ublk::IoError;
+        match e {
+            DeviceError::OutOfRange { offset, len, size } => {
+                IoError::OutOfRange { offset, len, size }
+            }
+            DeviceError::Misaligned { offset, len, block } => {
+                IoError::Misaligned { offset, len, block }
+            }
+            DeviceError::Timeout(d) => IoError::Timeout(format!("not committed within {d:?}")),
+            DeviceError::Read(e) => IoError::Io(e),
+            DeviceError::Closed => IoError::Closed,
         }
     }
 }
@@ -135,13 +146,26 @@ struct Inner {
 }
 
 /// Counters for status and metrics.
-#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct DeviceStats {
     pub writes: u64,
     pub flushes: u64,
     pub reads: u64,
     pub proposals: u64,
     pub resubmissions: u64,
+}
+
+/// The write pipeline at one moment, for status.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct PipelineStats {
+    /// Batches queued or proposed and not yet committed.
+    pub unconfirmed_batches: usize,
+    pub unconfirmed_bytes: usize,
+    /// Blocks whose newest write is not committed yet (reads take them from memory).
+    pub overlay_blocks: usize,
+    /// Writes accepted by a leader but not committed: what a crash of every replica may lose
+    /// in writeback mode (a FLUSH waits for them).
+    pub accepted_not_committed: u64,
 }
 
 /// A replicated block device.
@@ -187,6 +211,16 @@ impl Device {
         self.lock().stats
     }
 
+    pub fn pipeline(&self) -> PipelineStats {
+        let inner = self.lock();
+        PipelineStats {
+            unconfirmed_batches: inner.queue.len(),
+            unconfirmed_bytes: inner.unconfirmed_bytes,
+            overlay_blocks: inner.overlay.len(),
+            accepted_not_committed: inner.accepted.saturating_sub(inner.confirmed),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().expect("device lock")
     }
@@ -210,6 +244,13 @@ impl Device {
         if data.is_empty() {
             return Ok(());
         }
+        if data.len() <= self.cfg.max_proposal_bytes {
+            return self.write_vec(offset, data.to_vec(), fua).await;
+        }
+        self.write_parts(lba, data, fua).await
+    }
+
+    async fn write_parts(&self, lba: u64, data: &[u8], fua: bool) -> Result<(), DeviceError> {
         // A write larger than one proposal goes as several, in order, each whole blocks; it
         // completes with its last part, and the contract covers the parts in order.
         let bs = self.cfg.block_bytes as usize;
@@ -219,6 +260,25 @@ impl Device {
             let op = BlockOp::Write { lba: lba + (i * part / bs) as u64, data: chunk.to_vec() };
             seq = self.enqueue(op).await?;
         }
+        self.lock().stats.writes += 1;
+        self.complete(seq, fua).await
+    }
+
+    /// `write` of a buffer the caller gives up, without copying it when it fits one proposal.
+    pub async fn write_vec(
+        &self,
+        offset: u64,
+        data: Vec<u8>,
+        fua: bool,
+    ) -> Result<(), DeviceError> {
+        let (lba, _) = self.check(offset, data.len() as u64)?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        if data.len() > self.cfg.max_proposal_bytes {
+            return self.write_parts(lba, &data, fua).await;
+        }
+        let seq = self.enqueue(BlockOp::Write { lba, data }).await?;
         self.lock().stats.writes += 1;
         self.complete(seq, fua).await
     }
