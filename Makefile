@@ -4,10 +4,16 @@
 CARGO     ?= cargo
 TEST_ARGS ?=
 
-.PHONY: build check test test-long bench guest-smoke fmt clean
+.PHONY: build run check test test-long bench guest-smoke fmt clean
 
 build:
 	$(CARGO) build --release
+
+# The README's first command: serve the embedded default as /dev/ublkbN, put ext4 on it, show
+# status (ublk/guest/demo). Root. On a kernel without ublk it runs inside a QEMU guest; the first
+# run installs QEMU and downloads the guest kernel (docs/guest.md).
+run: build
+	XDEVICE_BIN=$(CURDIR)/target/release/xdevice ublk/guest/test-e2e ublk/guest/demo
 
 # --locked: fail, rather than rewrite Cargo.lock, if it is out of date.
 check:

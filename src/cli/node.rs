@@ -35,6 +35,13 @@ pub struct NodeArgs {
     /// Where incoming snapshots are staged (default: the data directory).
     #[arg(long)]
     pub snapshot_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub tuning: TuningArgs,
+}
+
+/// Raft timing and log retention, shared by `node` and `serve`.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TuningArgs {
     /// Leader heartbeat interval in milliseconds [default: 30].
     #[arg(long)]
     pub heartbeat_ms: Option<u64>,
@@ -53,6 +60,35 @@ pub struct NodeArgs {
     pub keep_entries: Option<u64>,
 }
 
+impl TuningArgs {
+    /// The built-in tuning with these overrides, checked.
+    pub fn tuning(&self) -> Result<RaftTuning> {
+        let mut tuning = RaftTuning::default();
+        if let Some(ms) = self.heartbeat_ms {
+            tuning.heartbeat = Duration::from_millis(ms);
+        }
+        if let Some((lo, hi)) = self.election_ms {
+            tuning.election_min = Duration::from_millis(lo);
+            tuning.election_max = Duration::from_millis(hi);
+        }
+        if let Some(n) = self.snapshot_segments {
+            tuning.snapshot_segments = n.max(1);
+        }
+        if let Some(n) = self.keep_entries {
+            tuning.keep_entries = n;
+        }
+        if tuning.heartbeat.is_zero() || tuning.heartbeat >= tuning.election_min {
+            bail!(
+                "--heartbeat-ms ({:?}) must be above 0 and below the election timeout's minimum \
+                 ({:?})",
+                tuning.heartbeat,
+                tuning.election_min
+            );
+        }
+        Ok(tuning)
+    }
+}
+
 fn parse_range(s: &str) -> Result<(u64, u64), String> {
     let bad = || format!("{s:?} is not MIN-MAX in milliseconds (e.g. 100-300)");
     let (lo, hi) = s.split_once('-').ok_or_else(bad)?;
@@ -69,28 +105,7 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
     if args.id == 0 {
         bail!("--id must be greater than 0");
     }
-    let mut tuning = RaftTuning::default();
-    if let Some(ms) = args.heartbeat_ms {
-        tuning.heartbeat = Duration::from_millis(ms);
-    }
-    if let Some((lo, hi)) = args.election_ms {
-        tuning.election_min = Duration::from_millis(lo);
-        tuning.election_max = Duration::from_millis(hi);
-    }
-    if let Some(n) = args.snapshot_segments {
-        tuning.snapshot_segments = n.max(1);
-    }
-    if let Some(n) = args.keep_entries {
-        tuning.keep_entries = n;
-    }
-    if tuning.heartbeat.is_zero() || tuning.heartbeat >= tuning.election_min {
-        bail!(
-            "--heartbeat-ms ({:?}) must be above 0 and below the election timeout's minimum \
-             ({:?})",
-            tuning.heartbeat,
-            tuning.election_min
-        );
-    }
+    let tuning = args.tuning.tuning()?;
     let location = args.store.location(None)?;
     let snapshot_dir = match (&args.snapshot_dir, &args.store.dir) {
         (Some(d), _) | (None, Some(d)) => d.clone(),

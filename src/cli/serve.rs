@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use xdevice_ublk::{Done, Geometry, Io, IoError, Reply, Target};
 
+use crate::cli::node::TuningArgs;
 use crate::cli::size;
 use crate::device::local::{Embedded, EmbeddedOptions};
 use crate::device::{CacheMode, Device, DeviceConfig, DeviceStats, PipelineStats};
@@ -74,6 +75,8 @@ pub struct ServeArgs {
     /// Directory for the status socket.
     #[arg(long, default_value = DEFAULT_RUN_DIR, env = "XDEVICE_RUN_DIR")]
     pub run_dir: PathBuf,
+    #[command(flatten)]
+    pub tuning: TuningArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -87,6 +90,8 @@ pub struct RecoverArgs {
     /// Directory for the status socket.
     #[arg(long, default_value = DEFAULT_RUN_DIR, env = "XDEVICE_RUN_DIR")]
     pub run_dir: PathBuf,
+    #[command(flatten)]
+    pub tuning: TuningArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -408,7 +413,7 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
             id.unwrap_or(0)
         );
     }
-    serve_device(dir, record, id, recover, args.backend, args.run_dir)
+    serve_device(dir, record, id, recover, args.backend, args.run_dir, args.tuning.tuning()?)
 }
 
 /// `xdevice recover`.
@@ -442,7 +447,7 @@ pub fn run_recover(args: RecoverArgs) -> Result<()> {
             info.daemon_pid
         );
     }
-    serve_device(dir, record, Some(id), true, args.backend, args.run_dir)
+    serve_device(dir, record, Some(id), true, args.backend, args.run_dir, args.tuning.tuning()?)
 }
 
 fn serve_device(
@@ -452,6 +457,7 @@ fn serve_device(
     recover: bool,
     backend: Backend,
     run_dir: PathBuf,
+    tuning: RaftTuning,
 ) -> Result<()> {
     let rt = runtime()?;
     rt.block_on(async move {
@@ -468,7 +474,7 @@ fn serve_device(
             },
             engine: EngineConfig { fill_segments: true, ..EngineConfig::default() },
             backend,
-            tuning: RaftTuning::default(),
+            tuning,
         };
         let embedded = Embedded::start(opts).await.context("starting the replicas")?;
         let leader = embedded.wait_leader(Duration::from_secs(30)).await?;

@@ -36,8 +36,15 @@ pub trait Cluster: Send + Sync + 'static {
     /// Hands `req` to the leader, in call order. Resolves once the leader has accepted it, to a
     /// future of its commit; an error means it was not accepted.
     fn submit(self: Arc<Self>, req: Request) -> BoxFuture<Result<Commit, String>>;
-    /// Reads `blocks` blocks at `lba` from the leader, once it has applied everything committed.
-    fn read(self: Arc<Self>, lba: u64, blocks: u64) -> BoxFuture<Result<Vec<u8>, String>>;
+    /// Reads `blocks` blocks at `lba` from a replica that has applied at least log index
+    /// `applied_at_least` (the newest commit this device has confirmed; blocks of writes not
+    /// yet confirmed are read from the device's overlay instead).
+    fn read(
+        self: Arc<Self>,
+        lba: u64,
+        blocks: u64,
+        applied_at_least: u64,
+    ) -> BoxFuture<Result<Vec<u8>, String>>;
 }
 
 /// When a write completes.
@@ -141,6 +148,9 @@ struct Inner {
     accepted: u64,
     epoch: u64,
     unconfirmed_bytes: usize,
+    /// The highest log index a commit of this device's writes resolved to: every write no
+    /// longer in the overlay is at or below it.
+    commit_floor: u64,
     closed: bool,
     stats: DeviceStats,
 }
@@ -329,19 +339,21 @@ impl Device {
     pub async fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, DeviceError> {
         let (lba, blocks) = self.check(offset, len)?;
         let bs = self.cfg.block_bytes as usize;
-        let (overlay, complete) = {
+        let (overlay, complete, floor) = {
             let mut inner = self.lock();
             inner.stats.reads += 1;
+            let floor = inner.commit_floor;
             let hits: Vec<(usize, Option<Arc<[u8]>>)> = (0..blocks)
                 .filter_map(|i| inner.overlay.get(&(lba + i)).map(|(_, d)| (i as usize, d.clone())))
                 .collect();
             let complete = hits.len() as u64 == blocks;
-            (hits, complete)
+            (hits, complete, floor)
         };
         let mut out = if complete || blocks == 0 {
             vec![0u8; len as usize]
         } else {
-            let data = self.cluster.clone().read(lba, blocks).await.map_err(DeviceError::Read)?;
+            let data =
+                self.cluster.clone().read(lba, blocks, floor).await.map_err(DeviceError::Read)?;
             if data.len() != len as usize {
                 return Err(DeviceError::Read(format!(
                     "leader returned {} bytes for a {len}-byte read",
@@ -484,8 +496,9 @@ impl Device {
         self.changed.notify_waiters();
     }
 
-    fn committed(&self, epoch: u64, seqs: &[u64]) {
+    fn committed(&self, epoch: u64, seqs: &[u64], index: u64) {
         let mut inner = self.lock();
+        inner.commit_floor = inner.commit_floor.max(index);
         if inner.epoch != epoch {
             return;
         }
@@ -538,7 +551,7 @@ async fn proposer(d: Arc<Device>) {
                 let d = d.clone();
                 tokio::spawn(async move {
                     match commit.await {
-                        Ok(_) => d.committed(epoch, &seqs),
+                        Ok(index) => d.committed(epoch, &seqs, index),
                         Err(e) => {
                             d.restart(epoch, &e);
                             d.kick.notify_one();

@@ -130,7 +130,14 @@ impl Cluster for RemoteCluster {
         })
     }
 
-    fn read(self: Arc<Self>, lba: u64, blocks: u64) -> BoxFuture<Result<Vec<u8>, String>> {
+    /// Remote reads are linearizable reads on the leader (the node checks its leadership with
+    /// a quorum first), which covers `_applied_at_least`: other clients may write too.
+    fn read(
+        self: Arc<Self>,
+        lba: u64,
+        blocks: u64,
+        _applied_at_least: u64,
+    ) -> BoxFuture<Result<Vec<u8>, String>> {
         Box::pin(async move {
             let mut last = String::from("no replicas");
             for _ in 0..self.nodes.len() * 3 {
