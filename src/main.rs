@@ -26,6 +26,13 @@ enum Command {
     Recover(serve::RecoverArgs),
     /// Show every served device: replicas, leader, log positions, I/O and pipeline.
     Status(serve::StatusArgs),
+    /// Print the stable name of ublkbN (the last component of the data directory it is served
+    /// from), for the udev rule in systemd/90-xdevice.rules.
+    #[command(hide = true)]
+    UdevName {
+        /// The kernel's name of the device, e.g. ublkb0.
+        kernel_name: String,
+    },
     /// Create a new store for one replica of one device.
     Format {
         #[command(flatten)]
@@ -95,6 +102,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Serve(args) => serve::run_serve(args)?,
         Command::Recover(args) => serve::run_recover(args)?,
         Command::Status(args) => serve::run_status(args)?,
+        Command::UdevName { kernel_name } => println!("{}", serve::udev_name(&kernel_name)?),
         Command::Node(args) => node::run_node(args)?,
         Command::Cluster(args) => node::run_cluster(args)?,
         Command::Format { store, size, block_size, segment_size, wal_slots, cluster_id } => {

@@ -718,3 +718,25 @@ pub fn run_status(args: StatusArgs) -> Result<()> {
     }
     Ok(())
 }
+
+/// The stable name of `ublkbN`: the last component of the data directory its daemon recorded
+/// with the device.
+pub fn udev_name(kernel_name: &str) -> Result<String> {
+    let id: u32 = kernel_name
+        .strip_prefix("ublkb")
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("{kernel_name:?} is not a ublk block device name (ublkbN)"))?;
+    let info =
+        xdevice_ublk::device_info(id)?.with_context(|| format!("/dev/ublkc{id} does not exist"))?;
+    let dir = info
+        .owner
+        .as_ref()
+        .and_then(|o| o.get("dir"))
+        .and_then(|d| d.as_str())
+        .with_context(|| format!("ublk device {id} is not served by xdevice"))?;
+    Path::new(dir)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .map(str::to_string)
+        .with_context(|| format!("data directory {dir:?} has no usable last component"))
+}
