@@ -77,6 +77,17 @@ pub struct ServeArgs {
     pub run_dir: PathBuf,
     #[command(flatten)]
     pub tuning: TuningArgs,
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+}
+
+/// The device pipeline's limits.
+#[derive(Args, Debug, Clone)]
+pub struct PipelineArgs {
+    /// Proposals in flight (handed to the leader, not yet committed); writes arriving meanwhile
+    /// merge into the next one.
+    #[arg(long, default_value_t = 2)]
+    pub inflight_proposals: usize,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -92,6 +103,8 @@ pub struct RecoverArgs {
     pub run_dir: PathBuf,
     #[command(flatten)]
     pub tuning: TuningArgs,
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -413,7 +426,18 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
             id.unwrap_or(0)
         );
     }
-    serve_device(dir, record, id, recover, args.backend, args.run_dir, args.tuning.tuning()?)
+    serve_device(
+        dir,
+        record,
+        id,
+        recover,
+        Daemon {
+            backend: args.backend,
+            run_dir: args.run_dir,
+            tuning: args.tuning.tuning()?,
+            inflight: args.pipeline.inflight_proposals,
+        },
+    )
 }
 
 /// `xdevice recover`.
@@ -447,7 +471,26 @@ pub fn run_recover(args: RecoverArgs) -> Result<()> {
             info.daemon_pid
         );
     }
-    serve_device(dir, record, Some(id), true, args.backend, args.run_dir, args.tuning.tuning()?)
+    serve_device(
+        dir,
+        record,
+        Some(id),
+        true,
+        Daemon {
+            backend: args.backend,
+            run_dir: args.run_dir,
+            tuning: args.tuning.tuning()?,
+            inflight: args.pipeline.inflight_proposals,
+        },
+    )
+}
+
+/// How the daemon runs, whatever it serves.
+struct Daemon {
+    backend: Backend,
+    run_dir: PathBuf,
+    tuning: RaftTuning,
+    inflight: usize,
 }
 
 fn serve_device(
@@ -455,10 +498,12 @@ fn serve_device(
     mut record: Record,
     id: Option<u32>,
     recover: bool,
-    backend: Backend,
-    run_dir: PathBuf,
-    tuning: RaftTuning,
+    daemon: Daemon,
 ) -> Result<()> {
+    if daemon.inflight == 0 {
+        bail!("--inflight-proposals must be at least 1");
+    }
+    let Daemon { backend, run_dir, tuning, inflight } = daemon;
     let rt = runtime()?;
     rt.block_on(async move {
         let started = Instant::now();
@@ -486,6 +531,7 @@ fn serve_device(
             sb.device_bytes / u64::from(sb.block_bytes),
             record.mode,
         );
+        let cfg = DeviceConfig { max_inflight_proposals: inflight, ..cfg };
         let device = Device::start(cfg, embedded.clone());
 
         let geometry = record.geometry();

@@ -69,6 +69,10 @@ pub struct DeviceConfig {
     pub max_unconfirmed_bytes: usize,
     /// A flush or write still unconfirmed after this long fails with EIO (it stays queued).
     pub io_timeout: Duration,
+    /// Proposals handed to the leader and not yet committed. While this many are out, new
+    /// writes queue and merge into the next proposal: group commit at the device, so many
+    /// concurrent small writes become few log entries.
+    pub max_inflight_proposals: usize,
 }
 
 impl DeviceConfig {
@@ -80,6 +84,7 @@ impl DeviceConfig {
             max_proposal_bytes: 4 << 20,
             max_unconfirmed_bytes: 64 << 20,
             io_timeout: Duration::from_secs(30),
+            max_inflight_proposals: 4,
         }
     }
 }
@@ -148,6 +153,8 @@ struct Inner {
     accepted: u64,
     epoch: u64,
     unconfirmed_bytes: usize,
+    /// Proposals of this epoch submitted and not yet committed.
+    inflight: usize,
     /// The highest log index a commit of this device's writes resolved to: every write no
     /// longer in the overlay is at or below it.
     commit_floor: u64,
@@ -445,6 +452,9 @@ impl Device {
     /// Takes the next run of queued batches, in order, as one proposal.
     fn take_proposal(&self) -> Option<(u64, Vec<u64>, Request)> {
         let mut inner = self.lock();
+        if inner.inflight >= self.cfg.max_inflight_proposals.max(1) {
+            return None;
+        }
         let epoch = inner.epoch;
         let mut seqs = Vec::new();
         let mut ops = Vec::new();
@@ -464,6 +474,7 @@ impl Device {
             return None;
         }
         inner.stats.proposals += 1;
+        inner.inflight += 1;
         Some((epoch, seqs, Request::Blocks(ops)))
     }
 
@@ -474,6 +485,7 @@ impl Device {
             return;
         }
         inner.epoch += 1;
+        inner.inflight = 0;
         let mut n = 0;
         for b in inner.queue.iter_mut() {
             b.state = State::Queued;
@@ -502,6 +514,9 @@ impl Device {
         if inner.epoch != epoch {
             return;
         }
+        inner.inflight = inner.inflight.saturating_sub(1);
+        // Room for another proposal: what queued meanwhile goes as one.
+        self.kick.notify_one();
         for b in inner.queue.iter_mut() {
             if seqs.binary_search(&b.seq).is_ok() {
                 b.state = State::Committed;
