@@ -18,16 +18,16 @@ run: build
 # --locked: fail, rather than rewrite Cargo.lock, if it is out of date.
 check:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --locked --all-targets -- -D warnings
+	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
 	$(MAKE) test
 
 # Release mode keeps the crash and fault-injection tests fast.
 # Pass filters or harness flags through: make test TEST_ARGS='wal -- --nocapture'
 test:
-	$(CARGO) test --release $(TEST_ARGS)
+	$(CARGO) test --release --workspace $(TEST_ARGS)
 
 test-long:
-	XDEVICE_LONG=1 $(CARGO) test --release $(TEST_ARGS)
+	XDEVICE_LONG=1 $(CARGO) test --release --workspace $(TEST_ARGS)
 
 bench:
 	$(CARGO) bench --bench wal-append --bench group-commit --bench replay --bench replicated-commit

@@ -239,3 +239,69 @@ fn commit(q: &UblkQueue, bufs: &[IoBuf<u8>], tag: u16, res: i32) {
         tracing::error!("ublk: committing tag {tag} failed: {e}");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads the eventfd counter without blocking: the number of wake-ups written since the
+    /// last read, or 0.
+    fn wakeups(c: &Completions) -> u64 {
+        let mut pfd = libc::pollfd { fd: c.efd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd, zero timeout.
+        if unsafe { libc::poll(&mut pfd, 1, 0) } != 1 {
+            return 0;
+        }
+        let mut v = [0u8; 8];
+        // SAFETY: reads 8 bytes into a live local buffer from our eventfd.
+        assert_eq!(unsafe { libc::read(c.efd.as_raw_fd(), v.as_mut_ptr().cast(), 8) }, 8);
+        u64::from_ne_bytes(v)
+    }
+
+    #[test]
+    fn answers_from_other_threads_wake_the_queue_once_per_batch() {
+        let c = Arc::new(Completions::new().expect("eventfd"));
+        let threads: Vec<_> = (0..8u16)
+            .map(|tag| {
+                let done = Done { tag, completions: Some(c.clone()) };
+                std::thread::spawn(move || done.complete(Ok(Reply::Done)))
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("thread");
+        }
+        // Eight answers, one wake-up: later pushes saw the signal already pending.
+        assert_eq!(wakeups(&c), 1);
+        let mut tags: Vec<u16> = c
+            .take()
+            .into_iter()
+            .map(|(t, r)| {
+                assert!(matches!(r, Ok(Reply::Done)));
+                t
+            })
+            .collect();
+        tags.sort_unstable();
+        assert_eq!(tags, (0..8).collect::<Vec<_>>());
+        // After a take, the next answer signals again.
+        Done { tag: 9, completions: Some(c.clone()) }.complete(Ok(Reply::Data(vec![1; 4096])));
+        assert_eq!(wakeups(&c), 1);
+        let got = c.take();
+        assert_eq!(got.len(), 1);
+        assert!(matches!(&got[0], (9, Ok(Reply::Data(d))) if d.len() == 4096));
+        assert!(c.take().is_empty());
+    }
+
+    #[test]
+    fn a_dropped_done_answers_eio() {
+        let c = Arc::new(Completions::new().expect("eventfd"));
+        drop(Done { tag: 3, completions: Some(c.clone()) });
+        assert_eq!(wakeups(&c), 1);
+        let got = c.take();
+        assert_eq!(got.len(), 1);
+        let (tag, result) = &got[0];
+        assert_eq!(*tag, 3);
+        let err = result.as_ref().expect_err("dropped");
+        assert_eq!(*err, IoError::Dropped);
+        assert_eq!(err.errno(), libc::EIO);
+    }
+}
