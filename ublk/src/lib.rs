@@ -294,6 +294,7 @@ pub fn stop(id: u32) -> Result<(), Error> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -241,6 +241,7 @@ fn commit(q: &UblkQueue, bufs: &[IoBuf<u8>], tag: u16, res: i32) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

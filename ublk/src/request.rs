@@ -155,6 +155,7 @@ pub fn decode(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
