@@ -344,7 +344,17 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 /// `xdevice serve`.
 pub fn run_serve(args: ServeArgs) -> Result<()> {
-    require_ublk()?;
+    // Everything that can be checked without the kernel is checked first, so a bad flag or
+    // record is named even where ublk is missing.
+    let daemon = Daemon {
+        backend: args.backend,
+        run_dir: args.run_dir.clone(),
+        tuning: args.tuning.tuning()?,
+        inflight: args.pipeline.inflight_proposals,
+    };
+    if daemon.inflight == 0 {
+        bail!("--inflight-proposals must be at least 1");
+    }
     if args.replicas == Some(0) {
         bail!("--replicas must be at least 1");
     }
@@ -354,11 +364,24 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
         .with_context(|| {
             format!("--max-io {} must be a multiple of 4096 in 4K..=8M", args.max_io)
         })?;
+    if let Some(size) = args.size {
+        if size == 0 || size % 4096 != 0 {
+            bail!("--size {size} must be a positive multiple of the 4096-byte block");
+        }
+    }
+    if args.queues == 0 || args.depth == 0 || args.depth > 4096 {
+        bail!("--queues must be at least 1 and --depth in 1..=4096");
+    }
+    let existing = match args.dir.canonicalize() {
+        Ok(dir) => Record::load(&dir)?,
+        Err(_) => None,
+    };
+    require_ublk()?;
     private_mount_namespace()?;
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("creating data directory {}", args.dir.display()))?;
     let dir = args.dir.canonicalize()?;
-    let record = match Record::load(&dir)? {
+    let record = match existing {
         Some(r) => {
             let check = |what: &str, given: Option<String>, have: String| -> Result<()> {
                 match given {
@@ -426,24 +449,17 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
             id.unwrap_or(0)
         );
     }
-    serve_device(
-        dir,
-        record,
-        id,
-        recover,
-        Daemon {
-            backend: args.backend,
-            run_dir: args.run_dir,
-            tuning: args.tuning.tuning()?,
-            inflight: args.pipeline.inflight_proposals,
-        },
-    )
+    serve_device(dir, record, id, recover, daemon)
 }
 
 /// `xdevice recover`.
 pub fn run_recover(args: RecoverArgs) -> Result<()> {
-    require_ublk()?;
-    private_mount_namespace()?;
+    let daemon = Daemon {
+        backend: args.backend,
+        run_dir: args.run_dir.clone(),
+        tuning: args.tuning.tuning()?,
+        inflight: args.pipeline.inflight_proposals,
+    };
     let dir = args
         .dir
         .canonicalize()
@@ -454,6 +470,8 @@ pub fn run_recover(args: RecoverArgs) -> Result<()> {
     let Some(id) = record.ublk_id else {
         bail!("{} never served a device", dir.display());
     };
+    require_ublk()?;
+    private_mount_namespace()?;
     let Some(info) = xdevice_ublk::device_info(id)? else {
         bail!(
             "/dev/ublkb{id} (served from {}) no longer exists; start it with `xdevice serve`",
@@ -471,18 +489,7 @@ pub fn run_recover(args: RecoverArgs) -> Result<()> {
             info.daemon_pid
         );
     }
-    serve_device(
-        dir,
-        record,
-        Some(id),
-        true,
-        Daemon {
-            backend: args.backend,
-            run_dir: args.run_dir,
-            tuning: args.tuning.tuning()?,
-            inflight: args.pipeline.inflight_proposals,
-        },
-    )
+    serve_device(dir, record, Some(id), true, daemon)
 }
 
 /// How the daemon runs, whatever it serves.
