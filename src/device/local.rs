@@ -170,6 +170,11 @@ impl Embedded {
 }
 
 impl Cluster for Embedded {
+    /// Every replica is in this process: what the leader accepted dies with it.
+    fn acceptance_outlives_process(&self) -> bool {
+        false
+    }
+
     fn submit(self: Arc<Self>, req: Request) -> BoxFuture<Result<Commit, String>> {
         let leader = self.leader();
         Box::pin(async move {

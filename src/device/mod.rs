@@ -4,6 +4,9 @@
 //!
 //! - writeback: a write completes once the leader has accepted it into its log; FLUSH (and a
 //!   write with FUA) completes once every write completed before it is committed on a majority.
+//!   When every replica lives in this process (the embedded mode), acceptance dies with the
+//!   process, so a write completes once committed: a daemon crash then loses no completed
+//!   write, and a FLUSH reissued to the next daemon is truthful.
 //! - writethrough: every write completes once committed on a majority.
 //!
 //! Writes go through one ordered pipeline: queued in submission order, merged into proposals
@@ -36,6 +39,11 @@ pub trait Cluster: Send + Sync + 'static {
     /// Hands `req` to the leader, in call order. Resolves once the leader has accepted it, to a
     /// future of its commit; an error means it was not accepted.
     fn submit(self: Arc<Self>, req: Request) -> BoxFuture<Result<Commit, String>>;
+    /// Whether a proposal the leader has accepted (not yet committed) still commits if this
+    /// process dies. False when every replica lives in this process: then a writeback write
+    /// completes only once committed, or a daemon crash would lose completed writes and a FLUSH
+    /// the kernel reissues to the next daemon would succeed without them.
+    fn acceptance_outlives_process(&self) -> bool;
     /// Reads `blocks` blocks at `lba` from a replica that has applied at least log index
     /// `applied_at_least` (the newest commit this device has confirmed; blocks of writes not
     /// yet confirmed are read from the device's overlay instead).
@@ -334,7 +342,10 @@ impl Device {
     }
 
     async fn complete(&self, seq: u64, durable: bool) -> Result<(), DeviceError> {
-        if durable || self.cfg.mode == CacheMode::Writethrough {
+        if durable
+            || self.cfg.mode == CacheMode::Writethrough
+            || !self.cluster.acceptance_outlives_process()
+        {
             self.wait_until(|i| i.confirmed > seq).await
         } else {
             self.wait_until(|i| i.accepted > seq).await

@@ -120,6 +120,12 @@ impl RemoteCluster {
 }
 
 impl Cluster for RemoteCluster {
+    /// The leader is another process: it commits what it accepted whether or not this one
+    /// lives.
+    fn acceptance_outlives_process(&self) -> bool {
+        true
+    }
+
     fn submit(self: Arc<Self>, req: Request) -> BoxFuture<Result<Commit, String>> {
         Box::pin(async move {
             let index =
