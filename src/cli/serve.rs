@@ -69,6 +69,13 @@ pub struct ServeArgs {
     /// Device number N of /dev/ublkbN (default: the one recorded in --dir, else the first free).
     #[arg(long)]
     pub id: Option<u32>,
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+}
+
+/// How the daemon runs, for `serve` and `recover` alike.
+#[derive(Args, Debug, Clone)]
+pub struct DaemonArgs {
     /// I/O backend of the replicas' stores.
     #[arg(long, default_value = "uring")]
     pub backend: Backend,
@@ -77,17 +84,24 @@ pub struct ServeArgs {
     pub run_dir: PathBuf,
     #[command(flatten)]
     pub tuning: TuningArgs,
-    #[command(flatten)]
-    pub pipeline: PipelineArgs,
-}
-
-/// The device pipeline's limits.
-#[derive(Args, Debug, Clone)]
-pub struct PipelineArgs {
     /// Proposals in flight (handed to the leader, not yet committed); writes arriving meanwhile
     /// merge into the next one.
     #[arg(long, default_value_t = 2)]
     pub inflight_proposals: usize,
+}
+
+impl DaemonArgs {
+    fn daemon(&self) -> Result<Daemon> {
+        if self.inflight_proposals == 0 {
+            bail!("--inflight-proposals must be at least 1");
+        }
+        Ok(Daemon {
+            backend: self.backend,
+            run_dir: self.run_dir.clone(),
+            tuning: self.tuning.tuning()?,
+            inflight: self.inflight_proposals,
+        })
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -95,16 +109,8 @@ pub struct RecoverArgs {
     /// The data directory the crashed daemon served from.
     #[arg(long, default_value = "/var/lib/xdevice/xdb0")]
     pub dir: PathBuf,
-    /// I/O backend of the replicas' stores.
-    #[arg(long, default_value = "uring")]
-    pub backend: Backend,
-    /// Directory for the status socket.
-    #[arg(long, default_value = DEFAULT_RUN_DIR, env = "XDEVICE_RUN_DIR")]
-    pub run_dir: PathBuf,
     #[command(flatten)]
-    pub tuning: TuningArgs,
-    #[command(flatten)]
-    pub pipeline: PipelineArgs,
+    pub daemon: DaemonArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -346,15 +352,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 pub fn run_serve(args: ServeArgs) -> Result<()> {
     // Everything that can be checked without the kernel is checked first, so a bad flag or
     // record is named even where ublk is missing.
-    let daemon = Daemon {
-        backend: args.backend,
-        run_dir: args.run_dir.clone(),
-        tuning: args.tuning.tuning()?,
-        inflight: args.pipeline.inflight_proposals,
-    };
-    if daemon.inflight == 0 {
-        bail!("--inflight-proposals must be at least 1");
-    }
+    let daemon = args.daemon.daemon()?;
     if args.replicas == Some(0) {
         bail!("--replicas must be at least 1");
     }
@@ -454,12 +452,7 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
 
 /// `xdevice recover`.
 pub fn run_recover(args: RecoverArgs) -> Result<()> {
-    let daemon = Daemon {
-        backend: args.backend,
-        run_dir: args.run_dir.clone(),
-        tuning: args.tuning.tuning()?,
-        inflight: args.pipeline.inflight_proposals,
-    };
+    let daemon = args.daemon.daemon()?;
     let dir = args
         .dir
         .canonicalize()
@@ -507,9 +500,6 @@ fn serve_device(
     recover: bool,
     daemon: Daemon,
 ) -> Result<()> {
-    if daemon.inflight == 0 {
-        bail!("--inflight-proposals must be at least 1");
-    }
     let Daemon { backend, run_dir, tuning, inflight } = daemon;
     let rt = runtime()?;
     rt.block_on(async move {
