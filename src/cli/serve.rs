@@ -379,7 +379,8 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("creating data directory {}", args.dir.display()))?;
     let dir = args.dir.canonicalize()?;
-    let record = match existing {
+    let original = existing.clone();
+    let mut record = match existing {
         Some(r) => {
             let check = |what: &str, given: Option<String>, have: String| -> Result<()> {
                 match given {
@@ -442,9 +443,18 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
             .filter(|i| xdevice_ublk::device_info(*i).ok().flatten().is_none())
     };
     if recover {
+        // The kernel keeps the device's shape (queues, depth, limits, cache mode): serve it as
+        // it was created, whatever the flags of this run say.
+        if let Some(original) = original {
+            record = original;
+        }
         eprintln!(
-            "xdevice: /dev/ublkb{} was left by a stopped daemon: re-attaching",
-            id.unwrap_or(0)
+            "xdevice: /dev/ublkb{} was left by a stopped daemon: re-attaching as it was created \
+             ({:?}, {} queue(s) x {})",
+            id.unwrap_or(0),
+            record.mode,
+            record.queues,
+            record.depth
         );
     }
     serve_device(dir, record, id, recover, daemon)
