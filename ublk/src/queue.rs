@@ -126,8 +126,27 @@ struct Slot {
 
 /// Runs queue `qid` until the device stops. Called on the queue's own thread by libublk.
 pub(crate) fn run(qid: u16, dev: &UblkDev, geo: Geometry, target: Arc<dyn Target>) {
+    // libublk ends the queue on any io_uring_enter error but ETIME, so a signal handled on this
+    // thread (EINTR) would take the device's queue down: every catchable signal goes to the
+    // daemon's other threads instead.
+    if let Err(e) = block_signals() {
+        tracing::warn!("ublk queue {qid}: blocking signals failed: {e}");
+    }
     if let Err(e) = serve_queue(qid, dev, geo, target) {
         tracing::error!("ublk queue {qid} stopped: {e}");
+    }
+}
+
+fn block_signals() -> std::io::Result<()> {
+    // SAFETY: `set` is a local sigset_t initialised by sigfillset before use; pthread_sigmask
+    // only changes this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut set);
+        match libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) {
+            0 => Ok(()),
+            e => Err(std::io::Error::from_raw_os_error(e)),
+        }
     }
 }
 
