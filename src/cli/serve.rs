@@ -242,6 +242,10 @@ pub struct ReplicaStatus {
     pub role: String,
     pub term: u64,
     pub last_log_index: Option<u64>,
+    /// The commit index as this replica knows it: on the leader, the highest index a majority
+    /// of voters holds; on a follower, its applied index (everything applied is committed; the
+    /// leader may know of more).
+    pub committed: Option<u64>,
     pub applied: Option<u64>,
     pub snapshot: Option<u64>,
     pub purged: Option<u64>,
@@ -276,6 +280,18 @@ impl Served {
                         role: format!("{:?}", m.state),
                         term: m.current_term,
                         last_log_index: m.last_log_index,
+                        committed: match &m.replication {
+                            Some(r) => majority_index(
+                                m.membership_config.membership().voter_ids().map(|v| {
+                                    if v == id {
+                                        m.last_log_index
+                                    } else {
+                                        r.get(&v).copied().flatten().map(|l| l.index)
+                                    }
+                                }),
+                            ),
+                            None => m.last_applied.map(|l| l.index),
+                        },
                         applied: m.last_applied.map(|l| l.index),
                         snapshot: m.snapshot.map(|l| l.index),
                         purged: m.purged.map(|l| l.index),
@@ -287,6 +303,7 @@ impl Served {
                     role: "Stopped".into(),
                     term: 0,
                     last_log_index: None,
+                    committed: None,
                     applied: None,
                     snapshot: None,
                     purged: None,
@@ -315,6 +332,16 @@ impl Served {
     }
 }
 
+/// The highest index held by a majority of `voters` (`None` for a voter holding nothing).
+fn majority_index(voters: impl Iterator<Item = Option<u64>>) -> Option<u64> {
+    let mut held: Vec<Option<u64>> = voters.collect();
+    if held.is_empty() {
+        return None;
+    }
+    held.sort_unstable_by(|a, b| b.cmp(a));
+    held[held.len() / 2]
+}
+
 /// A private mount namespace: mounts of this daemon's own device (made later, by anyone)
 /// never propagate into it. Must run before any thread is started (unshare of the fs context
 /// fails in a threaded process).
@@ -324,7 +351,52 @@ fn private_mount_namespace() -> Result<()> {
     unshare(CloneFlags::CLONE_NEWNS).context("unshare(CLONE_NEWNS): a private mount namespace")?;
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
         .context("making the daemon's mounts private")?;
+    // The new namespace starts as a copy of the old one: a daemon re-attaching after a crash
+    // would hold its own device's file system (still mounted by its users) and keep it alive
+    // after they unmount it. Detach every copied mount of a ublk device; users' mounts outside
+    // this namespace are untouched.
+    let mountinfo =
+        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    for mount_point in ublk_mounts(&mountinfo).into_iter().rev() {
+        nix::mount::umount2(mount_point.as_str(), nix::mount::MntFlags::MNT_DETACH).with_context(
+            || format!("detaching the copy of {mount_point} in the daemon's mount namespace"),
+        )?;
+    }
     Ok(())
+}
+
+/// Mount points in `mountinfo` (the format of /proc/self/mountinfo) whose source is a ublk block
+/// device, in mount order.
+fn ublk_mounts(mountinfo: &str) -> Vec<String> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (before, after) = line.split_once(" - ")?;
+            let mount_point = before.split(' ').nth(4)?;
+            let source = after.split(' ').nth(1)?;
+            source.starts_with("/dev/ublkb").then(|| unescape_mountinfo(mount_point))
+        })
+        .collect()
+}
+
+/// mountinfo escapes space, tab, newline and backslash as three octal digits.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn require_ublk() -> Result<()> {
@@ -747,11 +819,13 @@ pub fn run_status(args: StatusArgs) -> Result<()> {
         for r in &d.replicas {
             let opt = |v: Option<u64>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
             println!(
-                "  replica {}  {:<9} term {:<4} log {:<8} applied {:<8} snapshot {:<8} matched {}",
+                "  replica {}  {:<9} term {:<4} log {:<8} committed {:<8} applied {:<8} snapshot {:<8} \
+                 matched {}",
                 r.id,
                 r.role,
                 r.term,
                 opt(r.last_log_index),
+                opt(r.committed),
                 opt(r.applied),
                 opt(r.snapshot),
                 opt(r.matched)
@@ -792,4 +866,31 @@ pub fn udev_name(kernel_name: &str) -> Result<String> {
         .and_then(|n| n.to_str())
         .map(str::to_string)
         .with_context(|| format!("data directory {dir:?} has no usable last component"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_ublk_mounts_in_mountinfo() {
+        let info = "\
+22 1 252:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw
+62 59 259:0 / /tmp/m rw,relatime - ext4 /dev/ublkb0 rw
+63 62 0:50 / /tmp/m/sub rw - tmpfs tmpfs rw
+64 22 259:1 / /mnt/with\\040space rw shared:9 - xfs /dev/ublkb12 rw,attr2
+65 22 7:0 / /mnt/loop rw - ext4 /dev/loop0 rw
+";
+        assert_eq!(ublk_mounts(info), vec!["/tmp/m".to_string(), "/mnt/with space".to_string()]);
+        assert!(ublk_mounts("garbage\n\n - \n").is_empty());
+    }
+
+    #[test]
+    fn majority_index_is_what_most_voters_hold() {
+        assert_eq!(majority_index([Some(9), Some(7), Some(3)].into_iter()), Some(7));
+        assert_eq!(majority_index([Some(9), None, None].into_iter()), None);
+        assert_eq!(majority_index([Some(5)].into_iter()), Some(5));
+        assert_eq!(majority_index([Some(5), Some(8), Some(2), Some(8)].into_iter()), Some(5));
+        assert_eq!(majority_index(std::iter::empty()), None);
+    }
 }
