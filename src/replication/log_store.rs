@@ -190,11 +190,30 @@ impl RaftLogReader<TypeConfig> for LogStore {
         if let Some(entries) = cached {
             return Ok(entries);
         }
-        // A lagging reader: the entries come from disk, off the async workers.
+        // A lagging reader: the entries come from disk, off the async workers. The log may be
+        // truncated or purged meanwhile (a deposed leader's replication stream still reading
+        // while the node, now a follower, truncates a conflicting suffix): an entry no longer
+        // held ends the read with the entries before it, as openraft allows ("entry that is not
+        // found is allowed"); a storage error is still an error.
         let this = self.clone();
-        tokio::task::spawn_blocking(move || range.map(|i| this.entry(i)).collect())
-            .await
-            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::with_capacity(range.clone().count());
+            for i in range {
+                match this.entry(i) {
+                    Ok(e) => out.push(e),
+                    Err(e) => {
+                        let b = this.inner.engine.wal().bounds();
+                        if i < b.first || i >= b.next {
+                            break;
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?
     }
 }
 
