@@ -4,7 +4,7 @@
 CARGO     ?= cargo
 TEST_ARGS ?=
 
-.PHONY: build run check test test-long bench guest-smoke fmt clean
+.PHONY: build run check test test-long bench e2e guest-smoke fmt clean
 
 build:
 	$(CARGO) build --release
@@ -21,7 +21,8 @@ check:
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
 	$(MAKE) test
 
-# Release mode keeps the crash and fault-injection tests fast.
+# Release mode keeps the crash and fault-injection tests fast. It includes the ublk end-to-end
+# tests (tests/ublk_e2e.rs: about 8 minutes in the QEMU guest; skipped without root or QEMU).
 # Pass filters or harness flags through: make test TEST_ARGS='wal -- --nocapture'
 test:
 	$(CARGO) test --release --workspace $(TEST_ARGS)
@@ -32,9 +33,17 @@ test-long:
 bench:
 	$(CARGO) bench --bench wal-append --bench group-commit --bench replay --bench replicated-commit
 
+# The ublk end-to-end tests alone (docs/guest.md), natively when this kernel has ublk, otherwise
+# in the QEMU guest; as root. Pick tests or groups: make e2e E2E='ext4 kill'
+E2E ?=
+e2e:
+	$(CARGO) build --release --bin xdevice
+	XDEVICE_BIN=$${CARGO_TARGET_DIR:-$(CURDIR)/target}/release/xdevice XDEVICE_GUEST_MEM=$${XDEVICE_GUEST_MEM:-6G} \
+	    ublk/guest/test-e2e ublk/guest/e2e $(E2E)
+
 # The ublk smoke test (docs/guest.md): natively when this kernel has ublk, otherwise inside a
 # QEMU guest with Debian's backports kernel. Root; the first run downloads the kernel and
-# builds rublk (minutes). Not part of `check` until the ublk frontend exists.
+# builds rublk (minutes). Not part of `check`: the end-to-end tests above are.
 guest-smoke:
 	ublk/guest/test-e2e --rublk
 
