@@ -24,18 +24,14 @@ fn effective_uid() -> Option<String> {
 }
 
 fn in_path(program: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|path| {
-        std::env::split_paths(&path).any(|dir| dir.join(program).is_file())
-    })
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
 }
 
 /// This kernel has ublk (loading the module if need be), as `test-e2e` checks it.
 fn native_ublk() -> bool {
     Path::new("/sys/module/ublk_drv").exists()
-        || Command::new("modprobe")
-            .args(["-q", "ublk_drv"])
-            .status()
-            .is_ok_and(|s| s.success())
+        || Command::new("modprobe").args(["-q", "ublk_drv"]).status().is_ok_and(|s| s.success())
 }
 
 /// Why the end-to-end tests cannot run here, if they cannot.
@@ -53,18 +49,13 @@ fn unavailable() -> Option<String> {
     Some(format!(
         "this kernel ({}) has no ublk_drv and qemu-system-x86_64 is not installed \
          (ublk/guest/prepare installs it)",
-        std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .unwrap_or_default()
-            .trim()
+        std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim()
     ))
 }
 
 /// The directory of `path` if the guest would not see it: shared with the guest read-write.
 fn masked_dir(path: &Path) -> Option<PathBuf> {
-    GUEST_MASKED
-        .iter()
-        .any(|m| path.starts_with(m))
-        .then(|| path.to_path_buf())
+    GUEST_MASKED.iter().any(|m| path.starts_with(m)).then(|| path.to_path_buf())
 }
 
 #[test]
@@ -97,11 +88,8 @@ fn ublk_e2e() {
         cmd.env("XDEVICE_GUEST_MEM", "6G");
     }
     // A checkout or target directory under /tmp is invisible in the guest unless shared.
-    let mut shares: Vec<String> = std::env::var("XDEVICE_GUEST_RW")
-        .ok()
-        .filter(|s| !s.is_empty())
-        .into_iter()
-        .collect();
+    let mut shares: Vec<String> =
+        std::env::var("XDEVICE_GUEST_RW").ok().filter(|s| !s.is_empty()).into_iter().collect();
     let mut masked: Vec<PathBuf> = Vec::new();
     for dir in [Some(root), xdevice.parent()].into_iter().flatten() {
         if let Some(dir) = masked_dir(dir) {
