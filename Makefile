@@ -30,8 +30,10 @@ test:
 test-long:
 	XDEVICE_LONG=1 $(CARGO) test --release --workspace $(TEST_ARGS)
 
+# ublk-device needs root; on a kernel without ublk it runs itself in the QEMU guest (docs/guest.md).
 bench:
-	$(CARGO) bench --bench wal-append --bench group-commit --bench replay --bench replicated-commit
+	$(CARGO) bench --bench wal-append --bench group-commit --bench replay --bench replicated-commit \
+		--bench ublk-device
 
 # The ublk end-to-end tests alone (docs/guest.md), natively when this kernel has ublk, otherwise
 # in the QEMU guest; as root. Pick tests or groups: make e2e E2E='ext4 kill'
