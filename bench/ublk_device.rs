@@ -21,10 +21,10 @@
 //! write's p50 plus the fdatasync's p50, as in `wal-append` (p99 likewise).
 //!
 //! After the prewrite and after every write job the device is flushed (an fsync of the block
-//! device), untimed, so that no job inherits the previous one's backlog: xdevice in writeback
-//! mode completes a write once its leader accepted it, and may still be committing seconds of
-//! writes when fio stops. How long that flush took is reported, and beside the goal the write
-//! rates including it. So is the CPU time (user + system) the serving process (xdevice, or
+//! device), untimed, so that no job inherits the previous one's backlog (a writeback device may
+//! complete writes it has not committed yet; xdevice did until it completed them at commit, and
+//! was then still committing seconds of writes when fio stopped). How long that flush took is
+//! reported, and beside the goal the write rates including it. So is the CPU time (user + system) the serving process (xdevice, or
 //! rublk's daemon) spent per I/O in each job.
 //!
 //! Each figure is the median over the rounds of that round's figure; the ratio is xdevice's
@@ -533,9 +533,9 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
 
 /// Waits until everything written to `dev` is durable (an fsync of the block device: a FLUSH
 /// to the target), outside any measurement, so that no job inherits the previous one's
-/// backlog. Returns the seconds it took. xdevice in writeback mode completes writes once its
-/// leader accepted them, so after a write job its commit pipeline may still hold many; a flush
-/// waits for all of them (and fails with EIO after xdevice's 30 s I/O timeout, so retry).
+/// backlog. Returns the seconds it took. A writeback device that completes writes before they
+/// are committed may still hold many after a write job; a flush waits for all of them (and
+/// xdevice fails one with EIO after its 30 s I/O timeout, so retry).
 fn drain(dev: &str) -> Result<f64> {
     let t = Instant::now();
     let file = std::fs::OpenOptions::new()
