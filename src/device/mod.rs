@@ -265,13 +265,10 @@ impl Device {
 
     /// Writes `data` at byte `offset`. With `fua`, completes only once committed.
     pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DeviceError> {
-        let (lba, _) = self.check(offset, data.len() as u64)?;
-        if data.is_empty() {
-            return Ok(());
-        }
         if data.len() <= self.cfg.max_proposal_bytes {
             return self.write_vec(offset, data.to_vec(), fua).await;
         }
+        let (lba, _) = self.check(offset, data.len() as u64)?;
         self.write_parts(lba, data, fua).await
     }
 
