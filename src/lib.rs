@@ -5,6 +5,7 @@
 //! makes the WAL an openraft log and the image its state machine; `net` is the framed RPC layer
 //! between processes; `device` is the block-device API (write, flush, read, discard) on top.
 
+pub mod cache;
 pub mod cli;
 pub mod device;
 pub mod entry;

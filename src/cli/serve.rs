@@ -32,6 +32,7 @@ use xdevice_ublk::{Done, Geometry, Io, IoError, Reply, Target};
 use crate::cli::node::TuningArgs;
 use crate::cli::size;
 use crate::device::local::{Embedded, EmbeddedOptions};
+use crate::cache::CacheStats;
 use crate::device::{CacheMode, Device, DeviceConfig, DeviceStats, PipelineStats};
 use crate::replication::node::RaftTuning;
 use crate::storage::disk::Backend;
@@ -88,6 +89,13 @@ pub struct DaemonArgs {
     /// merge into the next one.
     #[arg(long, default_value_t = 2)]
     pub inflight_proposals: usize,
+    /// Hot cache size: unconfirmed writes stay pinned in it (writers wait when they would not
+    /// fit), recent and hot blocks stay clean until evicted (S3-FIFO). At least 16M.
+    #[arg(long, default_value = "256M", value_parser = size::parse)]
+    pub cache: u64,
+    /// Largest read-ahead window for a sequential reader; 0 turns read-ahead off.
+    #[arg(long, default_value = "2M", value_parser = size::parse)]
+    pub readahead: u64,
 }
 
 impl DaemonArgs {
@@ -95,11 +103,23 @@ impl DaemonArgs {
         if self.inflight_proposals == 0 {
             bail!("--inflight-proposals must be at least 1");
         }
+        if self.cache < crate::cache::MIN_CACHE_BYTES {
+            bail!(
+                "--cache {} is too small: at least {} MiB (two of the largest proposals pinned)",
+                self.cache,
+                crate::cache::MIN_CACHE_BYTES >> 20
+            );
+        }
+        if self.readahead > self.cache / 4 {
+            bail!("--readahead {} is more than a quarter of --cache {}", self.readahead, self.cache);
+        }
         Ok(Daemon {
             backend: self.backend,
             run_dir: self.run_dir.clone(),
             tuning: self.tuning.tuning()?,
             inflight: self.inflight_proposals,
+            cache: self.cache,
+            readahead: self.readahead,
         })
     }
 }
@@ -234,6 +254,8 @@ pub struct DeviceStatus {
     pub io: DeviceStats,
     /// The write pipeline: blocks held in memory until committed.
     pub pipeline: PipelineStats,
+    /// The hot cache in front of reads.
+    pub cache: CacheStats,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -328,6 +350,7 @@ impl Served {
             replicas,
             io: self.device.stats(),
             pipeline: self.device.pipeline(),
+            cache: self.device.cache_stats(),
         }
     }
 }
@@ -573,6 +596,8 @@ struct Daemon {
     run_dir: PathBuf,
     tuning: RaftTuning,
     inflight: usize,
+    cache: u64,
+    readahead: u64,
 }
 
 fn serve_device(
@@ -582,7 +607,7 @@ fn serve_device(
     recover: bool,
     daemon: Daemon,
 ) -> Result<()> {
-    let Daemon { backend, run_dir, tuning, inflight } = daemon;
+    let Daemon { backend, run_dir, tuning, inflight, cache, readahead } = daemon;
     let rt = runtime()?;
     rt.block_on(async move {
         let started = Instant::now();
@@ -610,7 +635,12 @@ fn serve_device(
             sb.device_bytes / u64::from(sb.block_bytes),
             record.mode,
         );
-        let cfg = DeviceConfig { max_inflight_proposals: inflight, ..cfg };
+        let cfg = DeviceConfig {
+            max_inflight_proposals: inflight,
+            cache_bytes: cache,
+            readahead_bytes: readahead,
+            ..cfg
+        };
         let device = Device::start(cfg, embedded.clone());
 
         let geometry = record.geometry();
@@ -836,8 +866,25 @@ pub fn run_status(args: StatusArgs) -> Result<()> {
             d.io.writes, d.io.flushes, d.io.reads, d.io.proposals
         );
         println!(
-            "  pipeline  {} bytes in {} batches not yet committed, {} blocks held in memory",
-            d.pipeline.unconfirmed_bytes, d.pipeline.unconfirmed_batches, d.pipeline.overlay_blocks
+            "  pipeline  {} bytes in {} batches not yet committed, {} blocks pinned in the cache",
+            d.pipeline.unconfirmed_bytes, d.pipeline.unconfirmed_batches, d.pipeline.pinned_blocks
+        );
+        let c = &d.cache;
+        println!(
+            "  cache     {} of {} MiB ({} MiB pinned), {} hits, {} misses ({:.1}% hits), \
+             {} evictions, {} blocks read ahead",
+            c.resident_bytes >> 20,
+            c.capacity_bytes >> 20,
+            c.pinned_bytes >> 20,
+            c.hits,
+            c.misses,
+            100.0 * c.hit_ratio(),
+            c.evictions,
+            c.readahead_blocks
+        );
+        println!(
+            "  checksums {} bad blocks read, {} repaired from another replica",
+            d.io.corrupt_blocks, d.io.repaired_blocks
         );
     }
     for p in &problems {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use openraft::ServerState;
 
-use super::{BoxFuture, Cluster, Commit};
+use super::{BoxFuture, Cluster, Commit, ReadOutcome};
 use crate::replication::network::{LocalRouter, LocalTransport, Transport};
 use crate::replication::node::{Node, RaftTuning};
 use crate::replication::types::{NodeId, Request};
@@ -205,18 +205,18 @@ impl Cluster for Embedded {
 
     /// The embedded device is the cluster's only writer, so a replica that has applied the
     /// newest commit the device confirmed holds every completed write outside the device's
-    /// overlay: the leader (or, while there is none, any replica) serves the read once it has
-    /// applied that far, without a quorum round per read.
+    /// cache: the leader (or, while there is none, any replica) serves the read once it has
+    /// applied that far, without a quorum round per read. A block failing its checksum there is
+    /// taken from another replica that has applied as far, and rewritten on the first one when
+    /// the good copy is exactly what its checksum table promises.
     fn read(
         self: Arc<Self>,
         lba: u64,
         blocks: u64,
         applied_at_least: u64,
-    ) -> BoxFuture<Result<Vec<u8>, String>> {
+    ) -> BoxFuture<Result<ReadOutcome, String>> {
         let bytes = blocks * u64::from(self.block_bytes());
         Box::pin(async move {
-            let applied =
-                |n: &Arc<Node>| n.raft.metrics().borrow().last_applied.map_or(0, |l| l.index);
             let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
             let node = loop {
                 let candidates = self.leader().into_iter().chain(self.running());
@@ -230,13 +230,81 @@ impl Cluster for Embedded {
                 }
                 tokio::time::sleep(Duration::from_millis(1)).await;
             };
-            let engine = node.engine.clone();
+            let peers: Vec<Arc<Node>> =
+                self.running().into_iter().filter(|n| n.id != node.id).collect();
             tokio::task::spawn_blocking(move || {
                 let mut out = vec![0u8; bytes as usize];
-                engine.image().read_blocks(lba, &mut out).map(|()| out).map_err(|e| e.to_string())
+                let bad =
+                    node.engine.image().read_verified(lba, &mut out).map_err(|e| e.to_string())?;
+                let mut outcome = ReadOutcome::clean(Vec::new());
+                let bs = bytes as usize / blocks.max(1) as usize;
+                for bad in bad {
+                    outcome.corrupt_blocks += 1;
+                    tracing::error!(
+                        replica = node.id,
+                        lba = bad.lba,
+                        location = %bad.location,
+                        expected = format_args!("{:#010x}", bad.expected),
+                        found = format_args!("{:#010x}", bad.found),
+                        "data block fails its checksum; reading it from another replica"
+                    );
+                    let good = peers
+                        .iter()
+                        .filter(|p| applied(p) >= applied_at_least)
+                        .find_map(|p| read_good_block(p, bad.lba, bs));
+                    let Some((peer, block)) = good else {
+                        return Err(format!(
+                            "{}; no other replica holds a good copy",
+                            bad.into_error()
+                        ));
+                    };
+                    out[((bad.lba - lba) as usize) * bs..][..bs].copy_from_slice(&block);
+                    match node.engine.image().repair_block(bad.lba, &block) {
+                        Ok(true) => {
+                            outcome.repaired_blocks += 1;
+                            tracing::warn!(
+                                replica = node.id,
+                                from = peer,
+                                lba = bad.lba,
+                                "data block repaired from another replica"
+                            );
+                        }
+                        // The block changed since (a later write): nothing to repair, the
+                        // write replaced the damaged bytes.
+                        Ok(false) => {}
+                        Err(e) => tracing::error!(
+                            replica = node.id,
+                            lba = bad.lba,
+                            error = %e,
+                            "repairing a data block failed"
+                        ),
+                    }
+                }
+                outcome.data = out;
+                Ok(outcome)
             })
             .await
             .map_err(|e| format!("read task failed: {e}"))?
         })
+    }
+}
+
+fn applied(n: &Arc<Node>) -> u64 {
+    n.raft.metrics().borrow().last_applied.map_or(0, |l| l.index)
+}
+
+/// Block `lba` from `peer`'s image if it passes its checksum there.
+fn read_good_block(peer: &Arc<Node>, lba: u64, bs: usize) -> Option<(NodeId, Vec<u8>)> {
+    let mut block = vec![0u8; bs];
+    match peer.engine.image().read_verified(lba, &mut block) {
+        Ok(bad) if bad.is_empty() => Some((peer.id, block)),
+        Ok(_) => {
+            tracing::error!(replica = peer.id, lba, "data block fails its checksum here too");
+            None
+        }
+        Err(e) => {
+            tracing::error!(replica = peer.id, lba, error = %e, "reading a data block failed");
+            None
+        }
     }
 }

@@ -11,8 +11,11 @@
 //!
 //! Writes go through one ordered pipeline: queued in submission order, merged into proposals
 //! (bounded in bytes and count), and handed to the leader in that order. Until a write is
-//! committed and everything before it is too, its blocks stay in an overlay that reads consult
-//! first, so a read always returns the latest completed write. If a proposal fails (leader lost,
+//! committed and everything before it is too, its blocks stay pinned in the hot cache
+//! (`crate::cache`), which reads consult first, so a read always returns the latest completed
+//! write; then they stay as clean blocks until evicted. Reads that miss go to a replica's image
+//! (checksum verified, a bad block fetched from another replica) and fill the cache; a
+//! sequential reader gets the next blocks read ahead. If a proposal fails (leader lost,
 //! timeout), every unconfirmed write is proposed again, in order, to the next leader: block
 //! writes are idempotent, so replaying the suffix in order ends in the same image, and a flush
 //! never completes while a write before it is unconfirmed.
@@ -20,12 +23,13 @@
 pub mod local;
 pub mod remote;
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::sync::Notify;
 
+use crate::cache::{CacheStats, HotCache, Lookup};
 use crate::entry::BlockOp;
 use crate::replication::types::Request;
 
@@ -46,13 +50,31 @@ pub trait Cluster: Send + Sync + 'static {
     fn acceptance_outlives_process(&self) -> bool;
     /// Reads `blocks` blocks at `lba` from a replica that has applied at least log index
     /// `applied_at_least` (the newest commit this device has confirmed; blocks of writes not
-    /// yet confirmed are read from the device's overlay instead).
+    /// yet confirmed are read from the device's cache instead). Every block is checksum
+    /// verified; one that fails is taken from another replica (and the bad copy repaired) or,
+    /// if no replica has a good copy, the read fails. Never wrong data.
     fn read(
         self: Arc<Self>,
         lba: u64,
         blocks: u64,
         applied_at_least: u64,
-    ) -> BoxFuture<Result<Vec<u8>, String>>;
+    ) -> BoxFuture<Result<ReadOutcome, String>>;
+}
+
+/// A replica read's data, and what it met on the way.
+#[derive(Debug, Default)]
+pub struct ReadOutcome {
+    pub data: Vec<u8>,
+    /// Blocks that failed their checksum on the replica read first.
+    pub corrupt_blocks: u64,
+    /// Of those, blocks rewritten on that replica from a good copy.
+    pub repaired_blocks: u64,
+}
+
+impl ReadOutcome {
+    pub fn clean(data: Vec<u8>) -> ReadOutcome {
+        ReadOutcome { data, corrupt_blocks: 0, repaired_blocks: 0 }
+    }
 }
 
 /// When a write completes.
@@ -73,8 +95,13 @@ pub struct DeviceConfig {
     pub mode: CacheMode,
     /// Largest proposal: writes are merged up to this many bytes.
     pub max_proposal_bytes: usize,
-    /// Writers wait while this many bytes are unconfirmed.
+    /// Writers wait while this many bytes are unconfirmed (at most `cache_bytes`: unconfirmed
+    /// blocks are pinned in the cache).
     pub max_unconfirmed_bytes: usize,
+    /// The hot cache's size (`crate::cache`).
+    pub cache_bytes: u64,
+    /// The largest read-ahead window for a sequential reader; 0 turns read-ahead off.
+    pub readahead_bytes: u64,
     /// A flush or write still unconfirmed after this long fails with EIO (it stays queued).
     pub io_timeout: Duration,
     /// Proposals handed to the leader and not yet committed. While this many are out, new
@@ -91,6 +118,8 @@ impl DeviceConfig {
             mode,
             max_proposal_bytes: 4 << 20,
             max_unconfirmed_bytes: 64 << 20,
+            cache_bytes: crate::cache::DEFAULT_CACHE_BYTES,
+            readahead_bytes: crate::cache::DEFAULT_READAHEAD_BYTES,
             io_timeout: Duration::from_secs(30),
             max_inflight_proposals: 4,
         }
@@ -146,14 +175,12 @@ struct Batch {
     state: State,
 }
 
-/// An unconfirmed block: the seq of its newest write, and its data (`None` reads as zeros).
-type Overlay = (u64, Option<Arc<[u8]>>);
-
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Inner {
     queue: VecDeque<Batch>,
-    /// Blocks of unconfirmed writes: lba → (seq, data; `None` reads as zeros).
-    overlay: HashMap<u64, Overlay>,
+    /// Unconfirmed writes pinned, recent and hot blocks clean.
+    cache: HotCache,
+    readahead: ReadAhead,
     next_seq: u64,
     /// Every seq below is committed.
     confirmed: u64,
@@ -164,10 +191,21 @@ struct Inner {
     /// Proposals of this epoch submitted and not yet committed.
     inflight: usize,
     /// The highest log index a commit of this device's writes resolved to: every write no
-    /// longer in the overlay is at or below it.
+    /// longer pinned in the cache is at or below it.
     commit_floor: u64,
     closed: bool,
     stats: DeviceStats,
+}
+
+/// Sequential read detection: one stream, the common case of a WAL read front to back.
+#[derive(Debug, Default)]
+struct ReadAhead {
+    /// Where the last read ended.
+    next: u64,
+    /// The current window in blocks; 0 while reads are not sequential.
+    window: u64,
+    /// A read-ahead is at a replica (at most one at a time).
+    inflight: bool,
 }
 
 /// Counters for status and metrics.
@@ -178,6 +216,10 @@ pub struct DeviceStats {
     pub reads: u64,
     pub proposals: u64,
     pub resubmissions: u64,
+    /// Blocks a replica read failed its checksum on, and of those, the ones repaired from
+    /// another replica.
+    pub corrupt_blocks: u64,
+    pub repaired_blocks: u64,
 }
 
 /// The write pipeline at one moment, for status.
@@ -186,8 +228,8 @@ pub struct PipelineStats {
     /// Batches queued or proposed and not yet committed.
     pub unconfirmed_batches: usize,
     pub unconfirmed_bytes: usize,
-    /// Blocks whose newest write is not committed yet (reads take them from memory).
-    pub overlay_blocks: usize,
+    /// Blocks whose newest write or discard is not committed yet (pinned in the cache).
+    pub pinned_blocks: usize,
     /// Writes accepted by a leader but not committed: what a crash of every replica may lose
     /// in writeback mode (a FLUSH waits for them).
     pub accepted_not_committed: u64,
@@ -198,6 +240,8 @@ pub struct Device {
     cfg: DeviceConfig,
     cluster: Arc<dyn Cluster>,
     inner: Mutex<Inner>,
+    /// This device, for the read-ahead tasks it spawns.
+    me: Weak<Device>,
     /// Wakes waiters when `confirmed`/`accepted` move or room frees up.
     changed: Notify,
     /// Wakes the proposer.
@@ -213,10 +257,30 @@ impl std::fmt::Debug for Device {
 impl Device {
     /// Starts the device's proposer on the current tokio runtime; it runs until `close`.
     pub fn start(cfg: DeviceConfig, cluster: Arc<dyn Cluster>) -> Arc<Device> {
-        let dev = Arc::new(Device {
+        let cache = HotCache::new(cfg.cache_bytes, cfg.block_bytes);
+        let cfg = DeviceConfig {
+            max_unconfirmed_bytes: cfg.max_unconfirmed_bytes.min(cache.capacity_bytes() as usize),
+            ..cfg
+        };
+        let inner = Inner {
+            queue: VecDeque::new(),
+            cache,
+            readahead: ReadAhead::default(),
+            next_seq: 0,
+            confirmed: 0,
+            accepted: 0,
+            epoch: 0,
+            unconfirmed_bytes: 0,
+            inflight: 0,
+            commit_floor: 0,
+            closed: false,
+            stats: DeviceStats::default(),
+        };
+        let dev = Arc::new_cyclic(|me| Device {
             cfg,
             cluster,
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(inner),
+            me: me.clone(),
             changed: Notify::new(),
             kick: Notify::new(),
         });
@@ -241,9 +305,13 @@ impl Device {
         PipelineStats {
             unconfirmed_batches: inner.queue.len(),
             unconfirmed_bytes: inner.unconfirmed_bytes,
-            overlay_blocks: inner.overlay.len(),
+            pinned_blocks: inner.cache.pinned_blocks(),
             accepted_not_committed: inner.accepted.saturating_sub(inner.confirmed),
         }
+    }
+
+    pub fn cache_stats(&self) -> CacheStats {
+        self.lock().cache.stats()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -349,42 +417,108 @@ impl Device {
         }
     }
 
-    /// Reads `len` bytes at `offset`: unconfirmed writes from the overlay, the rest from the
-    /// leader's image.
+    /// Reads `len` bytes at `offset`.
     pub async fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, DeviceError> {
-        let (lba, blocks) = self.check(offset, len)?;
+        self.check(offset, len)?;
+        let mut out = vec![0u8; len as usize];
+        self.read_into(offset, &mut out).await?;
+        Ok(out)
+    }
+
+    /// Reads `out.len()` bytes at `offset` into `out`: blocks the cache holds (every unconfirmed
+    /// write among them) from memory, the rest from a replica that has applied every write this
+    /// device confirmed, filling the cache.
+    pub async fn read_into(&self, offset: u64, out: &mut [u8]) -> Result<(), DeviceError> {
+        let (lba, blocks) = self.check(offset, out.len() as u64)?;
+        if blocks == 0 {
+            return Ok(());
+        }
         let bs = self.cfg.block_bytes as usize;
-        let (overlay, complete, floor) = {
+        let (missed, floor, ahead) = {
             let mut inner = self.lock();
             inner.stats.reads += 1;
-            let floor = inner.commit_floor;
-            let hits: Vec<(usize, Option<Arc<[u8]>>)> = (0..blocks)
-                .filter_map(|i| inner.overlay.get(&(lba + i)).map(|(_, d)| (i as usize, d.clone())))
-                .collect();
-            let complete = hits.len() as u64 == blocks;
-            (hits, complete, floor)
-        };
-        let mut out = if complete || blocks == 0 {
-            vec![0u8; len as usize]
-        } else {
-            let data =
-                self.cluster.clone().read(lba, blocks, floor).await.map_err(DeviceError::Read)?;
-            if data.len() != len as usize {
-                return Err(DeviceError::Read(format!(
-                    "leader returned {} bytes for a {len}-byte read",
-                    data.len()
-                )));
+            let mut missed = Vec::new();
+            for (i, dst) in out.chunks_mut(bs).enumerate() {
+                let b = lba + i as u64;
+                match inner.cache.lookup(b, dst) {
+                    Lookup::Hit => {}
+                    Lookup::Fill(token) => missed.push((b, Some(token))),
+                    Lookup::Miss => missed.push((b, None)),
+                }
             }
-            data
+            let ahead = self.plan_readahead(&mut inner, lba, blocks);
+            (missed, inner.commit_floor, ahead)
         };
-        for (i, data) in overlay {
-            let dst = &mut out[i * bs..(i + 1) * bs];
-            match data {
-                Some(d) => dst.copy_from_slice(&d),
-                None => dst.fill(0),
-            }
+        if let Some(fills) = ahead {
+            self.spawn_readahead(fills, floor);
         }
-        Ok(out)
+        let (Some(&(first, _)), Some(&(last, _))) = (missed.first(), missed.last()) else {
+            return Ok(());
+        };
+        let mut guard = FillGuard { dev: self, fills: missed, readahead: false };
+        let span = last - first + 1;
+        let got = self.cluster.clone().read(first, span, floor).await.map_err(DeviceError::Read)?;
+        if got.data.len() as u64 != span * bs as u64 {
+            return Err(DeviceError::Read(format!(
+                "replica returned {} bytes for a {}-byte read",
+                got.data.len(),
+                span * bs as u64
+            )));
+        }
+        for &(b, _) in &guard.fills {
+            let src = &got.data[((b - first) as usize) * bs..][..bs];
+            out[((b - lba) as usize) * bs..][..bs].copy_from_slice(src);
+        }
+        guard.land(first, &got);
+        Ok(())
+    }
+
+    /// Decides on read-ahead after a read of `[lba, +blocks)`: a read starting where the last
+    /// one ended doubles the window (from 128 KiB, up to `readahead_bytes`), and the blocks of
+    /// the window not held yet are reserved for one background read.
+    fn plan_readahead(&self, inner: &mut Inner, lba: u64, blocks: u64) -> Option<Vec<(u64, u64)>> {
+        let max = self.cfg.readahead_bytes / u64::from(self.cfg.block_bytes);
+        let ra = &mut inner.readahead;
+        let sequential = lba == ra.next;
+        ra.next = lba + blocks;
+        if max == 0 || !sequential {
+            ra.window = 0;
+            return None;
+        }
+        let start_window = (128 << 10) / u64::from(self.cfg.block_bytes);
+        ra.window = (ra.window * 2).max(start_window).max(2 * blocks).min(max);
+        if ra.inflight {
+            return None;
+        }
+        let start = lba + blocks;
+        let end = (start + ra.window).min(self.cfg.blocks);
+        let wanted: Vec<u64> = (start..end).filter(|&b| !inner.cache.holds(b)).collect();
+        if wanted.is_empty() {
+            return None;
+        }
+        inner.readahead.inflight = true;
+        Some(wanted.into_iter().map(|b| (b, inner.cache.begin_fill(b))).collect())
+    }
+
+    fn spawn_readahead(&self, fills: Vec<(u64, u64)>, floor: u64) {
+        let Some(dev) = self.me.upgrade() else { return };
+        tokio::spawn(async move {
+            let fills = fills.into_iter().map(|(b, t)| (b, Some(t))).collect::<Vec<_>>();
+            let first = fills.first().map_or(0, |f| f.0);
+            let span = fills.last().map_or(0, |f| f.0) + 1 - first;
+            let mut guard = FillGuard { dev: &dev, fills, readahead: true };
+            match dev.cluster.clone().read(first, span, floor).await {
+                Ok(got) if got.data.len() as u64 == span * u64::from(dev.cfg.block_bytes) => {
+                    guard.land(first, &got)
+                }
+                Ok(got) => {
+                    tracing::warn!(bytes = got.data.len(), span, "read-ahead: short replica read")
+                }
+                Err(e) => tracing::debug!(error = %e, "read-ahead failed"),
+            }
+            drop(guard);
+            dev.lock().readahead.inflight = false;
+        });
     }
 
     /// Stops accepting requests; queued ones are abandoned (as on power loss).
@@ -413,17 +547,10 @@ impl Device {
                     let seq = inner.next_seq;
                     inner.next_seq += 1;
                     inner.unconfirmed_bytes += bytes;
-                    let bs = self.cfg.block_bytes as usize;
                     match &op {
-                        BlockOp::Write { lba, data } => {
-                            for (i, block) in data.chunks(bs).enumerate() {
-                                inner.overlay.insert(lba + i as u64, (seq, Some(Arc::from(block))));
-                            }
-                        }
+                        BlockOp::Write { lba, data } => inner.cache.pin_write(seq, *lba, data),
                         BlockOp::Zero { lba, blocks } => {
-                            for b in *lba..lba + u64::from(*blocks) {
-                                inner.overlay.insert(b, (seq, None));
-                            }
+                            inner.cache.pin_zero(seq, *lba, u64::from(*blocks))
                         }
                     }
                     inner.queue.push_back(Batch { seq, op, bytes, state: State::Queued });
@@ -537,20 +664,57 @@ impl Device {
             if inner.accepted < inner.confirmed {
                 inner.accepted = inner.confirmed;
             }
-            let (lba, n) = match &b.op {
+            match &b.op {
                 BlockOp::Write { lba, data } => {
-                    (*lba, (data.len() / self.cfg.block_bytes as usize) as u64)
+                    let n = (data.len() / self.cfg.block_bytes as usize) as u64;
+                    inner.cache.unpin_write(b.seq, *lba, n);
                 }
-                BlockOp::Zero { lba, blocks } => (*lba, u64::from(*blocks)),
-            };
-            for l in lba..lba + n {
-                if inner.overlay.get(&l).is_some_and(|(s, _)| *s == b.seq) {
-                    inner.overlay.remove(&l);
+                BlockOp::Zero { lba, blocks } => {
+                    inner.cache.unpin_zero(b.seq, *lba, u64::from(*blocks))
                 }
             }
         }
         drop(inner);
         self.changed.notify_waiters();
+    }
+}
+
+/// The cache reservations of one replica read: landed with the data, or given up when the read
+/// fails or its future is dropped.
+struct FillGuard<'a> {
+    dev: &'a Device,
+    /// Blocks read from the replica, with the reservation to fill if this read holds one.
+    fills: Vec<(u64, Option<u64>)>,
+    readahead: bool,
+}
+
+impl FillGuard<'_> {
+    /// Fills the reserved blocks from `got` (a read starting at block `first`).
+    fn land(&mut self, first: u64, got: &ReadOutcome) {
+        let bs = self.dev.cfg.block_bytes as usize;
+        let mut inner = self.dev.lock();
+        inner.stats.corrupt_blocks += got.corrupt_blocks;
+        inner.stats.repaired_blocks += got.repaired_blocks;
+        for (b, token) in self.fills.drain(..) {
+            if let Some(t) = token {
+                let src = &got.data[((b - first) as usize) * bs..][..bs];
+                inner.cache.complete_fill(b, t, src, self.readahead);
+            }
+        }
+    }
+}
+
+impl Drop for FillGuard<'_> {
+    fn drop(&mut self) {
+        if self.fills.iter().all(|(_, t)| t.is_none()) {
+            return;
+        }
+        let mut inner = self.dev.lock();
+        for (b, token) in self.fills.drain(..) {
+            if let Some(t) = token {
+                inner.cache.abort_fill(b, t);
+            }
+        }
     }
 }
 

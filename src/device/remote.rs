@@ -15,7 +15,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::{BoxFuture, Cluster, Commit};
+use super::{BoxFuture, Cluster, Commit, ReadOutcome};
 use crate::replication::tcp::{Admin, AdminReply, NodeClient};
 use crate::replication::types::Request;
 
@@ -143,7 +143,7 @@ impl Cluster for RemoteCluster {
         lba: u64,
         blocks: u64,
         _applied_at_least: u64,
-    ) -> BoxFuture<Result<Vec<u8>, String>> {
+    ) -> BoxFuture<Result<ReadOutcome, String>> {
         Box::pin(async move {
             let mut last = String::from("no replicas");
             for _ in 0..self.nodes.len() * 3 {
@@ -152,7 +152,7 @@ impl Cluster for RemoteCluster {
                         |node, timeout| async move { node.read(lba, blocks, timeout).await },
                     );
                 match read.await {
-                    Ok(data) => return Ok(data),
+                    Ok(data) => return Ok(ReadOutcome::clean(data)),
                     Err(e) => {
                         last = e;
                         tokio::time::sleep(Duration::from_millis(20)).await;

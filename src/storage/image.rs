@@ -128,6 +128,28 @@ struct Table {
     dirty_pages: BTreeSet<u64>,
 }
 
+/// A block whose bytes on disk do not match its checksum.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BadBlock {
+    pub lba: u64,
+    /// What the checksum table says the block holds.
+    pub expected: u32,
+    /// The checksum of what was read.
+    pub found: u32,
+    /// The disk and byte offset, for the error report.
+    pub location: String,
+}
+
+impl BadBlock {
+    pub fn into_error(self) -> StorageError {
+        StorageError::corrupt(
+            "data block",
+            format!("{} (lba {})", self.location, self.lba),
+            format!("checksum mismatch (expected {:#010x}, found {:#010x})", self.expected, self.found),
+        )
+    }
+}
+
 /// The block image of one replica.
 #[derive(Debug)]
 pub struct Image {
@@ -280,8 +302,36 @@ impl Image {
     }
 
     fn read_locked(&self, table: &Table, lba: u64, out: &mut [u8]) -> Result<()> {
+        match self.read_checked_locked(table, lba, out)?.into_iter().next() {
+            None => Ok(()),
+            Some(bad) => Err(bad.into_error()),
+        }
+    }
+
+    /// Like `read_blocks`, but a block failing its checksum does not fail the read: it is
+    /// zero-filled in `out` and reported, so the caller can fetch it from another replica.
+    pub fn read_verified(&self, lba: u64, out: &mut [u8]) -> Result<Vec<BadBlock>> {
+        let bs = self.geometry.block_bytes as usize;
+        if out.len() % bs != 0 {
+            return Err(StorageError::Invalid(format!(
+                "read of {} bytes is not whole {bs}-byte blocks",
+                out.len()
+            )));
+        }
+        self.check_range(lba, (out.len() / bs) as u64)?;
+        let table = self.table.read().expect("image lock");
+        self.read_checked_locked(&table, lba, out)
+    }
+
+    fn read_checked_locked(
+        &self,
+        table: &Table,
+        lba: u64,
+        out: &mut [u8],
+    ) -> Result<Vec<BadBlock>> {
         let bs = self.geometry.block_bytes as usize;
         let chunk_blocks = (IO_CHUNK_BYTES / bs).max(1);
+        let mut bad = Vec::new();
         for (i, chunk) in out.chunks_mut(chunk_blocks * bs).enumerate() {
             let first = lba + (i * chunk_blocks) as u64;
             let sums = &table.entries[first as usize..first as usize + chunk.len() / bs];
@@ -299,22 +349,61 @@ impl Image {
                 let src = &buf[j * bs..(j + 1) * bs];
                 if sum == 0 {
                     dst.fill(0);
-                } else if block_checksum(b, src) != sum {
-                    return Err(StorageError::corrupt(
-                        "data block",
-                        format!(
-                            "{} offset {} (lba {b})",
+                    continue;
+                }
+                let found = block_checksum(b, src);
+                if found == sum {
+                    dst.copy_from_slice(src);
+                } else {
+                    dst.fill(0);
+                    bad.push(BadBlock {
+                        lba: b,
+                        expected: sum,
+                        found,
+                        location: format!(
+                            "{} offset {}",
                             self.disk.describe(),
                             self.block_offset(b)
                         ),
-                        format!("checksum mismatch (expected {sum:#010x})"),
-                    ));
-                } else {
-                    dst.copy_from_slice(src);
+                    });
                 }
             }
         }
-        Ok(())
+        Ok(bad)
+    }
+
+    /// Rewrites block `lba` with `data` from another replica, but only if `data` is exactly what
+    /// this image's checksum table says the block holds: a repair never changes what the image
+    /// means, only restores it. True if the block was rewritten (and synced).
+    pub fn repair_block(&self, lba: u64, data: &[u8]) -> Result<bool> {
+        self.poison.check()?;
+        let bs = self.geometry.block_bytes as usize;
+        if data.len() != bs {
+            return Err(StorageError::Invalid(format!(
+                "a repair is one {bs}-byte block, not {} bytes",
+                data.len()
+            )));
+        }
+        self.check_range(lba, 1)?;
+        let table = self.table.write().expect("image lock");
+        let sum = table.entries[lba as usize];
+        if sum == 0 || sum != block_checksum(lba, data) {
+            return Ok(false);
+        }
+        let buf = AlignedBuf::from_slice_padded(data);
+        let io = &buf[..bs.next_multiple_of(IO_ALIGN)];
+        let result = self
+            .disk
+            .write_at(self.block_offset(lba), io)
+            .and_then(|()| self.disk.sync_data())
+            .map_err(|e| {
+                StorageError::io("repair block", format!("{} lba {lba}", self.disk.describe()), e)
+            });
+        drop(table);
+        match result {
+            Ok(()) => Ok(true),
+            Err(e) => Err(self.poison.set(&e)),
+        }
     }
 
     /// Makes every block written so far durable together with its checksum, then persists

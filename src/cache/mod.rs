@@ -1,0 +1,450 @@
+//! The hot cache: the device's recent and hot blocks in memory, bounded in bytes.
+//!
+//! Three kinds of entry, one per block at most:
+//! - **pinned**: the newest write (or discard) of the block is not committed and applied yet.
+//!   Reads must see it, and the replicas' images may not hold it, so it is never evicted; it
+//!   becomes clean when its write is confirmed (`unpin`), and a discard's entry is dropped then.
+//! - **clean**: the block as the images hold it, evictable in S3-FIFO order (`policy.rs`).
+//! - **filling**: a reader missed and is reading the block from a replica. The entry holds only a
+//!   token; a write or discard of the block replaces it, and the reader's fill lands only if its
+//!   token is still there, so a fill can never cache a block older than a write that overtook it.
+//!
+//! Pending discards are kept as ranges too, so a block under a discard that is not committed yet
+//! reads as zeros even when no entry for it exists (the replica read would still see old data).
+//!
+//! Pinned blocks are not counted against eviction: `Device` bounds them by making writers wait
+//! (`pin_limit_bytes`), and clean blocks are evicted until pinned + clean fit the capacity.
+//! Pure logic: no I/O, no locks, no clock; the device holds it under its lock.
+
+pub mod policy;
+
+use std::collections::{BTreeMap, HashMap};
+
+pub use policy::S3Fifo;
+
+/// Default hot cache size: room for the write pipeline's pinned blocks (64 MiB at most) and a
+/// recent tail of the WAL, which a WAL's readers (a walsender, an archiver, recovery) read
+/// back soon after it was written.
+pub const DEFAULT_CACHE_BYTES: u64 = 256 << 20;
+/// The smallest cache accepted: two of the largest proposals must fit pinned.
+pub const MIN_CACHE_BYTES: u64 = 16 << 20;
+/// Default read-ahead window for sequential readers.
+pub const DEFAULT_READAHEAD_BYTES: u64 = 2 << 20;
+
+#[derive(Debug)]
+enum Slot {
+    Pinned { seq: u64, data: Option<Box<[u8]>> },
+    Clean(Box<[u8]>),
+    Filling(u64),
+}
+
+/// Counters and sizes, for `xdevice status` and the benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CacheStats {
+    pub capacity_bytes: u64,
+    /// Pinned and clean block bytes held.
+    pub resident_bytes: u64,
+    pub pinned_bytes: u64,
+    /// Blocks answered from memory, and blocks read from a replica.
+    pub hits: u64,
+    pub misses: u64,
+    pub evictions: u64,
+    /// Blocks brought in by read-ahead.
+    pub readahead_blocks: u64,
+}
+
+impl CacheStats {
+    /// Hits over all block reads, 0 before the first read.
+    pub fn hit_ratio(&self) -> f64 {
+        let all = self.hits + self.misses;
+        if all == 0 {
+            0.0
+        } else {
+            self.hits as f64 / all as f64
+        }
+    }
+}
+
+/// A read's view of one block.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// Copied into the caller's buffer.
+    Hit,
+    /// Not held: read it from a replica and `complete_fill` with this token.
+    Fill(u64),
+    /// Not held and another reader is filling it: read it from a replica, do not fill.
+    Miss,
+}
+
+/// The block cache of one device.
+#[derive(Debug)]
+pub struct HotCache {
+    block_bytes: usize,
+    capacity_blocks: usize,
+    slots: HashMap<u64, Slot>,
+    policy: S3Fifo,
+    /// Pinned entries holding data (a pinned discard holds none).
+    pinned_data: usize,
+    /// Discards not yet confirmed: seq → (first block, blocks).
+    zeroing: BTreeMap<u64, (u64, u64)>,
+    next_token: u64,
+    stats: CacheStats,
+}
+
+impl HotCache {
+    /// A cache of `capacity_bytes` (rounded down to whole blocks, at least one).
+    pub fn new(capacity_bytes: u64, block_bytes: u32) -> HotCache {
+        let capacity_blocks = (capacity_bytes / u64::from(block_bytes)).max(1) as usize;
+        HotCache {
+            block_bytes: block_bytes as usize,
+            capacity_blocks,
+            slots: HashMap::new(),
+            policy: S3Fifo::new(capacity_blocks),
+            pinned_data: 0,
+            zeroing: BTreeMap::new(),
+            next_token: 1,
+            stats: CacheStats {
+                capacity_bytes: capacity_blocks as u64 * u64::from(block_bytes),
+                ..CacheStats::default()
+            },
+        }
+    }
+
+    pub fn capacity_bytes(&self) -> u64 {
+        self.stats.capacity_bytes
+    }
+
+    pub fn pinned_bytes(&self) -> u64 {
+        (self.pinned_data * self.block_bytes) as u64
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        CacheStats {
+            resident_bytes: ((self.pinned_data + self.policy.len()) * self.block_bytes) as u64,
+            pinned_bytes: self.pinned_bytes(),
+            ..self.stats
+        }
+    }
+
+    /// Pinned entries (with or without data): blocks whose newest write is unconfirmed.
+    pub fn pinned_blocks(&self) -> usize {
+        self.slots.values().filter(|s| matches!(s, Slot::Pinned { .. })).count()
+    }
+
+    /// Pins the blocks of write `seq` at `lba` (`data` is whole blocks).
+    pub fn pin_write(&mut self, seq: u64, lba: u64, data: &[u8]) {
+        for (i, block) in data.chunks(self.block_bytes).enumerate() {
+            self.pin(lba + i as u64, seq, Some(Box::from(block)));
+        }
+        self.evict_to_fit();
+    }
+
+    /// Pins discard `seq` of `[lba, +blocks)`: every block in it reads as zeros from now on.
+    pub fn pin_zero(&mut self, seq: u64, lba: u64, blocks: u64) {
+        self.zeroing.insert(seq, (lba, blocks));
+        // Entries in the range are superseded. A range larger than the cache is handled by
+        // walking the cache instead of the range.
+        let held: Vec<u64> = if blocks as usize > self.slots.len() {
+            self.slots.keys().copied().filter(|b| (lba..lba + blocks).contains(b)).collect()
+        } else {
+            (lba..lba + blocks).filter(|b| self.slots.contains_key(b)).collect()
+        };
+        for b in held {
+            match self.slots.get(&b) {
+                Some(Slot::Pinned { .. }) => self.pin(b, seq, None),
+                _ => self.drop_block(b),
+            }
+        }
+    }
+
+    fn pin(&mut self, block: u64, seq: u64, data: Option<Box<[u8]>>) {
+        let has_data = data.is_some();
+        match self.slots.insert(block, Slot::Pinned { seq, data }) {
+            Some(Slot::Clean(_)) => {
+                self.policy.remove(block);
+            }
+            Some(Slot::Pinned { data: Some(_), .. }) => self.pinned_data -= 1,
+            _ => {}
+        }
+        if has_data {
+            self.pinned_data += 1;
+        }
+    }
+
+    fn drop_block(&mut self, block: u64) {
+        match self.slots.remove(&block) {
+            Some(Slot::Clean(_)) => {
+                self.policy.remove(block);
+            }
+            Some(Slot::Pinned { data: Some(_), .. }) => self.pinned_data -= 1,
+            _ => {}
+        }
+    }
+
+    /// Write `seq` of `blocks` blocks at `lba` is committed and applied, and so is every write
+    /// before it: its blocks (those not rewritten since) become clean.
+    pub fn unpin_write(&mut self, seq: u64, lba: u64, blocks: u64) {
+        for b in lba..lba + blocks {
+            if let Some(Slot::Pinned { seq: s, data }) = self.slots.get_mut(&b) {
+                if *s == seq {
+                    match data.take() {
+                        Some(d) => {
+                            self.pinned_data -= 1;
+                            self.slots.insert(b, Slot::Clean(d));
+                            self.policy.insert(b);
+                        }
+                        None => {
+                            self.slots.remove(&b);
+                        }
+                    }
+                }
+            }
+        }
+        self.evict_to_fit();
+    }
+
+    /// Discard `seq` is committed and applied: the images read zeros there now, so its entries
+    /// are dropped (zeros are read without I/O).
+    pub fn unpin_zero(&mut self, seq: u64, lba: u64, blocks: u64) {
+        self.zeroing.remove(&seq);
+        let mine = |s: &Slot| matches!(s, Slot::Pinned { seq: s, data: None } if *s == seq);
+        let held: Vec<u64> = if blocks as usize > self.slots.len() {
+            self.slots
+                .iter()
+                .filter(|(b, s)| (lba..lba + blocks).contains(*b) && mine(s))
+                .map(|(b, _)| *b)
+                .collect()
+        } else {
+            (lba..lba + blocks).filter(|b| self.slots.get(b).is_some_and(mine)).collect()
+        };
+        for b in held {
+            self.slots.remove(&b);
+        }
+    }
+
+    /// Answers block `block` into `out` (one block) if it is held, else says how to fill it.
+    pub fn lookup(&mut self, block: u64, out: &mut [u8]) -> Lookup {
+        match self.slots.get(&block) {
+            Some(Slot::Pinned { data: Some(d), .. }) | Some(Slot::Clean(d)) => {
+                out.copy_from_slice(d);
+                self.policy.touch(block);
+                self.stats.hits += 1;
+                return Lookup::Hit;
+            }
+            Some(Slot::Pinned { data: None, .. }) => {
+                out.fill(0);
+                self.stats.hits += 1;
+                return Lookup::Hit;
+            }
+            Some(Slot::Filling(_)) => {
+                self.stats.misses += 1;
+                return Lookup::Miss;
+            }
+            None => {}
+        }
+        if self.zeroing.values().any(|&(lba, n)| (lba..lba + n).contains(&block)) {
+            out.fill(0);
+            self.stats.hits += 1;
+            return Lookup::Hit;
+        }
+        self.stats.misses += 1;
+        Lookup::Fill(self.begin_fill(block))
+    }
+
+    /// Whether block `block` is held or being filled (read-ahead skips those).
+    pub fn holds(&self, block: u64) -> bool {
+        self.slots.contains_key(&block)
+            || self.zeroing.values().any(|&(lba, n)| (lba..lba + n).contains(&block))
+    }
+
+    /// Reserves `block` for a fill by a reader (or read-ahead) that will read it from a replica.
+    pub fn begin_fill(&mut self, block: u64) -> u64 {
+        let token = self.next_token;
+        self.next_token += 1;
+        self.slots.insert(block, Slot::Filling(token));
+        token
+    }
+
+    /// Lands a fill: `data` is block `block` as a replica held it when read. Ignored if a write
+    /// or discard replaced the reservation meanwhile. Zero blocks are not kept (they read
+    /// without I/O); `readahead` counts the block as read-ahead.
+    pub fn complete_fill(&mut self, block: u64, token: u64, data: &[u8], readahead: bool) {
+        if !matches!(self.slots.get(&block), Some(Slot::Filling(t)) if *t == token) {
+            return;
+        }
+        if data.iter().all(|&b| b == 0) {
+            self.slots.remove(&block);
+            return;
+        }
+        self.slots.insert(block, Slot::Clean(Box::from(data)));
+        self.policy.insert(block);
+        if readahead {
+            self.stats.readahead_blocks += 1;
+        }
+        self.evict_to_fit();
+    }
+
+    /// Gives up a reservation (the replica read failed).
+    pub fn abort_fill(&mut self, block: u64, token: u64) {
+        if matches!(self.slots.get(&block), Some(Slot::Filling(t)) if *t == token) {
+            self.slots.remove(&block);
+        }
+    }
+
+    /// Evicts clean blocks until pinned and clean blocks fit the capacity.
+    fn evict_to_fit(&mut self) {
+        while self.pinned_data + self.policy.len() > self.capacity_blocks {
+            let Some(victim) = self.policy.evict() else { break };
+            self.slots.remove(&victim);
+            self.stats.evictions += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BS: usize = 16;
+
+    fn block(fill: u8) -> Vec<u8> {
+        vec![fill; BS]
+    }
+
+    fn read(c: &mut HotCache, b: u64) -> Option<Vec<u8>> {
+        let mut out = vec![0xEE; BS];
+        match c.lookup(b, &mut out) {
+            Lookup::Hit => Some(out),
+            Lookup::Fill(t) => {
+                c.abort_fill(b, t);
+                None
+            }
+            Lookup::Miss => None,
+        }
+    }
+
+    #[test]
+    fn pinned_blocks_survive_any_eviction_pressure() {
+        let mut c = HotCache::new(8 * BS as u64, BS as u32);
+        c.pin_write(1, 100, &[block(1), block(2)].concat());
+        // Fill far more clean blocks than fit.
+        for b in 1000..2000u64 {
+            let Lookup::Fill(t) = c.lookup(b, &mut [0; BS]) else { panic!("block {b} held") };
+            c.complete_fill(b, t, &block(9), false);
+            assert!(c.stats().resident_bytes <= 8 * BS as u64);
+        }
+        assert_eq!(read(&mut c, 100), Some(block(1)));
+        assert_eq!(read(&mut c, 101), Some(block(2)));
+        assert_eq!(c.pinned_bytes(), 2 * BS as u64);
+        assert!(c.stats().evictions >= 990);
+        // Once confirmed they are ordinary clean blocks, evictable.
+        c.unpin_write(1, 100, 2);
+        assert_eq!(c.pinned_bytes(), 0);
+        for b in 3000..3100u64 {
+            let Lookup::Fill(t) = c.lookup(b, &mut [0; BS]) else { panic!() };
+            c.complete_fill(b, t, &block(9), false);
+        }
+        assert_eq!(read(&mut c, 100), None);
+    }
+
+    #[test]
+    fn pinned_blocks_beyond_capacity_evict_every_clean_block_but_stay() {
+        let mut c = HotCache::new(4 * BS as u64, BS as u32);
+        let Lookup::Fill(t) = c.lookup(0, &mut [0; BS]) else { panic!() };
+        c.complete_fill(0, t, &block(5), false);
+        c.pin_write(1, 10, &vec![1u8; 6 * BS]);
+        assert_eq!(read(&mut c, 0), None, "the clean block made room");
+        for b in 10..16 {
+            assert_eq!(read(&mut c, b), Some(block(1)));
+        }
+    }
+
+    #[test]
+    fn a_newer_write_wins_over_an_older_unpin() {
+        let mut c = HotCache::new(64 * BS as u64, BS as u32);
+        c.pin_write(1, 5, &block(1));
+        c.pin_write(2, 5, &block(2));
+        c.unpin_write(1, 5, 1);
+        assert_eq!(read(&mut c, 5), Some(block(2)));
+        assert_eq!(c.pinned_bytes(), BS as u64, "still pinned by write 2");
+        c.unpin_write(2, 5, 1);
+        assert_eq!(c.pinned_bytes(), 0);
+        assert_eq!(read(&mut c, 5), Some(block(2)), "clean now, still held");
+    }
+
+    #[test]
+    fn a_fill_overtaken_by_a_write_is_dropped() {
+        let mut c = HotCache::new(64 * BS as u64, BS as u32);
+        let Lookup::Fill(t) = c.lookup(3, &mut [0; BS]) else { panic!() };
+        // A write lands and is confirmed while the reader is at the replica.
+        c.pin_write(1, 3, &block(7));
+        c.unpin_write(1, 3, 1);
+        c.complete_fill(3, t, &block(6), false);
+        assert_eq!(read(&mut c, 3), Some(block(7)));
+        // Also when the written block was evicted before the stale fill lands.
+        let Lookup::Fill(t) = c.lookup(4, &mut [0; BS]) else { panic!() };
+        c.pin_write(2, 4, &block(8));
+        c.unpin_write(2, 4, 1);
+        c.pin_zero(3, 4, 1);
+        c.unpin_zero(3, 4, 1);
+        c.complete_fill(4, t, &block(6), false);
+        assert_eq!(read(&mut c, 4), None, "not held: the stale fill did not land");
+    }
+
+    #[test]
+    fn a_second_reader_of_a_filling_block_misses_without_a_token() {
+        let mut c = HotCache::new(64 * BS as u64, BS as u32);
+        let Lookup::Fill(t) = c.lookup(3, &mut [0; BS]) else { panic!() };
+        assert_eq!(c.lookup(3, &mut [0; BS]), Lookup::Miss);
+        c.complete_fill(3, t, &block(4), false);
+        assert_eq!(read(&mut c, 3), Some(block(4)));
+        assert_eq!(c.stats().misses, 2);
+        assert_eq!(c.stats().hits, 1);
+    }
+
+    #[test]
+    fn discard_reads_zeros_until_confirmed_and_drops_blocks() {
+        let mut c = HotCache::new(64 * BS as u64, BS as u32);
+        c.pin_write(1, 0, &vec![1u8; 4 * BS]);
+        c.unpin_write(1, 0, 4);
+        c.pin_write(2, 2, &block(2));
+        c.pin_zero(3, 1, 100);
+        for b in [1, 2, 3, 50] {
+            assert_eq!(read(&mut c, b), Some(block(0)), "block {b} under a pending discard");
+        }
+        assert_eq!(read(&mut c, 0), Some(block(1)));
+        // A write after the discard is newer.
+        c.pin_write(4, 50, &block(4));
+        assert_eq!(read(&mut c, 50), Some(block(4)));
+        c.unpin_write(2, 2, 1);
+        assert_eq!(read(&mut c, 2), Some(block(0)), "write 2 was superseded by the discard");
+        c.unpin_zero(3, 1, 100);
+        for b in [1, 2, 3] {
+            assert_eq!(read(&mut c, b), None, "block {b} dropped: the images read zeros");
+        }
+        assert_eq!(read(&mut c, 50), Some(block(4)));
+        assert_eq!(c.pinned_bytes(), BS as u64);
+    }
+
+    #[test]
+    fn a_discard_larger_than_the_cache_walks_the_cache() {
+        let mut c = HotCache::new(64 * BS as u64, BS as u32);
+        c.pin_write(1, 7, &block(1));
+        c.unpin_write(1, 7, 1);
+        c.pin_zero(2, 0, u64::from(u32::MAX));
+        assert_eq!(read(&mut c, 7), Some(block(0)));
+        c.unpin_zero(2, 0, u64::from(u32::MAX));
+        assert_eq!(read(&mut c, 7), None);
+        assert_eq!(c.stats().resident_bytes, 0);
+    }
+
+    #[test]
+    fn zero_fills_are_not_kept() {
+        let mut c = HotCache::new(64 * BS as u64, BS as u32);
+        let Lookup::Fill(t) = c.lookup(3, &mut [0; BS]) else { panic!() };
+        c.complete_fill(3, t, &block(0), true);
+        assert_eq!(c.stats().resident_bytes, 0);
+        assert_eq!(c.stats().readahead_blocks, 0);
+        assert!(!c.holds(3));
+    }
+}
