@@ -352,7 +352,7 @@ mod tests {
         let mut c = HotCache::new(4 * BS as u64, BS as u32);
         let Lookup::Fill(t) = c.lookup(0, &mut [0; BS]) else { panic!() };
         c.complete_fill(0, t, &block(5), false);
-        c.pin_write(1, 10, &vec![1u8; 6 * BS]);
+        c.pin_write(1, 10, &[1u8; 6 * BS]);
         assert_eq!(read(&mut c, 0), None, "the clean block made room");
         for b in 10..16 {
             assert_eq!(read(&mut c, b), Some(block(1)));
@@ -405,7 +405,7 @@ mod tests {
     #[test]
     fn discard_reads_zeros_until_confirmed_and_drops_blocks() {
         let mut c = HotCache::new(64 * BS as u64, BS as u32);
-        c.pin_write(1, 0, &vec![1u8; 4 * BS]);
+        c.pin_write(1, 0, &[1u8; 4 * BS]);
         c.unpin_write(1, 0, 4);
         c.pin_write(2, 2, &block(2));
         c.pin_zero(3, 1, 100);

@@ -29,10 +29,10 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use xdevice_ublk::{Done, Geometry, Io, IoError, Reply, Target};
 
+use crate::cache::CacheStats;
 use crate::cli::node::TuningArgs;
 use crate::cli::size;
 use crate::device::local::{Embedded, EmbeddedOptions};
-use crate::cache::CacheStats;
 use crate::device::{CacheMode, Device, DeviceConfig, DeviceStats, PipelineStats};
 use crate::replication::node::RaftTuning;
 use crate::storage::disk::Backend;
@@ -111,7 +111,11 @@ impl DaemonArgs {
             );
         }
         if self.readahead > self.cache / 4 {
-            bail!("--readahead {} is more than a quarter of --cache {}", self.readahead, self.cache);
+            bail!(
+                "--readahead {} is more than a quarter of --cache {}",
+                self.readahead,
+                self.cache
+            );
         }
         Ok(Daemon {
             backend: self.backend,

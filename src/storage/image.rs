@@ -145,7 +145,10 @@ impl BadBlock {
         StorageError::corrupt(
             "data block",
             format!("{} (lba {})", self.location, self.lba),
-            format!("checksum mismatch (expected {:#010x}, found {:#010x})", self.expected, self.found),
+            format!(
+                "checksum mismatch (expected {:#010x}, found {:#010x})",
+                self.expected, self.found
+            ),
         )
     }
 }
