@@ -43,6 +43,7 @@ fn options(dir: &std::path::Path, replicas: u64) -> EmbeddedOptions {
         engine: EngineConfig::default(),
         backend: Backend::File,
         tuning: RaftTuning { snapshot_segments: 3, keep_entries: 16, ..RaftTuning::default() },
+        log_cache_bytes: xdevice::replication::log_store::DEFAULT_CACHE_BYTES,
     }
 }
 

@@ -18,7 +18,8 @@
 
 pub mod policy;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 pub use policy::S3Fifo;
 
@@ -30,6 +31,35 @@ pub const DEFAULT_CACHE_BYTES: u64 = 256 << 20;
 pub const MIN_CACHE_BYTES: u64 = 16 << 20;
 /// Default read-ahead window for sequential readers.
 pub const DEFAULT_READAHEAD_BYTES: u64 = 2 << 20;
+
+/// A hasher for block numbers: the splitmix64 finaliser, a few cycles against SipHash's
+/// twenty-odd nanoseconds, which on a 1 MiB cache hit (256 blocks, two lookups each) was a
+/// fifth of the time. Keys are block numbers the frontend has range-checked, not input an
+/// attacker chooses freely, and a skewed set of them still spreads evenly.
+#[derive(Default, Clone, Copy, Debug)]
+pub struct BlockHasher(u64);
+
+impl Hasher for BlockHasher {
+    fn finish(&self) -> u64 {
+        let mut z = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8 | u64::from(b)) ^ (self.0 >> 56);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 ^= n;
+    }
+}
+
+/// A map keyed by block number.
+pub type BlockMap<V> = std::collections::HashMap<u64, V, BuildHasherDefault<BlockHasher>>;
 
 #[derive(Debug)]
 enum Slot {
@@ -81,7 +111,7 @@ pub enum Lookup {
 pub struct HotCache {
     block_bytes: usize,
     capacity_blocks: usize,
-    slots: HashMap<u64, Slot>,
+    slots: BlockMap<Slot>,
     policy: S3Fifo,
     /// Pinned entries holding data (a pinned discard holds none).
     pinned_data: usize,
@@ -98,7 +128,7 @@ impl HotCache {
         HotCache {
             block_bytes: block_bytes as usize,
             capacity_blocks,
-            slots: HashMap::new(),
+            slots: BlockMap::default(),
             policy: S3Fifo::new(capacity_blocks),
             pinned_data: 0,
             zeroing: BTreeMap::new(),

@@ -20,7 +20,9 @@
 //! Queues hold `(block, generation)`; a removed or moved block leaves a stale item behind that is
 //! skipped when it reaches the front, and queues are compacted when stale items dominate.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use super::BlockMap;
 
 const MAX_FREQ: u8 = 3;
 
@@ -42,13 +44,13 @@ struct Meta {
 pub struct S3Fifo {
     small_target: usize,
     ghost_capacity: usize,
-    entries: HashMap<u64, Meta>,
+    entries: BlockMap<Meta>,
     small: VecDeque<(u64, u32)>,
     main: VecDeque<(u64, u32)>,
     small_len: usize,
     main_len: usize,
     ghost: VecDeque<u64>,
-    ghost_count: HashMap<u64, u32>,
+    ghost_count: BlockMap<u32>,
     generation: u32,
 }
 
@@ -58,13 +60,13 @@ impl S3Fifo {
         S3Fifo {
             small_target: (capacity / 10).max(1),
             ghost_capacity: capacity.max(1),
-            entries: HashMap::new(),
+            entries: BlockMap::default(),
             small: VecDeque::new(),
             main: VecDeque::new(),
             small_len: 0,
             main_len: 0,
             ghost: VecDeque::new(),
-            ghost_count: HashMap::new(),
+            ghost_count: BlockMap::default(),
             generation: 0,
         }
     }

@@ -628,6 +628,7 @@ fn serve_device(
             engine: EngineConfig { fill_segments: true, ..EngineConfig::default() },
             backend,
             tuning,
+            log_cache_bytes: crate::device::local::EMBEDDED_LOG_CACHE_BYTES,
         };
         let embedded = Embedded::start(opts).await.context("starting the replicas")?;
         let leader = embedded.wait_leader(Duration::from_secs(30)).await?;

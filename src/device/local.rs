@@ -10,12 +10,18 @@ use openraft::ServerState;
 use super::{BoxFuture, Cluster, Commit, ReadOutcome};
 use crate::replication::network::{LocalRouter, LocalTransport, Transport};
 use crate::replication::node::{Node, RaftTuning};
+use crate::replication::open_replica;
 use crate::replication::types::{NodeId, Request};
-use crate::replication::{log_store::DEFAULT_CACHE_BYTES, open_replica};
 use crate::storage::disk::{Backend, DirVolume, Volume};
 use crate::storage::engine::{Engine, EngineConfig, FormatOptions};
 use crate::storage::layout::Location;
 use crate::storage::StorageError;
+
+/// Each embedded replica's cache of decoded log entries: the replicas share one process and its
+/// memory budget (DESIGN.md §4: resident ≤ hot cache + 64 MiB), and in-process followers run
+/// within a proposal or two (4 MiB each) of the leader, so a small cache still serves
+/// replication from memory.
+pub const EMBEDDED_LOG_CACHE_BYTES: usize = 16 << 20;
 
 /// Where and how the embedded replicas live.
 #[derive(Clone, Debug)]
@@ -26,6 +32,8 @@ pub struct EmbeddedOptions {
     pub engine: EngineConfig,
     pub backend: Backend,
     pub tuning: RaftTuning,
+    /// Each replica's cache of decoded recent log entries (`LogStore`).
+    pub log_cache_bytes: usize,
 }
 
 fn replica_dir(base: &Path, id: NodeId) -> PathBuf {
@@ -93,7 +101,8 @@ impl Embedded {
             Err(e) => return Err(e.into()),
         }
         let dir = replica_dir(&self.opts.dir, id);
-        let replica = open_replica(&location, self.opts.engine.clone(), &dir, DEFAULT_CACHE_BYTES)?;
+        let replica =
+            open_replica(&location, self.opts.engine.clone(), &dir, self.opts.log_cache_bytes)?;
         let transport: Arc<dyn Transport> =
             Arc::new(LocalTransport { router: self.router.clone(), me: id });
         let node = Arc::new(Node::start(id, replica, transport, &self.opts.tuning).await?);
