@@ -10,14 +10,22 @@
 //! the request is abandoned for the new leader. (The device then proposes every unconfirmed
 //! write again, in order; an abandoned proposal that does commit comes before them in the new
 //! leader's log, and block writes are idempotent.)
+//!
+//! Reads go to the leader too. A block failing its checksum there comes back listed, not as
+//! data; it is read from another node that has applied as far as the leader had (`READ_LOCAL`),
+//! and the good copy is offered back to the leader (`REPAIR`) when it is exactly what the
+//! leader's checksum table promises. No node with a good copy: the read fails, naming the block.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::{BoxFuture, Cluster, Commit, ReadOutcome};
-use crate::replication::tcp::{Admin, AdminReply, NodeClient};
+use crate::replication::tcp::{
+    Admin, AdminReply, BadBlockReport, BlocksReply, LocalRead, NodeClient, Repair,
+};
 use crate::replication::types::Request;
+use crate::storage::image::{block_checksum, BadBlock};
 
 /// How long a request waits before checking whether another node took over, and between checks.
 const PROBE: Duration = Duration::from_millis(50);
@@ -86,7 +94,8 @@ impl RemoteCluster {
     }
 
     /// Runs `req` against the leader; gives up early if another node leads in a higher term.
-    async fn on_leader<T, F, Fut>(&self, req: F) -> Result<T, String>
+    /// The node that answered, and its answer.
+    async fn on_leader<T, F, Fut>(&self, req: F) -> Result<(usize, T), String>
     where
         F: FnOnce(NodeClient, Duration) -> Fut,
         Fut: std::future::Future<Output = Result<T, String>>,
@@ -101,7 +110,7 @@ impl RemoteCluster {
                     if r.is_err() {
                         self.forget(i);
                     }
-                    return r;
+                    return r.map(|r| (i, r));
                 }
                 _ = probe.tick() => {
                     if let Some((j, t)) = self.claimed_leader(Some(i)).await {
@@ -130,19 +139,22 @@ impl Cluster for RemoteCluster {
         Box::pin(async move {
             let index =
                 self.on_leader(|node, timeout| async move { node.write(&req, timeout).await });
-            let index = index.await?;
+            let (_, index) = index.await?;
             let done: Commit = Box::pin(async move { Ok(index) });
             Ok(done)
         })
     }
 
     /// Remote reads are linearizable reads on the leader (the node checks its leadership with
-    /// a quorum first), which covers `_applied_at_least`: other clients may write too.
+    /// a quorum first), which covers `applied_at_least`: other clients may write too. A block
+    /// failing its checksum there is taken from another node that has applied as far as the
+    /// leader had when it read (and at least `applied_at_least`), and the leader's copy is
+    /// repaired with it when it is what the leader's checksum table promises.
     fn read(
         self: Arc<Self>,
         lba: u64,
         blocks: u64,
-        _applied_at_least: u64,
+        applied_at_least: u64,
     ) -> BoxFuture<Result<ReadOutcome, String>> {
         Box::pin(async move {
             let mut last = String::from("no replicas");
@@ -152,7 +164,9 @@ impl Cluster for RemoteCluster {
                         |node, timeout| async move { node.read(lba, blocks, timeout).await },
                     );
                 match read.await {
-                    Ok(data) => return Ok(ReadOutcome::clean(data)),
+                    Ok((leader, reply)) => {
+                        return self.mend(leader, lba, blocks, applied_at_least, reply).await
+                    }
                     Err(e) => {
                         last = e;
                         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -161,5 +175,177 @@ impl Cluster for RemoteCluster {
             }
             Err(last)
         })
+    }
+}
+
+impl RemoteCluster {
+    /// Completes the leader's answer to a read of `blocks` blocks at `lba`: each block it lists
+    /// as failing its checksum is fetched from another node and, when it matches, repaired on
+    /// the leader.
+    async fn mend(
+        &self,
+        leader: usize,
+        lba: u64,
+        blocks: u64,
+        applied_at_least: u64,
+        reply: BlocksReply,
+    ) -> Result<ReadOutcome, String> {
+        let at = self.addrs[leader];
+        let bs = check_reply(&reply, lba, blocks).map_err(|e| format!("node {at}: {e}"))?;
+        let BlocksReply { applied, mut data, bad } = reply;
+        // A copy from a node that has applied this far holds every write the leader's read had
+        // to reflect (or a later one).
+        let floor = applied.max(applied_at_least);
+        let mut outcome = ReadOutcome::clean(Vec::new());
+        for b in bad {
+            outcome.corrupt_blocks += 1;
+            tracing::error!(
+                node = %at,
+                lba = b.lba,
+                expected = format_args!("{:#010x}", b.expected),
+                found = format_args!("{:#010x}", b.found),
+                "data block fails its checksum on the leader; reading it from another replica"
+            );
+            let (from, good) = self.good_copy(leader, b.lba, bs, floor).await.map_err(|why| {
+                let bad = BadBlock {
+                    lba: b.lba,
+                    expected: b.expected,
+                    found: b.found,
+                    location: format!("node {at}"),
+                };
+                format!("{}; no other replica holds a good copy ({why})", bad.into_error())
+            })?;
+            let offset = ((b.lba - lba) as usize) * bs;
+            data[offset..offset + bs].copy_from_slice(&good);
+            if block_checksum(b.lba, &good) != b.expected {
+                // A later write to the block, applied on `from` (and perhaps on the leader by
+                // now): its data is a valid answer, but not what the leader's table promised.
+                tracing::info!(
+                    node = %at,
+                    from = %self.addrs[from],
+                    lba = b.lba,
+                    "the good copy is of a later write: the leader's copy is left alone"
+                );
+                continue;
+            }
+            let repair = Repair { lba: b.lba, data: good };
+            match self.nodes[leader].repair(&repair, self.timeout).await {
+                Ok(true) => {
+                    outcome.repaired_blocks += 1;
+                    tracing::warn!(
+                        node = %at,
+                        from = %self.addrs[from],
+                        lba = b.lba,
+                        "data block repaired from another replica"
+                    );
+                }
+                // The block changed since (a later write replaced the damaged bytes).
+                Ok(false) => {}
+                Err(e) => tracing::error!(
+                    node = %at,
+                    lba = b.lba,
+                    error = %e,
+                    "repairing a data block failed"
+                ),
+            }
+        }
+        outcome.data = data;
+        Ok(outcome)
+    }
+
+    /// Block `lba` from the first node other than `leader` that has applied `floor` and whose
+    /// copy passes its checksum there: that node and the block. Otherwise why not, per node.
+    async fn good_copy(
+        &self,
+        leader: usize,
+        lba: u64,
+        bs: usize,
+        floor: u64,
+    ) -> Result<(usize, Vec<u8>), String> {
+        let req = LocalRead { lba, blocks: 1, applied_at_least: floor };
+        let mut why = Vec::new();
+        for (i, node) in self.nodes.iter().enumerate().filter(|(i, _)| *i != leader) {
+            let got = node.read_local(req, self.timeout).await.and_then(|r| {
+                check_reply(&r, lba, 1)?;
+                if r.data.len() != bs {
+                    return Err(format!("answered {} bytes for one {bs}-byte block", r.data.len()));
+                }
+                if r.applied < floor {
+                    return Err(format!("answered at log index {} below {floor}", r.applied));
+                }
+                match r.bad.first() {
+                    None => Ok(r.data),
+                    Some(b) => Err(format!(
+                        "fails its checksum there too (expected {:#010x}, found {:#010x})",
+                        b.expected, b.found
+                    )),
+                }
+            });
+            match got {
+                Ok(block) => return Ok((i, block)),
+                Err(e) => {
+                    tracing::error!(node = %self.addrs[i], lba, error = %e, "no good copy here");
+                    why.push(format!("{}: {e}", self.addrs[i]));
+                }
+            }
+        }
+        if why.is_empty() {
+            why.push("no other replica".to_string());
+        }
+        Err(why.join("; "))
+    }
+}
+
+/// Checks a node's answer to a read of `blocks` blocks at `lba` before anything uses it: whole
+/// blocks of one size, the bad ones inside the range and listed once each, in order. The block
+/// size.
+fn check_reply(reply: &BlocksReply, lba: u64, blocks: u64) -> Result<usize, String> {
+    let len = reply.data.len() as u64;
+    let bs = match blocks {
+        0 if len == 0 => 0,
+        _ if blocks == 0 || len == 0 || len % blocks != 0 => {
+            return Err(format!("answered {len} bytes for {blocks} blocks"));
+        }
+        _ => len / blocks,
+    };
+    let end = lba.saturating_add(blocks);
+    let mut next = lba;
+    for &BadBlockReport { lba: b, .. } in &reply.bad {
+        if b < next || b >= end {
+            return Err(format!("listed block {b} as bad in a read of [{lba}, +{blocks})"));
+        }
+        next = b + 1;
+    }
+    usize::try_from(bs).map_err(|_| format!("answered {bs}-byte blocks"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(len: usize, bad: &[u64]) -> BlocksReply {
+        let bad = bad.iter().map(|&lba| BadBlockReport { lba, expected: 1, found: 2 }).collect();
+        BlocksReply { applied: 0, data: vec![0; len], bad }
+    }
+
+    #[test]
+    fn a_reply_is_checked_before_use() {
+        assert_eq!(check_reply(&reply(8192, &[]), 10, 2), Ok(4096));
+        assert_eq!(check_reply(&reply(8192, &[10, 11]), 10, 2), Ok(4096));
+        assert_eq!(check_reply(&reply(0, &[]), 10, 0), Ok(0));
+        assert!(check_reply(&reply(4096, &[]), 10, 0).is_err());
+        for (len, bad) in [
+            (8191, &[][..]),
+            (0, &[][..]),
+            (8192, &[9][..]),
+            (8192, &[12][..]),
+            (8192, &[11, 10][..]),
+            (8192, &[10, 10][..]),
+        ] {
+            assert!(check_reply(&reply(len, bad), 10, 2).is_err(), "{len} {bad:?}");
+        }
+        // Near the end of the block numbers: no overflow.
+        assert!(check_reply(&reply(4096, &[u64::MAX]), u64::MAX, 1).is_err());
+        assert_eq!(check_reply(&reply(4096, &[u64::MAX - 1]), u64::MAX - 1, 1), Ok(4096));
     }
 }

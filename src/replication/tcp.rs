@@ -2,9 +2,15 @@
 //! address per replica, the cluster id checked on every frame.
 //!
 //! Kinds: `RAFT` carries a postcard `RaftRpc` and answers a `RaftReply`; `WRITE` proposes a
-//! `Request` and answers the committed index once applied on the leader; `READ` answers blocks
-//! from the leader's image after a linearizable check; `ADMIN` carries an `Admin` request.
-//! Writes from one connection are handed to Raft in arrival order.
+//! `Request` and answers the committed index once applied on the leader; `READ` answers a
+//! `BlocksReply` from the leader's image after a linearizable check; `ADMIN` carries an `Admin`
+//! request. Writes from one connection are handed to Raft in arrival order.
+//!
+//! Checksum repair: a `BlocksReply` never carries a block that failed its checksum; it lists it
+//! instead (zero-filled in the data). The client then asks the other nodes for that block with
+//! `READ_LOCAL` (any node's own image, once it has applied as far as the leader had, no
+//! leadership check) and sends a good copy back to the leader with `REPAIR`, which rewrites the
+//! block only if the copy is what the leader's own checksum table already says it holds.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -25,9 +31,66 @@ pub const KIND_RAFT: u8 = 1;
 pub const KIND_WRITE: u8 = 2;
 pub const KIND_READ: u8 = 3;
 pub const KIND_ADMIN: u8 = 4;
+pub const KIND_READ_LOCAL: u8 = 5;
+pub const KIND_REPAIR: u8 = 6;
 
 /// Largest frame payload: a 4 MiB proposal or a snapshot record, with room for headers.
 pub const MAX_PAYLOAD: usize = 16 << 20;
+
+/// Largest `data` of a `BlocksReply`: a frame's payload less room for the rest of the reply.
+pub const MAX_READ_BYTES: usize = MAX_PAYLOAD - (128 << 10);
+
+// The rest of a `BlocksReply` (postcard varints: `applied` and the two lengths at most 10 bytes
+// each, each listed block at most 10 + 5 + 5) fits the room left even if every block is listed.
+const _: () = assert!(
+    MAX_PAYLOAD - MAX_READ_BYTES
+        >= 30 + MAX_READ_BYTES / crate::storage::superblock::MIN_BLOCK_BYTES as usize * 20
+);
+
+/// How long a `READ_LOCAL` waits for the node to apply as far as asked (a follower applies a
+/// commit one heartbeat or so after the leader) before refusing.
+const READ_LOCAL_WAIT: Duration = Duration::from_secs(1);
+
+/// `READ_LOCAL`: blocks from one node's own image, leader or not.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct LocalRead {
+    pub lba: u64,
+    pub blocks: u64,
+    /// The node answers only once it has applied at least this log index.
+    pub applied_at_least: u64,
+}
+
+/// `REPAIR`: a good copy of one block for a node whose copy failed its checksum.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Repair {
+    pub lba: u64,
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
+
+/// The answer to `READ` and `READ_LOCAL`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BlocksReply {
+    /// The node's applied log index when it read: the image held at least every entry up to it.
+    /// For `READ`, taken after the linearizable check, so it covers every write committed before
+    /// the read arrived.
+    pub applied: u64,
+    /// The blocks; those listed in `bad` are zero-filled, never the bytes that failed.
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+    /// Blocks that failed their checksum on this node, in block order.
+    pub bad: Vec<BadBlockReport>,
+}
+
+/// A block that failed its checksum on the node that answered (the node logs where it lies).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BadBlockReport {
+    pub lba: u64,
+    /// What the node's checksum table says the block holds.
+    pub expected: u32,
+    /// The checksum of what it read.
+    pub found: u32,
+}
 
 /// Cluster management requests. Membership changes (`AddLearner`, `SetVoters`, `Remove`) must be
 /// sent to the leader; another node refuses them, naming the leader it knows.
@@ -328,23 +391,63 @@ impl Handler for NodeService {
                 })
             }
             KIND_READ => {
-                let engine = self.engine.clone();
+                let (engine, id) = (self.engine.clone(), self.id);
                 Box::pin(async move {
                     let (lba, blocks): (u64, u64) = decode(&payload, "read")?;
                     if raft.metrics().borrow().state != ServerState::Leader {
                         return Err(NOT_LEADER.to_string());
                     }
                     raft.ensure_linearizable().await.map_err(|e| e.to_string())?;
-                    let bs = u64::from(engine.superblock().block_bytes);
-                    let len = blocks.checked_mul(bs).filter(|l| *l <= MAX_PAYLOAD as u64);
-                    let len = len.ok_or_else(|| format!("read of {blocks} blocks is too large"))?;
-                    tokio::task::spawn_blocking(move || {
-                        let mut out = vec![0u8; len as usize];
-                        engine.image().read_blocks(lba, &mut out).map_err(|e| e.to_string())?;
-                        Ok(out)
+                    let applied = applied_index(&raft);
+                    encode(&read_verified(engine, id, "read", lba, blocks, applied).await?)
+                })
+            }
+            KIND_READ_LOCAL => {
+                let (engine, id) = (self.engine.clone(), self.id);
+                Box::pin(async move {
+                    let req: LocalRead = decode(&payload, "local read")?;
+                    let floor = req.applied_at_least;
+                    if applied_index(&raft) < floor {
+                        raft.wait(Some(READ_LOCAL_WAIT))
+                            .applied_index_at_least(Some(floor), "local read")
+                            .await
+                            .map_err(|_| {
+                                format!(
+                                    "node {id} has applied log index {} only, not {floor}",
+                                    applied_index(&raft)
+                                )
+                            })?;
+                    }
+                    let applied = applied_index(&raft);
+                    let reply =
+                        read_verified(engine, id, "local read", req.lba, req.blocks, applied)
+                            .await?;
+                    encode(&reply)
+                })
+            }
+            KIND_REPAIR => {
+                let (engine, id) = (self.engine.clone(), self.id);
+                Box::pin(async move {
+                    let req: Repair = decode(&payload, "repair")?;
+                    let lba = req.lba;
+                    // Accepted from any client only because `repair_block` writes nothing but
+                    // the bytes this image's checksum table already says the block holds (and
+                    // refuses a wrong length or a block out of range): it restores the image,
+                    // never changes what it means, and no entry goes through Raft. The table is
+                    // a crc32c, which catches a wrong or stale copy but is no authenticator: a
+                    // client forging a colliding block on purpose could change this replica's
+                    // copy alone, but such a client could as well send a `WRITE` (clients are not
+                    // authenticated; see the cluster id note in docs/ARCHITECTURE.md).
+                    let rewrote = tokio::task::spawn_blocking(move || {
+                        engine.image().repair_block(req.lba, &req.data)
                     })
                     .await
-                    .map_err(|e| e.to_string())?
+                    .map_err(|e| format!("repair task failed: {e}"))?
+                    .map_err(|e| e.to_string())?;
+                    if rewrote {
+                        tracing::warn!(node = id, lba, "data block repaired from another replica");
+                    }
+                    encode(&rewrote)
                 })
             }
             KIND_ADMIN => {
@@ -362,6 +465,48 @@ impl Handler for NodeService {
             other => Box::pin(async move { Err(format!("unknown request kind {other}")) }),
         }
     }
+}
+
+/// This node's applied log index (0 before anything was applied).
+fn applied_index(raft: &Raft) -> u64 {
+    raft.metrics().borrow().last_applied.map_or(0, |l| l.index)
+}
+
+/// Reads `blocks` blocks at `lba` from `engine`'s image on the blocking pool, verified: a block
+/// failing its checksum is logged, zero-filled and listed, never answered as data.
+async fn read_verified(
+    engine: Arc<Engine>,
+    id: NodeId,
+    what: &'static str,
+    lba: u64,
+    blocks: u64,
+    applied: u64,
+) -> Result<BlocksReply, String> {
+    let bs = u64::from(engine.superblock().block_bytes);
+    let len = blocks.checked_mul(bs).filter(|l| *l <= MAX_READ_BYTES as u64);
+    let len = len.ok_or_else(|| format!("{what} of {blocks} blocks is too large"))?;
+    tokio::task::spawn_blocking(move || {
+        let mut data = vec![0u8; len as usize];
+        let bad = engine.image().read_verified(lba, &mut data).map_err(|e| e.to_string())?;
+        let bad = bad
+            .into_iter()
+            .map(|b| {
+                tracing::error!(
+                    node = id,
+                    request = what,
+                    lba = b.lba,
+                    location = %b.location,
+                    expected = format_args!("{:#010x}", b.expected),
+                    found = format_args!("{:#010x}", b.found),
+                    "data block fails its checksum"
+                );
+                BadBlockReport { lba: b.lba, expected: b.expected, found: b.found }
+            })
+            .collect();
+        Ok(BlocksReply { applied, data, bad })
+    })
+    .await
+    .map_err(|e| format!("{what} task failed: {e}"))?
 }
 
 /// Connections between replicas and to them: frames up to `MAX_PAYLOAD`, and reconnects backed
@@ -432,7 +577,7 @@ impl Transport for TcpTransport {
     }
 }
 
-/// A client of a node's `WRITE`, `READ` and `ADMIN` requests.
+/// A client of a node's `WRITE`, `READ`, `READ_LOCAL`, `REPAIR` and `ADMIN` requests.
 #[derive(Clone, Debug)]
 pub struct NodeClient {
     rpc: RpcClient,
@@ -455,7 +600,39 @@ impl NodeClient {
         decode(&bytes, "write reply")
     }
 
-    pub async fn read(&self, lba: u64, blocks: u64, timeout: Duration) -> Result<Vec<u8>, String> {
-        self.rpc.call(KIND_READ, encode(&(lba, blocks))?, timeout).await.map_err(|e| e.to_string())
+    /// A linearizable read on the leader.
+    pub async fn read(
+        &self,
+        lba: u64,
+        blocks: u64,
+        timeout: Duration,
+    ) -> Result<BlocksReply, String> {
+        let bytes = self
+            .rpc
+            .call(KIND_READ, encode(&(lba, blocks))?, timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        decode(&bytes, "read reply")
+    }
+
+    /// Blocks from this node's own image once it has applied `applied_at_least`.
+    pub async fn read_local(
+        &self,
+        req: LocalRead,
+        timeout: Duration,
+    ) -> Result<BlocksReply, String> {
+        let bytes = self
+            .rpc
+            .call(KIND_READ_LOCAL, encode(&req)?, timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        decode(&bytes, "local read reply")
+    }
+
+    /// Offers a good copy of block `lba`; true if the node rewrote its copy with it.
+    pub async fn repair(&self, req: &Repair, timeout: Duration) -> Result<bool, String> {
+        let bytes =
+            self.rpc.call(KIND_REPAIR, encode(req)?, timeout).await.map_err(|e| e.to_string())?;
+        decode(&bytes, "repair reply")
     }
 }

@@ -1,0 +1,253 @@
+//! Checksum repair in the remote mode, on three `xdevice node` processes on 127.0.0.21-23: a
+//! byte flipped in the leader's image is detected on a read through the device, the block is
+//! read from another node and the leader's copy rewritten; a block damaged on every node fails
+//! the read, naming the block, and never returns made-up data. Also the node's side of the
+//! protocol: a damaged block is listed, never answered as data; a `REPAIR` with data its
+//! checksum table does not promise is refused; malformed requests are refused with an error.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use xdevice::device::remote::RemoteCluster;
+use xdevice::device::{CacheMode, Device, DeviceConfig, DeviceError};
+use xdevice::net::{ClientOptions, RpcClient};
+use xdevice::replication::tcp::{
+    Admin, AdminReply, BadBlockReport, LocalRead, NodeClient, NodeStatus, Repair, KIND_READ,
+    KIND_READ_LOCAL, KIND_REPAIR,
+};
+use xdevice::storage::image::{block_checksum, ImageGeometry};
+use xdevice::storage::layout::image_file;
+
+const BS: usize = 4096;
+const DEVICE: u64 = 16 << 20;
+const BLOCKS: u64 = 32;
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_xdevice")
+}
+
+/// One `xdevice node` process; its log goes to `node.log` in its directory.
+struct Proc {
+    id: u64,
+    dir: PathBuf,
+    addr: SocketAddr,
+    child: Option<Child>,
+}
+
+impl Proc {
+    fn new(base: &Path, id: u64, cluster: &uuid::Uuid) -> Proc {
+        let dir = base.join(format!("n{id}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = Command::new(bin())
+            .args(["format", "--size", "16M", "--segment-size", "8M", "--cluster-id"])
+            .arg(cluster.to_string())
+            .arg("--dir")
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "format: {}", String::from_utf8_lossy(&out.stderr));
+        let ip = format!("127.0.0.{}", 20 + id);
+        let addr = std::net::TcpListener::bind((ip.as_str(), 0)).unwrap().local_addr().unwrap();
+        let log = std::fs::File::create(dir.join("node.log")).unwrap();
+        let child = Command::new(bin())
+            .args(["node", "--id", &id.to_string(), "--listen", &addr.to_string()])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Proc { id, dir, addr, child: Some(child) }
+    }
+
+    fn client(&self, cluster: uuid::Uuid) -> NodeClient {
+        NodeClient::new(self.addr, None, cluster)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("node.log")).unwrap()
+    }
+
+    /// Flips one byte of block `lba` in this node's image file.
+    fn flip_byte(&self, lba: u64) {
+        let geometry = ImageGeometry::new(DEVICE, BS as u32);
+        let path = self.dir.join(image_file("xdb0"));
+        let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let at = geometry.data_offset + lba * BS as u64 + 100;
+        let mut byte = [0u8];
+        f.seek(SeekFrom::Start(at)).unwrap();
+        f.read_exact(&mut byte).unwrap();
+        byte[0] ^= 0x5A;
+        f.seek(SeekFrom::Start(at)).unwrap();
+        f.write_all(&byte).unwrap();
+        f.sync_all().unwrap();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+async fn statuses(procs: &[Proc], cluster: uuid::Uuid) -> Vec<NodeStatus> {
+    let mut out = Vec::new();
+    for p in procs {
+        if let Ok(AdminReply::Status(s)) =
+            p.client(cluster).admin(Admin::Status, Duration::from_millis(500)).await
+        {
+            out.push(*s);
+        }
+    }
+    out
+}
+
+/// Waits until one node leads and every node has applied as far as it; the leader's status.
+async fn converged(procs: &[Proc], cluster: uuid::Uuid) -> NodeStatus {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let all = statuses(procs, cluster).await;
+        let leader = all.iter().filter(|s| s.state == "Leader").max_by_key(|s| s.term);
+        if let Some(l) = leader {
+            if all.len() == procs.len()
+                && l.last_applied.is_some()
+                && all.iter().all(|s| s.last_applied == l.last_applied)
+            {
+                return l.clone();
+            }
+        }
+        assert!(Instant::now() < deadline, "the nodes did not converge: {all:#?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Block `lba` as written: its number, then bytes derived from it.
+fn block(lba: u64) -> Vec<u8> {
+    let mut b = vec![0u8; BS];
+    let mut x = lba.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for chunk in b.chunks_exact_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes());
+    }
+    b[..8].copy_from_slice(&lba.to_le_bytes());
+    b
+}
+
+fn device(addrs: &[SocketAddr], cluster: uuid::Uuid) -> std::sync::Arc<Device> {
+    let remote = RemoteCluster::new(addrs, None, cluster, Duration::from_secs(5));
+    let mut cfg = DeviceConfig::new(BS as u32, DEVICE / BS as u64, CacheMode::Writethrough);
+    cfg.io_timeout = Duration::from_secs(30);
+    // Only the blocks asked for are read, so the counters count only them.
+    cfg.readahead_bytes = 0;
+    Device::start(cfg, remote)
+}
+
+#[test]
+fn a_damaged_block_on_the_leader_is_read_from_a_follower_and_repaired() {
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let base = tempfile::tempdir().unwrap();
+        let cluster = uuid::Uuid::new_v4();
+        let procs: Vec<Proc> = (1..=3).map(|id| Proc::new(base.path(), id, &cluster)).collect();
+        let members: Vec<(u64, String)> =
+            procs.iter().map(|p| (p.id, p.addr.to_string())).collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let init = Admin::Init(members.clone());
+            match procs[0].client(cluster).admin(init, Duration::from_secs(5)).await {
+                Ok(_) => break,
+                Err(e) => assert!(Instant::now() < deadline, "init: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let addrs: Vec<SocketAddr> = procs.iter().map(|p| p.addr).collect();
+
+        let data: Vec<u8> = (0..BLOCKS).flat_map(block).collect();
+        let dev = device(&addrs, cluster);
+        dev.write(0, &data, false).await.unwrap();
+        dev.flush().await.unwrap();
+        dev.close();
+        let status = converged(&procs, cluster).await;
+        let applied = status.last_applied.unwrap();
+        let leader = procs.iter().find(|p| p.id == status.id).unwrap();
+        let lc = leader.client(cluster);
+        let t = Duration::from_secs(5);
+
+        // The leader's copy of block 5 is damaged. Its own image lists the block instead of
+        // answering its bytes.
+        leader.flip_byte(5);
+        let r = lc.read_local(LocalRead { lba: 4, blocks: 2, applied_at_least: 0 }, t).await;
+        let r = r.unwrap();
+        assert!(r.applied >= applied);
+        let [BadBlockReport { lba, expected, found }] = r.bad[..] else { panic!("{:?}", r.bad) };
+        assert_eq!((lba, expected), (5, block_checksum(5, &block(5))));
+        assert_ne!(found, expected);
+        assert_eq!(&r.data[..BS], &block(4)[..]);
+        assert_eq!(&r.data[BS..], &[0u8; BS][..], "a damaged block is never answered as data");
+
+        // A repair with anything but what the checksum table promises changes nothing.
+        let mut other = block(5);
+        other[0] ^= 1;
+        let refused = lc.repair(&Repair { lba: 5, data: other }, t).await.unwrap();
+        assert!(!refused, "a repair with other data was accepted");
+        let short = lc.repair(&Repair { lba: 5, data: vec![0; 100] }, t).await.unwrap_err();
+        assert!(short.contains("block"), "{short}");
+        let far = lc.repair(&Repair { lba: 1 << 40, data: block(5) }, t).await.unwrap_err();
+        assert!(far.contains("beyond"), "{far}");
+        // A node that has not applied as far as asked refuses a local read.
+        let ahead = LocalRead { lba: 5, blocks: 1, applied_at_least: applied + 1_000_000 };
+        let behind = lc.read_local(ahead, t).await.unwrap_err();
+        assert!(behind.contains("has applied"), "{behind}");
+        // Malformed and oversized requests are refused with an error, and the node lives on.
+        let rpc = RpcClient::new(leader.addr, None, cluster, 0, ClientOptions::default());
+        for kind in [KIND_READ, KIND_READ_LOCAL, KIND_REPAIR] {
+            let e = rpc.call(kind, vec![0xff; 3], t).await.unwrap_err().to_string();
+            assert!(e.contains("malformed"), "kind {kind}: {e}");
+        }
+        let huge = LocalRead { lba: 0, blocks: u64::MAX / 2, applied_at_least: 0 };
+        let e = lc.read_local(huge, t).await.unwrap_err();
+        assert!(e.contains("too large"), "{e}");
+
+        // Read through a fresh device (nothing cached): exactly what was written, the block
+        // taken from a follower and the leader's copy rewritten.
+        let dev = device(&addrs, cluster);
+        assert_eq!(dev.read(0, data.len() as u64).await.unwrap(), data, "never wrong data");
+        assert_eq!(dev.stats().corrupt_blocks, 1);
+        assert_eq!(dev.stats().repaired_blocks, 1);
+        dev.close();
+        let r = lc.read_local(LocalRead { lba: 5, blocks: 1, applied_at_least: 0 }, t).await;
+        let r = r.unwrap();
+        assert!(r.bad.is_empty(), "the leader's copy is still damaged: {:?}", r.bad);
+        assert_eq!(r.data, block(5), "the leader's copy was rewritten");
+        let log = leader.log();
+        assert!(log.contains("data block fails its checksum"), "{log}");
+        assert!(log.contains("data block repaired from another replica"), "{log}");
+
+        // Damaged on every node: the read fails, naming the block; nothing is made up.
+        for p in &procs {
+            p.flip_byte(9);
+        }
+        let dev = device(&addrs, cluster);
+        let err = dev.read(8 * BS as u64, 2 * BS as u64).await.unwrap_err();
+        let DeviceError::Read(msg) = &err else { panic!("{err:?}") };
+        assert!(msg.contains("lba 9") && msg.contains("no other replica"), "{msg}");
+        println!("damaged everywhere: {msg}");
+        assert_eq!(dev.stats().corrupt_blocks, 0, "counted only when the read succeeds");
+        // The other blocks still read.
+        assert_eq!(dev.read(0, 9 * BS as u64).await.unwrap(), data[..9 * BS]);
+        dev.close();
+        // The leader did not change under the test (the damage was where the reads went).
+        assert_eq!(converged(&procs, cluster).await.id, status.id);
+    });
+}
