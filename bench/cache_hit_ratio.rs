@@ -145,8 +145,8 @@ fn main() -> Result<()> {
     println!(
         "workload: {reads} reads, Zipf {exponent} over {} MiB, cache {} MiB (S3-FIFO hot cache \
          vs LRU), a sequential write stream of w blocks per read",
-        READ_BLOCKS * BS as u64 >> 20,
-        CACHE_BLOCKS * BS as u64 >> 20
+        (READ_BLOCKS * BS as u64) >> 20,
+        (CACHE_BLOCKS * BS as u64) >> 20
     );
     let mut rng = rand::rngs::SmallRng::seed_from_u64(11);
     let zipf = Zipf::new(READ_BLOCKS, exponent, &mut rng);
