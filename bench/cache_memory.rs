@@ -63,6 +63,13 @@ fn status_bytes(field: &str) -> u64 {
 fn main() -> Result<()> {
     let gib = common::env_f64("XDEVICE_CACHE_MEMORY_GIB", 10.0)?;
     let cache_mib = common::env_usize("XDEVICE_CACHE_MEMORY_MIB", 256)? as u64;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let scratch = common::scratch_dir(BENCH)?;
     let machine = Machine::probe(scratch.path())?;
     machine.print(BENCH);
@@ -151,17 +158,29 @@ fn main() -> Result<()> {
             }));
         }
         let progress = tokio::spawn({
-            let written = written.clone();
+            let (written, device, embedded) = (written.clone(), device.clone(), embedded.clone());
             async move {
                 loop {
                     tokio::time::sleep(Duration::from_secs(5)).await;
                     let n = written.load(Ordering::Relaxed).min(total);
+                    let _ = tikv_jemalloc_ctl::epoch::advance();
+                    let allocated = tikv_jemalloc_ctl::stats::allocated::read().unwrap_or(0);
+                    let pending: Vec<String> = embedded
+                        .running()
+                        .iter()
+                        .map(|n| format!("{}", n.engine.wal().stats().pending_bytes >> 20))
+                        .collect();
                     eprintln!(
-                        "  {:.1} of {:.1} GiB, {:.0} MiB/s, resident {:.0} MiB",
+                        "  {:.1} of {:.1} GiB, {:.0} MiB/s, resident {:.0} MiB, allocated {} \
+                         MiB (cache {} MiB, unconfirmed {} MiB, WAL pending {} MiB)",
                         n as f64 / (1u64 << 30) as f64,
                         total as f64 / (1u64 << 30) as f64,
                         n as f64 / MIB as f64 / t0.elapsed().as_secs_f64(),
-                        status_bytes("VmRSS:") as f64 / MIB as f64
+                        status_bytes("VmRSS:") as f64 / MIB as f64,
+                        allocated >> 20,
+                        device.cache_stats().resident_bytes >> 20,
+                        device.pipeline().unconfirmed_bytes >> 20,
+                        pending.join("/"),
                     );
                 }
             }

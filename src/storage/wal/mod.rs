@@ -128,6 +128,8 @@ pub struct WalStats {
     pub batches: u64,
     pub records: u64,
     pub bytes: u64,
+    /// Bytes appended and not yet durable (bounded by `max_pending_bytes`).
+    pub pending_bytes: u64,
 }
 
 /// What recovery did, for logs and `inspect`.
@@ -353,6 +355,7 @@ impl Wal {
             batches: self.shared.batches.load(Ordering::Relaxed),
             records: self.shared.records.load(Ordering::Relaxed),
             bytes: self.shared.bytes.load(Ordering::Relaxed),
+            pending_bytes: self.shared.state.lock().expect("wal lock").pending_bytes as u64,
         }
     }
 
