@@ -2,6 +2,7 @@
 //! Errors carry context with `anyhow`; nothing here decides storage policy.
 
 pub mod demo;
+pub mod metrics;
 pub mod node;
 pub mod serve;
 pub mod size;

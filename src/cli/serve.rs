@@ -96,6 +96,10 @@ pub struct DaemonArgs {
     /// Largest read-ahead window for a sequential reader; 0 turns read-ahead off.
     #[arg(long, default_value = "2M", value_parser = size::parse)]
     pub readahead: u64,
+    /// Serve Prometheus metrics (cache, I/O, replicas) at http://ADDR/metrics, e.g.
+    /// 127.0.0.1:9477.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl DaemonArgs {
@@ -124,6 +128,7 @@ impl DaemonArgs {
             inflight: self.inflight_proposals,
             cache: self.cache,
             readahead: self.readahead,
+            metrics: self.metrics,
         })
     }
 }
@@ -602,6 +607,7 @@ struct Daemon {
     inflight: usize,
     cache: u64,
     readahead: u64,
+    metrics: Option<std::net::SocketAddr>,
 }
 
 fn serve_device(
@@ -611,10 +617,19 @@ fn serve_device(
     recover: bool,
     daemon: Daemon,
 ) -> Result<()> {
-    let Daemon { backend, run_dir, tuning, inflight, cache, readahead } = daemon;
+    let Daemon { backend, run_dir, tuning, inflight, cache, readahead, metrics } = daemon;
     let rt = runtime()?;
     rt.block_on(async move {
         let started = Instant::now();
+        // Bound before anything starts, so a taken address fails the start with nothing made.
+        let metrics = match metrics {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("--metrics {addr}: cannot listen"))?,
+            ),
+            None => None,
+        };
         let opts = EmbeddedOptions {
             dir: dir.clone(),
             replicas: record.replicas,
@@ -691,6 +706,11 @@ fn serve_device(
             device: device.clone(),
         });
         let socket = start_status_socket(&run_dir, live.id, served.clone()).await;
+        if let Some(listener) = metrics {
+            let served = served.clone();
+            let status = Arc::new(move || served.status());
+            tokio::spawn(crate::cli::metrics::serve(listener, status));
+        }
         tracing::info!(
             "serving {} ({} bytes, {:?}, {} replicas) from {} in {:.2}s",
             live.path,

@@ -178,11 +178,17 @@ impl NetworkFactory {
     }
 }
 
+/// AppendEntries carrying more entry bytes than this go to a peer whose log is not known to
+/// match first as a probe without entries (see `PeerNetwork::append_entries`).
+const PROBE_ABOVE_BYTES: usize = 1 << 20;
+
 /// The link to one peer.
 pub struct PeerNetwork {
     target: NodeId,
     node: BasicNode,
     transport: Arc<dyn Transport>,
+    /// The newest log id this peer answered it holds (None: unknown, or it conflicted).
+    matched: Option<openraft::LogId<NodeId>>,
 }
 
 impl std::fmt::Debug for PeerNetwork {
@@ -194,7 +200,15 @@ impl std::fmt::Debug for PeerNetwork {
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = PeerNetwork;
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerNetwork {
-        PeerNetwork { target, node: node.clone(), transport: self.transport.clone() }
+        PeerNetwork { target, node: node.clone(), transport: self.transport.clone(), matched: None }
+    }
+}
+
+/// An entry's block data bytes (what makes an AppendEntries large).
+fn entry_bytes(e: &openraft::Entry<TypeConfig>) -> usize {
+    match &e.payload {
+        openraft::EntryPayload::Normal(r) => r.payload_len(),
+        _ => 0,
     }
 }
 
@@ -242,6 +256,35 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
         let entries = rpc.entries.len() as u64;
+        // openraft finds where a follower's log matches by sending AppendEntries with entries
+        // attached, and with large entries such a probe (to a new learner, say) can be too big
+        // to transfer within the heartbeat-long timeout, for ever: then the follower never
+        // answers "conflict" and is never sent the snapshot it needs. So a large request to a
+        // peer not known to hold `prev_log_id` first goes without entries. Whether the peer
+        // holds `prev_log_id` decides conflict alone, so a conflict (or a higher vote) answers
+        // the real request too; success means the entries are worth sending.
+        let last = rpc.entries.last().map(|e| e.log_id).or(rpc.prev_log_id);
+        let bytes: usize = rpc.entries.iter().map(entry_bytes).sum();
+        if bytes > PROBE_ABOVE_BYTES && rpc.prev_log_id.is_some() && self.matched != rpc.prev_log_id
+        {
+            let probe = AppendEntriesRequest {
+                vote: rpc.vote,
+                prev_log_id: rpc.prev_log_id,
+                leader_commit: rpc.leader_commit,
+                entries: Vec::new(),
+            };
+            match self.call(RaftRpc::Append(probe), &option).await.map_err(|e| self.lift(e))? {
+                RaftReply::Append(Ok(AppendEntriesResponse::Success)) => {
+                    self.matched = rpc.prev_log_id;
+                }
+                RaftReply::Append(Ok(other)) => {
+                    self.matched = None;
+                    return Ok(other);
+                }
+                RaftReply::Append(Err(e)) => return Err(self.remote(e)),
+                _ => return Err(self.mismatch()),
+            }
+        }
         let reply = match self.call(RaftRpc::Append(rpc), &option).await {
             // Too many large entries for one message (a follower far behind on 4 MiB writes):
             // openraft retries at once with at most the hinted number. Without this the same
@@ -253,10 +296,16 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
             }
             r => r.map_err(|e| self.lift(e))?,
         };
-        match reply {
-            RaftReply::Append(r) => r.map_err(|e| self.remote(e)),
-            _ => Err(self.mismatch()),
-        }
+        let reply = match reply {
+            RaftReply::Append(r) => r.map_err(|e| self.remote(e))?,
+            _ => return Err(self.mismatch()),
+        };
+        self.matched = match &reply {
+            AppendEntriesResponse::Success => last,
+            AppendEntriesResponse::PartialSuccess(upto) => *upto,
+            _ => None,
+        };
+        Ok(reply)
     }
 
     async fn install_snapshot(
@@ -400,8 +449,12 @@ mod tests {
 
     #[tokio::test]
     async fn too_many_entries_for_one_message_ask_openraft_for_fewer() {
-        let mut peer =
-            PeerNetwork { target: 2, node: BasicNode::new("x"), transport: Arc::new(Small) };
+        let mut peer = PeerNetwork {
+            target: 2,
+            node: BasicNode::new("x"),
+            transport: Arc::new(Small),
+            matched: None,
+        };
         let option = RPCOption::new(Duration::from_secs(1));
         // 10 entries in 40 MiB through 16 MiB messages: 4 fit.
         match peer.append_entries(append(10), option.clone()).await {
@@ -413,5 +466,80 @@ mod tests {
             Err(RPCError::Network(e)) => assert!(e.to_string().contains("message limit"), "{e}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Answers AppendEntries like a follower holding the log up to `holds`, recording how many
+    /// entries each request carried.
+    struct Follower {
+        holds: Mutex<u64>,
+        seen: Mutex<Vec<usize>>,
+    }
+
+    impl Transport for Arc<Follower> {
+        fn call(
+            &self,
+            _target: NodeId,
+            _node: &BasicNode,
+            rpc: RaftRpc,
+            _timeout: Duration,
+        ) -> BoxFuture<Result<RaftReply, TransportError>> {
+            let RaftRpc::Append(req) = rpc else { panic!("not an append") };
+            self.seen.lock().expect("seen").push(req.entries.len());
+            let mut holds = self.holds.lock().expect("holds");
+            let reply = match req.prev_log_id {
+                Some(p) if p.index > *holds => AppendEntriesResponse::Conflict,
+                _ => {
+                    if let Some(last) = req.entries.last() {
+                        *holds = last.log_id.index;
+                    }
+                    AppendEntriesResponse::Success
+                }
+            };
+            Box::pin(async move { Ok(RaftReply::Append(Ok(reply))) })
+        }
+    }
+
+    fn big_append(prev: u64, entries: u64) -> AppendEntriesRequest<TypeConfig> {
+        use crate::entry::BlockOp;
+        use crate::replication::types::Request;
+        let id = |i| LogId::new(openraft::CommittedLeaderId::new(1, 1), i);
+        let entry = |i| Entry::<TypeConfig> {
+            log_id: id(i),
+            payload: EntryPayload::Normal(Request::Blocks(vec![BlockOp::Write {
+                lba: 0,
+                data: vec![1; 2 << 20],
+            }])),
+        };
+        AppendEntriesRequest {
+            vote: Vote::new_committed(1, 1),
+            prev_log_id: Some(id(prev)),
+            leader_commit: None,
+            entries: (prev + 1..=prev + entries).map(entry).collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_large_append_to_an_unmatched_peer_probes_without_entries_first() {
+        let follower = Arc::new(Follower { holds: Mutex::new(3), seen: Mutex::new(Vec::new()) });
+        let mut peer = PeerNetwork {
+            target: 2,
+            node: BasicNode::new("x"),
+            transport: Arc::new(follower.clone()),
+            matched: None,
+        };
+        let option = RPCOption::new(Duration::from_secs(1));
+        // The peer lacks index 5: the probe's conflict answers, the entries never travel.
+        let r = peer.append_entries(big_append(5, 3), option.clone()).await.expect("append");
+        assert_eq!(r, AppendEntriesResponse::Conflict);
+        assert_eq!(*follower.seen.lock().expect("seen"), vec![0]);
+        // It holds index 3: probe, then the entries.
+        let r = peer.append_entries(big_append(3, 3), option.clone()).await.expect("append");
+        assert_eq!(r, AppendEntriesResponse::Success);
+        assert_eq!(*follower.seen.lock().expect("seen"), vec![0, 0, 3]);
+        // Matched at 6 now: the next request goes straight away.
+        let r = peer.append_entries(big_append(6, 2), option).await.expect("append");
+        assert_eq!(r, AppendEntriesResponse::Success);
+        assert_eq!(*follower.seen.lock().expect("seen"), vec![0, 0, 3, 2]);
+        assert_eq!(*follower.holds.lock().expect("holds"), 8);
     }
 }
