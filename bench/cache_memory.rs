@@ -100,6 +100,8 @@ fn main() -> Result<()> {
     rt.block_on(embedded.wait_leader(Duration::from_secs(30)))?;
     let cfg = DeviceConfig {
         cache_bytes: cache_mib * MIB,
+        // As `xdevice serve` (--inflight-proposals 2).
+        max_inflight_proposals: 2,
         ..DeviceConfig::new(BLOCK, DEVICE_BYTES / u64::from(BLOCK), CacheMode::Writeback)
     };
     let device = {
