@@ -182,6 +182,13 @@ impl NetworkFactory {
 /// match first as a probe without entries (see `PeerNetwork::append_entries`).
 const PROBE_ABOVE_BYTES: usize = 1 << 20;
 
+/// The most entry bytes one AppendEntries carries when it has more than one entry: one of the
+/// device's largest proposals. openraft 0.9 gives every AppendEntries the heartbeat interval to
+/// complete, and a follower answers only once the entries are durable, so a request must be
+/// small enough to transfer and sync within it; three 4 MiB entries at once timed out at 30 ms
+/// on every retry, and the follower never caught up.
+const APPEND_BUDGET_BYTES: usize = 4 << 20;
+
 /// The link to one peer.
 pub struct PeerNetwork {
     target: NodeId,
@@ -265,6 +272,21 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         // the real request too; success means the entries are worth sending.
         let last = rpc.entries.last().map(|e| e.log_id).or(rpc.prev_log_id);
         let bytes: usize = rpc.entries.iter().map(entry_bytes).sum();
+        if entries > 1 && bytes > APPEND_BUDGET_BYTES {
+            // openraft resends at once with at most this many entries (for its next few
+            // requests): the longest prefix within the budget, at least one entry.
+            let mut fit = 0u64;
+            let mut sum = 0;
+            for e in &rpc.entries {
+                sum += entry_bytes(e);
+                if sum > APPEND_BUDGET_BYTES {
+                    break;
+                }
+                fit += 1;
+            }
+            let hint = fit.clamp(1, entries - 1);
+            return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(hint)));
+        }
         if bytes > PROBE_ABOVE_BYTES && rpc.prev_log_id.is_some() && self.matched != rpc.prev_log_id
         {
             let probe = AppendEntriesRequest {
@@ -507,7 +529,7 @@ mod tests {
             log_id: id(i),
             payload: EntryPayload::Normal(Request::Blocks(vec![BlockOp::Write {
                 lba: 0,
-                data: vec![1; 2 << 20],
+                data: vec![1; 3 << 19],
             }])),
         };
         AppendEntriesRequest {
@@ -529,17 +551,23 @@ mod tests {
         };
         let option = RPCOption::new(Duration::from_secs(1));
         // The peer lacks index 5: the probe's conflict answers, the entries never travel.
-        let r = peer.append_entries(big_append(5, 3), option.clone()).await.expect("append");
+        let r = peer.append_entries(big_append(5, 2), option.clone()).await.expect("append");
         assert_eq!(r, AppendEntriesResponse::Conflict);
         assert_eq!(*follower.seen.lock().expect("seen"), vec![0]);
         // It holds index 3: probe, then the entries.
-        let r = peer.append_entries(big_append(3, 3), option.clone()).await.expect("append");
+        let r = peer.append_entries(big_append(3, 2), option.clone()).await.expect("append");
         assert_eq!(r, AppendEntriesResponse::Success);
-        assert_eq!(*follower.seen.lock().expect("seen"), vec![0, 0, 3]);
-        // Matched at 6 now: the next request goes straight away.
-        let r = peer.append_entries(big_append(6, 2), option).await.expect("append");
+        assert_eq!(*follower.seen.lock().expect("seen"), vec![0, 0, 2]);
+        // Matched at 5 now: the next request goes straight away.
+        let r = peer.append_entries(big_append(5, 2), option.clone()).await.expect("append");
         assert_eq!(r, AppendEntriesResponse::Success);
-        assert_eq!(*follower.seen.lock().expect("seen"), vec![0, 0, 3, 2]);
-        assert_eq!(*follower.holds.lock().expect("holds"), 8);
+        assert_eq!(*follower.seen.lock().expect("seen"), vec![0, 0, 2, 2]);
+        assert_eq!(*follower.holds.lock().expect("holds"), 7);
+        // Three 1.5 MiB entries exceed one request's 4 MiB: openraft is asked for two.
+        match peer.append_entries(big_append(7, 3), option).await {
+            Err(RPCError::PayloadTooLarge(p)) => assert_eq!(p.entries_hint(), 2),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(follower.seen.lock().expect("seen").len(), 4, "nothing sent");
     }
 }

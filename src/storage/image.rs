@@ -273,16 +273,21 @@ impl Image {
         Ok(())
     }
 
-    /// Reads whole blocks into `out`, verifying each block's checksum.
-    pub fn read_blocks(&self, lba: u64, out: &mut [u8]) -> Result<()> {
+    /// Checks that `len` bytes at `lba` are whole blocks inside the image; returns the blocks.
+    fn check_read(&self, lba: u64, len: usize) -> Result<usize> {
         let bs = self.geometry.block_bytes as usize;
-        if out.len() % bs != 0 {
+        if len % bs != 0 {
             return Err(StorageError::Invalid(format!(
-                "read of {} bytes is not whole {bs}-byte blocks",
-                out.len()
+                "read of {len} bytes is not whole {bs}-byte blocks"
             )));
         }
-        self.check_range(lba, (out.len() / bs) as u64)?;
+        self.check_range(lba, (len / bs) as u64)?;
+        Ok(len / bs)
+    }
+
+    /// Reads whole blocks into `out`, verifying each block's checksum.
+    pub fn read_blocks(&self, lba: u64, out: &mut [u8]) -> Result<()> {
+        self.check_read(lba, out.len())?;
         let table = self.table.read().expect("image lock");
         self.read_locked(&table, lba, out)
     }
@@ -290,15 +295,7 @@ impl Image {
     /// Like `read_blocks`, also saying which blocks hold written data (the rest read as zeros),
     /// both from one instant: no write lands between the two.
     pub fn read_extent(&self, lba: u64, out: &mut [u8]) -> Result<Vec<bool>> {
-        let bs = self.geometry.block_bytes as usize;
-        if out.len() % bs != 0 {
-            return Err(StorageError::Invalid(format!(
-                "read of {} bytes is not whole {bs}-byte blocks",
-                out.len()
-            )));
-        }
-        let blocks = out.len() / bs;
-        self.check_range(lba, blocks as u64)?;
+        let blocks = self.check_read(lba, out.len())?;
         let table = self.table.read().expect("image lock");
         self.read_locked(&table, lba, out)?;
         Ok(table.entries[lba as usize..lba as usize + blocks].iter().map(|&s| s != 0).collect())
@@ -314,14 +311,7 @@ impl Image {
     /// Like `read_blocks`, but a block failing its checksum does not fail the read: it is
     /// zero-filled in `out` and reported, so the caller can fetch it from another replica.
     pub fn read_verified(&self, lba: u64, out: &mut [u8]) -> Result<Vec<BadBlock>> {
-        let bs = self.geometry.block_bytes as usize;
-        if out.len() % bs != 0 {
-            return Err(StorageError::Invalid(format!(
-                "read of {} bytes is not whole {bs}-byte blocks",
-                out.len()
-            )));
-        }
-        self.check_range(lba, (out.len() / bs) as u64)?;
+        self.check_read(lba, out.len())?;
         let table = self.table.read().expect("image lock");
         self.read_checked_locked(&table, lba, out)
     }
