@@ -118,27 +118,17 @@ impl Node {
     }
 }
 
-/// Asks openraft for a snapshot when the WAL has grown past `snapshot_segments` live segments;
-/// openraft then checkpoints through the state machine and purges the log (keeping
-/// `keep_entries`). If the log is still that long afterwards (the kept entries fill many
-/// segments, or openraft postponed the purge while replication to a slow follower covers the
-/// range), the next request waits until the log has grown by another half of
-/// `snapshot_segments`: asking again every tick checkpointed every replica (two syncs each) five
-/// times a second under a sustained write stream, slowing them all further.
+/// Asks openraft for a snapshot whenever the WAL has grown past `snapshot_segments` live
+/// segments; openraft then checkpoints through the state machine and purges the log.
 async fn snapshot_monitor(raft: Raft, engine: Arc<Engine>, tuning: RaftTuning) {
     let mut tick = tokio::time::interval(Duration::from_millis(200));
-    let step = (tuning.snapshot_segments / 2).max(1);
-    let mut asked_at: Option<usize> = None;
+    let mut last_asked: Option<u64> = None;
     loop {
         tick.tick().await;
         let live = engine.wal().segments().len();
-        if live < tuning.snapshot_segments {
-            asked_at = None;
-            continue;
-        }
-        let due = asked_at.is_none_or(|at| live >= at + step || live < at);
-        if due && engine.applied().log_id.is_some() {
-            asked_at = Some(live);
+        let applied = engine.applied().log_id.map(|id| id.index);
+        if live >= tuning.snapshot_segments && applied.is_some() && applied != last_asked {
+            last_asked = applied;
             if raft.trigger().snapshot().await.is_err() {
                 return;
             }
