@@ -42,10 +42,10 @@ pub struct NodeArgs {
 /// Raft timing and log retention, shared by `node` and `serve`.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct TuningArgs {
-    /// Leader heartbeat interval in milliseconds [default: 30].
+    /// Leader heartbeat interval in milliseconds [default: 50].
     #[arg(long)]
     pub heartbeat_ms: Option<u64>,
-    /// Election timeout range in milliseconds, MIN-MAX [default: 100-300]. A follower stands
+    /// Election timeout range in milliseconds, MIN-MAX [default: 150-300]. A follower stands
     /// for election once MAX (openraft's leader lease) plus a random time in the range have
     /// passed without a heartbeat.
     #[arg(long, value_parser = parse_range)]
