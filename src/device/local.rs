@@ -46,6 +46,10 @@ pub struct Embedded {
     pub router: Arc<LocalRouter>,
     nodes: Mutex<Vec<Option<Arc<Node>>>>,
     opts: EmbeddedOptions,
+    /// The commit index a leader of this process confirmed with a quorum before the first read:
+    /// entries committed before this process started (which no device of this process
+    /// confirmed) are at or below it. Reads go to a replica that has applied this far.
+    recovered: tokio::sync::OnceCell<u64>,
 }
 
 impl std::fmt::Debug for Embedded {
@@ -62,6 +66,7 @@ impl Embedded {
             router,
             nodes: Mutex::new(vec![None; opts.replicas as usize]),
             opts,
+            recovered: tokio::sync::OnceCell::new(),
         });
         let mut fresh = false;
         for id in 1..=embedded.opts.replicas {
@@ -226,6 +231,23 @@ impl Cluster for Embedded {
     ) -> BoxFuture<Result<ReadOutcome, String>> {
         let bytes = blocks * u64::from(self.block_bytes());
         Box::pin(async move {
+            // After a restart, entries committed before it are re-applied only once a leader
+            // has committed in its own term; until then a replica's image may be older than a
+            // write completed before the restart. Once per process, a leader confirms its
+            // commit index with a quorum, and reads wait for a replica that applied that far.
+            let recovered = *self
+                .recovered
+                .get_or_try_init(|| async {
+                    let leader = self.wait_leader(Duration::from_secs(10)).await.map_err(|e| {
+                        format!("no leader to confirm the recovered commit index: {e}")
+                    })?;
+                    let read = leader.raft.ensure_linearizable().await.map_err(|e| {
+                        format!("confirming the recovered commit index failed: {e}")
+                    })?;
+                    Ok::<u64, String>(read.map_or(0, |l| l.index))
+                })
+                .await?;
+            let applied_at_least = applied_at_least.max(recovered);
             let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
             let node = loop {
                 let candidates = self.leader().into_iter().chain(self.running());
