@@ -172,14 +172,8 @@ impl HotCache {
     /// Pins discard `seq` of `[lba, +blocks)`: every block in it reads as zeros from now on.
     pub fn pin_zero(&mut self, seq: u64, lba: u64, blocks: u64) {
         self.zeroing.insert(seq, (lba, blocks));
-        // Entries in the range are superseded. A range larger than the cache is handled by
-        // walking the cache instead of the range.
-        let held: Vec<u64> = if blocks as usize > self.slots.len() {
-            self.slots.keys().copied().filter(|b| (lba..lba + blocks).contains(b)).collect()
-        } else {
-            (lba..lba + blocks).filter(|b| self.slots.contains_key(b)).collect()
-        };
-        for b in held {
+        // Entries in the range are superseded.
+        for b in self.held_in(lba, blocks, |_| true) {
             match self.slots.get(&b) {
                 Some(Slot::Pinned { .. }) => self.pin(b, seq, None),
                 _ => self.drop_block(b),
@@ -187,28 +181,49 @@ impl HotCache {
         }
     }
 
+    /// The blocks of `[lba, +blocks)` with an entry `keep` accepts. A range larger than the
+    /// cache is answered by walking the cache instead of the range.
+    fn held_in(&self, lba: u64, blocks: u64, keep: impl Fn(&Slot) -> bool) -> Vec<u64> {
+        let range = lba..lba + blocks;
+        if blocks as usize > self.slots.len() {
+            self.slots
+                .iter()
+                .filter(|(b, s)| range.contains(*b) && keep(s))
+                .map(|(b, _)| *b)
+                .collect()
+        } else {
+            range.filter(|b| self.slots.get(b).is_some_and(&keep)).collect()
+        }
+    }
+
     fn pin(&mut self, block: u64, seq: u64, data: Option<Box<[u8]>>) {
         let has_data = data.is_some();
-        match self.slots.insert(block, Slot::Pinned { seq, data }) {
-            Some(Slot::Clean(_)) => {
-                self.policy.remove(block);
-            }
-            Some(Slot::Pinned { data: Some(_), .. }) => self.pinned_data -= 1,
-            _ => {}
-        }
+        let old = self.slots.insert(block, Slot::Pinned { seq, data });
+        self.release(block, old);
         if has_data {
             self.pinned_data += 1;
         }
     }
 
     fn drop_block(&mut self, block: u64) {
-        match self.slots.remove(&block) {
+        let old = self.slots.remove(&block);
+        self.release(block, old);
+    }
+
+    /// Accounts for `old`, the entry block `block` no longer has.
+    fn release(&mut self, block: u64, old: Option<Slot>) {
+        match old {
             Some(Slot::Clean(_)) => {
                 self.policy.remove(block);
             }
             Some(Slot::Pinned { data: Some(_), .. }) => self.pinned_data -= 1,
             _ => {}
         }
+    }
+
+    /// Whether `block` lies under a discard not yet confirmed.
+    fn zeroing(&self, block: u64) -> bool {
+        self.zeroing.values().any(|&(lba, n)| (lba..lba + n).contains(&block))
     }
 
     /// Write `seq` of `blocks` blocks at `lba` is committed and applied, and so is every write
@@ -238,16 +253,7 @@ impl HotCache {
     pub fn unpin_zero(&mut self, seq: u64, lba: u64, blocks: u64) {
         self.zeroing.remove(&seq);
         let mine = |s: &Slot| matches!(s, Slot::Pinned { seq: s, data: None } if *s == seq);
-        let held: Vec<u64> = if blocks as usize > self.slots.len() {
-            self.slots
-                .iter()
-                .filter(|(b, s)| (lba..lba + blocks).contains(*b) && mine(s))
-                .map(|(b, _)| *b)
-                .collect()
-        } else {
-            (lba..lba + blocks).filter(|b| self.slots.get(b).is_some_and(mine)).collect()
-        };
-        for b in held {
+        for b in self.held_in(lba, blocks, mine) {
             self.slots.remove(&b);
         }
     }
@@ -272,7 +278,7 @@ impl HotCache {
             }
             None => {}
         }
-        if self.zeroing.values().any(|&(lba, n)| (lba..lba + n).contains(&block)) {
+        if self.zeroing(block) {
             out.fill(0);
             self.stats.hits += 1;
             return Lookup::Hit;
@@ -283,8 +289,7 @@ impl HotCache {
 
     /// Whether block `block` is held or being filled (read-ahead skips those).
     pub fn holds(&self, block: u64) -> bool {
-        self.slots.contains_key(&block)
-            || self.zeroing.values().any(|&(lba, n)| (lba..lba + n).contains(&block))
+        self.slots.contains_key(&block) || self.zeroing(block)
     }
 
     /// Reserves `block` for a fill by a reader (or read-ahead) that will read it from a replica.

@@ -9,7 +9,7 @@ use openraft::ServerState;
 
 use super::{BoxFuture, Cluster, Commit, ReadOutcome};
 use crate::replication::network::{LocalRouter, LocalTransport, Transport};
-use crate::replication::node::{Node, RaftTuning};
+use crate::replication::node::{applied_index, Node, RaftTuning};
 use crate::replication::open_replica;
 use crate::replication::types::{NodeId, Request};
 use crate::storage::disk::{Backend, DirVolume, Volume};
@@ -229,7 +229,7 @@ impl Cluster for Embedded {
         blocks: u64,
         applied_at_least: u64,
     ) -> BoxFuture<Result<ReadOutcome, String>> {
-        let bytes = blocks * u64::from(self.block_bytes());
+        let bs = self.block_bytes() as usize;
         Box::pin(async move {
             // After a restart, entries committed before it are re-applied only once a leader
             // has committed in its own term; until then a replica's image may be older than a
@@ -251,7 +251,9 @@ impl Cluster for Embedded {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
             let node = loop {
                 let candidates = self.leader().into_iter().chain(self.running());
-                if let Some(n) = candidates.into_iter().find(|n| applied(n) >= applied_at_least) {
+                if let Some(n) =
+                    candidates.into_iter().find(|n| applied_index(&n.raft) >= applied_at_least)
+                {
                     break n;
                 }
                 if tokio::time::Instant::now() >= deadline {
@@ -261,14 +263,11 @@ impl Cluster for Embedded {
                 }
                 tokio::time::sleep(Duration::from_millis(1)).await;
             };
-            let peers: Vec<Arc<Node>> =
-                self.running().into_iter().filter(|n| n.id != node.id).collect();
             tokio::task::spawn_blocking(move || {
-                let mut out = vec![0u8; bytes as usize];
+                let mut out = vec![0u8; blocks as usize * bs];
                 let bad =
                     node.engine.image().read_verified(lba, &mut out).map_err(|e| e.to_string())?;
                 let mut outcome = ReadOutcome::clean(Vec::new());
-                let bs = bytes as usize / blocks.max(1) as usize;
                 for bad in bad {
                     outcome.corrupt_blocks += 1;
                     tracing::error!(
@@ -279,10 +278,11 @@ impl Cluster for Embedded {
                         found = format_args!("{:#010x}", bad.found),
                         "data block fails its checksum; reading it from another replica"
                     );
-                    let good = peers
-                        .iter()
-                        .filter(|p| applied(p) >= applied_at_least)
-                        .find_map(|p| read_good_block(p, bad.lba, bs));
+                    let good = self
+                        .running()
+                        .into_iter()
+                        .filter(|p| p.id != node.id && applied_index(&p.raft) >= applied_at_least)
+                        .find_map(|p| read_good_block(&p, bad.lba, bs));
                     let Some((peer, block)) = good else {
                         return Err(format!(
                             "{}; no other replica holds a good copy",
@@ -318,10 +318,6 @@ impl Cluster for Embedded {
             .map_err(|e| format!("read task failed: {e}"))?
         })
     }
-}
-
-fn applied(n: &Arc<Node>) -> u64 {
-    n.raft.metrics().borrow().last_applied.map_or(0, |l| l.index)
 }
 
 /// Block `lba` from `peer`'s image if it passes its checksum there.

@@ -456,15 +456,7 @@ impl Device {
             return Ok(());
         };
         let mut guard = FillGuard { dev: self, fills: missed, readahead: false };
-        let span = last - first + 1;
-        let got = self.cluster.clone().read(first, span, floor).await.map_err(DeviceError::Read)?;
-        if got.data.len() as u64 != span * bs as u64 {
-            return Err(DeviceError::Read(format!(
-                "replica returned {} bytes for a {}-byte read",
-                got.data.len(),
-                span * bs as u64
-            )));
-        }
+        let got = self.read_span(first, last - first + 1, floor).await?;
         for &(b, _) in &guard.fills {
             let src = &got.data[((b - first) as usize) * bs..][..bs];
             out[((b - lba) as usize) * bs..][..bs].copy_from_slice(src);
@@ -500,6 +492,24 @@ impl Device {
         Some(wanted.into_iter().map(|b| (b, inner.cache.begin_fill(b))).collect())
     }
 
+    /// Blocks `[first, +span)` from a replica that has applied `floor`, checked to be whole.
+    async fn read_span(
+        &self,
+        first: u64,
+        span: u64,
+        floor: u64,
+    ) -> Result<ReadOutcome, DeviceError> {
+        let got = self.cluster.clone().read(first, span, floor).await.map_err(DeviceError::Read)?;
+        let want = span * u64::from(self.cfg.block_bytes);
+        if got.data.len() as u64 != want {
+            return Err(DeviceError::Read(format!(
+                "replica returned {} bytes for a {want}-byte read",
+                got.data.len()
+            )));
+        }
+        Ok(got)
+    }
+
     fn spawn_readahead(&self, fills: Vec<(u64, u64)>, floor: u64) {
         let Some(dev) = self.me.upgrade() else { return };
         tokio::spawn(async move {
@@ -507,13 +517,8 @@ impl Device {
             let first = fills.first().map_or(0, |f| f.0);
             let span = fills.last().map_or(0, |f| f.0) + 1 - first;
             let mut guard = FillGuard { dev: &dev, fills, readahead: true };
-            match dev.cluster.clone().read(first, span, floor).await {
-                Ok(got) if got.data.len() as u64 == span * u64::from(dev.cfg.block_bytes) => {
-                    guard.land(first, &got)
-                }
-                Ok(got) => {
-                    tracing::warn!(bytes = got.data.len(), span, "read-ahead: short replica read")
-                }
+            match dev.read_span(first, span, floor).await {
+                Ok(got) => guard.land(first, &got),
                 Err(e) => tracing::debug!(error = %e, "read-ahead failed"),
             }
             drop(guard);

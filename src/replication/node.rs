@@ -69,6 +69,11 @@ impl RaftTuning {
     }
 }
 
+/// A replica's applied log index (0 before anything was applied).
+pub fn applied_index(raft: &Raft) -> u64 {
+    raft.metrics().borrow().last_applied.map_or(0, |l| l.index)
+}
+
 /// A running replica.
 pub struct Node {
     pub id: NodeId,

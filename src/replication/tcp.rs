@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use super::network::{dispatch, BoxFuture, RaftRpc, SnapshotHold, Transport, TransportError};
+use super::node::applied_index;
 use super::snapshot::{ReceivePhase, ReceiveProgress, Shape};
 use super::types::{NodeId, Raft, Request};
 use crate::net::{ClientOptions, Handler, RpcClient, RpcError};
@@ -465,11 +466,6 @@ impl Handler for NodeService {
             other => Box::pin(async move { Err(format!("unknown request kind {other}")) }),
         }
     }
-}
-
-/// This node's applied log index (0 before anything was applied).
-fn applied_index(raft: &Raft) -> u64 {
-    raft.metrics().borrow().last_applied.map_or(0, |l| l.index)
 }
 
 /// Reads `blocks` blocks at `lba` from `engine`'s image on the blocking pool, verified: a block
