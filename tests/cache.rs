@@ -5,8 +5,9 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::HashMap;
-use std::io::{Read, Seek, SeekFrom, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,8 +22,6 @@ use xdevice::replication::node::RaftTuning;
 use xdevice::replication::types::Request;
 use xdevice::storage::disk::Backend;
 use xdevice::storage::engine::{EngineConfig, FormatOptions};
-use xdevice::storage::image::ImageGeometry;
-use xdevice::storage::layout::image_file;
 
 const BS: usize = 4096;
 
@@ -340,27 +339,15 @@ fn discard_and_write_zeroes_are_visible_in_reads() {
 
 /// Flips one byte of block `lba` in replica `id`'s image file.
 fn flip_byte(dir: &std::path::Path, id: u64, lba: u64) {
-    let geometry = ImageGeometry::new(16 << 20, BS as u32);
-    let path = dir.join(format!("replica-{id}")).join(image_file("xdb0"));
-    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
-    let at = geometry.data_offset + lba * BS as u64 + 100;
-    let mut byte = [0u8];
-    f.seek(SeekFrom::Start(at)).unwrap();
-    f.read_exact(&mut byte).unwrap();
-    byte[0] ^= 0x5A;
-    f.seek(SeekFrom::Start(at)).unwrap();
-    f.write_all(&byte).unwrap();
-    f.sync_all().unwrap();
+    common::flip_image_byte(&dir.join(format!("replica-{id}")), 16 << 20, BS as u32, lba);
 }
 
 /// Waits until every running replica has applied as far as the leader.
 async fn all_applied(cluster: &Embedded) {
-    let applied = |n: &xdevice::replication::node::Node| {
-        n.raft.metrics().borrow().last_applied.map_or(0, |l| l.index)
-    };
+    use xdevice::replication::node::applied_index;
     for _ in 0..500 {
-        let leader = cluster.leader().map_or(0, |l| applied(&l));
-        if cluster.running().iter().all(|n| applied(n) == leader) {
+        let leader = cluster.leader().map_or(0, |l| applied_index(&l.raft));
+        if cluster.running().iter().all(|n| applied_index(&n.raft) == leader) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;

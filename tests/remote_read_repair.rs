@@ -7,7 +7,8 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::io::{Read, Seek, SeekFrom, Write};
+mod common;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -20,8 +21,7 @@ use xdevice::replication::tcp::{
     Admin, AdminReply, BadBlockReport, LocalRead, NodeClient, NodeStatus, Repair, KIND_READ,
     KIND_READ_LOCAL, KIND_REPAIR,
 };
-use xdevice::storage::image::{block_checksum, ImageGeometry};
-use xdevice::storage::layout::image_file;
+use xdevice::storage::image::block_checksum;
 
 const BS: usize = 4096;
 const DEVICE: u64 = 16 << 20;
@@ -75,17 +75,7 @@ impl Proc {
 
     /// Flips one byte of block `lba` in this node's image file.
     fn flip_byte(&self, lba: u64) {
-        let geometry = ImageGeometry::new(DEVICE, BS as u32);
-        let path = self.dir.join(image_file("xdb0"));
-        let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
-        let at = geometry.data_offset + lba * BS as u64 + 100;
-        let mut byte = [0u8];
-        f.seek(SeekFrom::Start(at)).unwrap();
-        f.read_exact(&mut byte).unwrap();
-        byte[0] ^= 0x5A;
-        f.seek(SeekFrom::Start(at)).unwrap();
-        f.write_all(&byte).unwrap();
-        f.sync_all().unwrap();
+        common::flip_image_byte(&self.dir, DEVICE, BS as u32, lba);
     }
 }
 

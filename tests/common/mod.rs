@@ -1,4 +1,5 @@
-//! Shared helpers for the integration tests: building stores on the simulator and block entries.
+//! Shared helpers for the integration tests: building stores on the simulator and block entries,
+//! damaging a real store's image file.
 #![allow(dead_code)]
 
 use std::sync::Arc;
@@ -75,4 +76,21 @@ pub fn pattern(lba: u64, blocks: usize, seed: u64) -> Vec<u8> {
         chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
     }
     out
+}
+
+/// Flips one byte (XOR 0x5A, 100 bytes into the block) of block `lba` in the image file of the
+/// store in directory `store` (device `xdb0` of `device_bytes` in `block_bytes` blocks).
+pub fn flip_image_byte(store: &std::path::Path, device_bytes: u64, block_bytes: u32, lba: u64) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let geometry = xdevice::storage::image::ImageGeometry::new(device_bytes, block_bytes);
+    let path = store.join(xdevice::storage::layout::image_file("xdb0"));
+    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&path).expect("open image");
+    let at = geometry.data_offset + lba * u64::from(block_bytes) + 100;
+    let mut byte = [0u8];
+    f.seek(SeekFrom::Start(at)).expect("seek");
+    f.read_exact(&mut byte).expect("read");
+    byte[0] ^= 0x5A;
+    f.seek(SeekFrom::Start(at)).expect("seek");
+    f.write_all(&byte).expect("write");
+    f.sync_all().expect("sync");
 }
