@@ -168,6 +168,76 @@ fn leader_isolation_fails_over_and_loses_no_flushed_write() {
     });
 }
 
+/// A follower cut off for many election timeouts never campaigns: its pre-vote is refused by
+/// voters that still hear the leader, so its term stays and, once its links are back, the
+/// leader keeps leading in the same term while the follower catches up. (Without pre-vote it
+/// raised its term every election timeout and deposed the leader on rejoining.) The leader
+/// itself, cut off, is still replaced.
+#[test]
+fn an_isolated_follower_rejoins_without_an_election() {
+    runtime().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = options(dir.path());
+        let election = opts.tuning.election_max;
+        let cluster = Embedded::start(opts).await.unwrap();
+        let dev = device(&cluster, CacheMode::Writeback).await;
+        let leader = cluster.wait_leader(Duration::from_secs(5)).await.unwrap();
+        let term = |n: &Node| n.raft.metrics().borrow().current_term;
+        let before = term(&leader);
+        let follower = cluster.running().into_iter().find(|n| n.id != leader.id).unwrap();
+        assert_eq!(term(&follower), before);
+
+        cluster.router.isolate(follower.id, true);
+        let mut version = 0u64;
+        let cut = Instant::now();
+        // Ten of the longest election timeouts, writing all along.
+        while cut.elapsed() < election * 10 {
+            version += 1;
+            dev.write((version % 64) * BS as u64, &block(version % 64, version), true)
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(term(&follower), before, "the isolated follower raised its term");
+        assert!(
+            follower.raft.metrics().borrow().state != openraft::ServerState::Candidate,
+            "the isolated follower is campaigning"
+        );
+
+        cluster.router.isolate(follower.id, false);
+        wait_applied(&follower, leader_applied(&cluster), Duration::from_secs(5)).await;
+        // Some more election timeouts with it back: nobody campaigns.
+        let healed = Instant::now();
+        while healed.elapsed() < election * 4 {
+            version += 1;
+            dev.write((version % 64) * BS as u64, &block(version % 64, version), true)
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let now = cluster.wait_leader(Duration::from_secs(1)).await.unwrap();
+        assert_eq!((now.id, term(&now)), (leader.id, before), "leadership changed");
+        for node in cluster.running() {
+            assert_eq!(term(&node), before, "node {} changed term", node.id);
+        }
+
+        // Pre-vote withholds only hopeless campaigns: a cut-off leader is replaced.
+        cluster.router.isolate(leader.id, true);
+        let cut = Instant::now();
+        dev.write(0, &block(0, version + 1), true).await.unwrap();
+        let new = cluster.wait_leader(Duration::from_secs(5)).await.unwrap();
+        assert_ne!(new.id, leader.id);
+        assert!(term(&new) > before);
+        println!(
+            "isolated leader replaced; first write committed {:?} after the cut",
+            cut.elapsed()
+        );
+        cluster.router.isolate(leader.id, false);
+        dev.close();
+        cluster.shutdown().await.unwrap();
+    });
+}
+
 /// What the device should read: lba → version of its last write (absent: zeros).
 type Expected = BTreeMap<u64, u64>;
 

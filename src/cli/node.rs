@@ -124,7 +124,13 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("listening on {}", args.listen))?;
-        let service = NodeService::new(args.id, node.raft.clone(), node.engine.clone(), receiving);
+        let service = NodeService::new(
+            args.id,
+            node.raft.clone(),
+            node.engine.clone(),
+            receiving,
+            node.gate.clone(),
+        );
         let server = RpcServer::start(listener, cluster_id, MAX_PAYLOAD, service)?;
         println!("node {} of cluster {cluster_id} listening on {}", args.id, server.local_addr());
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -111,7 +111,7 @@ impl Embedded {
         let transport: Arc<dyn Transport> =
             Arc::new(LocalTransport { router: self.router.clone(), me: id });
         let node = Arc::new(Node::start(id, replica, transport, &self.opts.tuning).await?);
-        self.router.register(id, node.raft.clone());
+        self.router.register(id, node.raft.clone(), node.gate.clone());
         self.nodes.lock().expect("nodes lock")[(id - 1) as usize] = Some(node);
         Ok(fresh)
     }

@@ -131,6 +131,13 @@ impl LogStore {
         })
     }
 
+    /// The last log id as openraft's log state reports it (the purge point on an empty log).
+    pub fn last_log_id(&self) -> Option<LogId> {
+        let purged = self.inner.engine.wal().bounds().purged.map(from_store_log_id);
+        let last = *self.inner.last.lock().expect("last lock");
+        last.max(purged)
+    }
+
     pub fn engine(&self) -> &Arc<Engine> {
         &self.inner.engine
     }
@@ -222,8 +229,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let purged = self.inner.engine.wal().bounds().purged.map(from_store_log_id);
-        let last = *self.inner.last.lock().expect("last lock");
-        Ok(LogState { last_purged_log_id: purged, last_log_id: last.max(purged) })
+        Ok(LogState { last_purged_log_id: purged, last_log_id: self.last_log_id() })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {

@@ -20,6 +20,7 @@ use openraft::raft::{
 use openraft::{AnyError, BasicNode};
 use serde::{Deserialize, Serialize};
 
+use super::election::{ElectionGate, PreVoteReply, PreVoteRequest};
 use super::types::{NodeId, Raft, TypeConfig};
 
 /// A Raft RPC on the wire.
@@ -28,6 +29,7 @@ pub enum RaftRpc {
     Append(AppendEntriesRequest<TypeConfig>),
     Vote(VoteRequest<NodeId>),
     Snapshot(InstallSnapshotRequest<TypeConfig>),
+    PreVote(PreVoteRequest),
 }
 
 /// Its answer, with the remote Raft's own error when it refused.
@@ -36,6 +38,7 @@ pub enum RaftReply {
     Append(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
     Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
     Snapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
+    PreVote(PreVoteReply),
 }
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -65,98 +68,29 @@ pub trait Transport: Send + Sync + 'static {
     ) -> BoxFuture<Result<RaftReply, TransportError>>;
 }
 
-/// Answers an RPC with the local Raft; `hold` is that replica's (see `SnapshotHold`).
-pub async fn dispatch(raft: &Raft, hold: &SnapshotHold, rpc: RaftRpc) -> RaftReply {
+/// Answers an RPC with the local Raft; `gate` is that replica's (see `election`): accepted
+/// AppendEntries and snapshot chunks count as hearing from the leader, and pre-votes are
+/// answered there.
+pub async fn dispatch(raft: &Raft, gate: &ElectionGate, rpc: RaftRpc) -> RaftReply {
     match rpc {
-        RaftRpc::Append(r) => RaftReply::Append(raft.append_entries(r).await),
+        RaftRpc::Append(r) => {
+            let reply = raft.append_entries(r).await;
+            // Anything but a higher vote: the sender is the leader this replica follows.
+            if reply.as_ref().is_ok_and(|r| !matches!(r, AppendEntriesResponse::HigherVote(_))) {
+                gate.heard_leader();
+            }
+            RaftReply::Append(reply)
+        }
         RaftRpc::Vote(r) => RaftReply::Vote(raft.vote(r).await),
         RaftRpc::Snapshot(r) => {
             let vote = r.vote;
-            let mut held = hold.enter(raft);
+            let mut receiving = gate.receiving();
             let reply = raft.install_snapshot(r).await;
             // Accepted: this replica's vote is not above the sender's.
-            held.accepted = reply.as_ref().is_ok_and(|resp| resp.vote <= vote);
+            receiving.accepted = reply.as_ref().is_ok_and(|resp| resp.vote <= vote);
             RaftReply::Snapshot(reply)
         }
-    }
-}
-
-/// Keeps a replica from campaigning while it receives a snapshot.
-///
-/// openraft 0.9 sends heartbeats on the same per-follower stream as snapshot chunks, so none
-/// reach a follower during a transfer, and a chunk does not reset the follower's election timer.
-/// A voter receiving a snapshot that lasts longer than an election timeout would campaign; its
-/// vote fails (its log is behind) but the leader steps down on seeing the higher term, and the
-/// next leader starts the snapshot over: the voter never catches up and the cluster churns
-/// leaders every few hundred milliseconds. So an accepted chunk counts as a heartbeat here:
-/// elections stay off on this replica while a chunk is handled (the last one includes verifying
-/// and installing the whole image) and for twice the longest election timeout after the last
-/// accepted one, so a leader lost mid-transfer is still replaced.
-#[derive(Clone, Debug, Default)]
-pub struct SnapshotHold {
-    state: Arc<Mutex<HoldState>>,
-}
-
-#[derive(Debug, Default)]
-struct HoldState {
-    /// Chunks being handled now.
-    inflight: usize,
-    /// Elections stay off until then (once nothing is in flight).
-    until: Option<tokio::time::Instant>,
-    /// Elections are off and a task is watching for the hold to end.
-    active: bool,
-}
-
-/// One chunk being handled; `accepted` extends the hold when it ends.
-#[derive(Debug)]
-struct Held {
-    hold: SnapshotHold,
-    grace: Duration,
-    accepted: bool,
-}
-
-impl SnapshotHold {
-    fn enter(&self, raft: &Raft) -> Held {
-        let grace = Duration::from_millis(raft.config().election_timeout_max.saturating_mul(2));
-        let mut st = self.state.lock().expect("hold lock");
-        st.inflight += 1;
-        if !st.active {
-            st.active = true;
-            raft.runtime_config().elect(false);
-            tokio::spawn(self.clone().watch(raft.clone(), grace));
-        }
-        Held { hold: self.clone(), grace, accepted: false }
-    }
-
-    /// Turns elections back on once no chunk is in flight and the grace after the last passed.
-    async fn watch(self, raft: Raft, grace: Duration) {
-        loop {
-            let wake = {
-                let mut st = self.state.lock().expect("hold lock");
-                let now = tokio::time::Instant::now();
-                match st.until {
-                    _ if st.inflight > 0 => now + grace,
-                    Some(until) if until > now => until,
-                    _ => {
-                        st.active = false;
-                        st.until = None;
-                        raft.runtime_config().elect(true);
-                        return;
-                    }
-                }
-            };
-            tokio::time::sleep_until(wake).await;
-        }
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        let mut st = self.hold.state.lock().expect("hold lock");
-        st.inflight -= 1;
-        if self.accepted {
-            st.until = Some(tokio::time::Instant::now() + self.grace);
-        }
+        RaftRpc::PreVote(r) => RaftReply::PreVote(gate.answer(&r)),
     }
 }
 
@@ -369,7 +303,7 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
 /// In-process delivery between replicas of one process. Links can be cut, to test partitions.
 #[derive(Default)]
 pub struct LocalRouter {
-    nodes: RwLock<HashMap<NodeId, (Raft, SnapshotHold)>>,
+    nodes: RwLock<HashMap<NodeId, (Raft, ElectionGate)>>,
     isolated: Mutex<HashSet<NodeId>>,
 }
 
@@ -380,8 +314,8 @@ impl std::fmt::Debug for LocalRouter {
 }
 
 impl LocalRouter {
-    pub fn register(&self, id: NodeId, raft: Raft) {
-        self.nodes.write().expect("router lock").insert(id, (raft, SnapshotHold::default()));
+    pub fn register(&self, id: NodeId, raft: Raft, gate: ElectionGate) {
+        self.nodes.write().expect("router lock").insert(id, (raft, gate));
     }
     pub fn unregister(&self, id: NodeId) {
         self.nodes.write().expect("router lock").remove(&id);
@@ -422,10 +356,10 @@ impl Transport for LocalTransport {
                 return Err(TransportError::Unreachable(target, "link cut".into()));
             }
             let node = router.nodes.read().expect("router lock").get(&target).cloned();
-            let Some((raft, hold)) = node else {
+            let Some((raft, gate)) = node else {
                 return Err(TransportError::Unreachable(target, "not running".into()));
             };
-            match tokio::time::timeout(timeout, dispatch(&raft, &hold, rpc)).await {
+            match tokio::time::timeout(timeout, dispatch(&raft, &gate, rpc)).await {
                 Ok(reply) => Ok(reply),
                 Err(_) => {
                     Err(TransportError::Failed(target, format!("timed out after {timeout:?}")))

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use openraft::{BasicNode, Config, SnapshotPolicy};
 
+use super::election::ElectionGate;
 use super::network::{NetworkFactory, Transport};
 use super::snapshot::record_bytes;
 use super::types::{NodeId, Raft};
@@ -63,6 +64,8 @@ impl RaftTuning {
             // memory on both sides. 256 let a follower far behind be sent 1 GiB at once (read
             // back from the WAL and decoded), which the embedded mode held twice over.
             max_payload_entries: 8,
+            // `ElectionGate` turns elections on only while a pre-vote would win.
+            enable_elect: false,
             ..Default::default()
         };
         Ok(cfg.validate()?)
@@ -79,7 +82,10 @@ pub struct Node {
     pub id: NodeId,
     pub raft: Raft,
     pub engine: Arc<Engine>,
+    /// Where the RPC server reports leader contact and answers pre-votes.
+    pub gate: ElectionGate,
     monitor: tokio::task::JoinHandle<()>,
+    elections: tokio::task::JoinHandle<()>,
 }
 
 impl std::fmt::Debug for Node {
@@ -99,10 +105,13 @@ impl Node {
         let sb = replica.engine.superblock();
         let config = Arc::new(tuning.config(sb.block_bytes, &sb.cluster_id.to_string())?);
         let engine = replica.engine.clone();
-        let raft =
-            Raft::new(id, config, NetworkFactory::new(transport), replica.log, replica.sm).await?;
+        let log = replica.log.clone();
+        let network = NetworkFactory::new(transport.clone());
+        let raft = Raft::new(id, config, network, replica.log, replica.sm).await?;
         let monitor = tokio::spawn(snapshot_monitor(raft.clone(), engine.clone(), tuning.clone()));
-        Ok(Node { id, raft, engine, monitor })
+        let gate = ElectionGate::new(id, raft.clone(), log, tuning.election_min);
+        let elections = tokio::spawn(gate.clone().run(transport, tuning.heartbeat));
+        Ok(Node { id, raft, engine, gate, monitor, elections })
     }
 
     /// Makes a new cluster of `members` (id, address) from this node. Only on a fresh node.
@@ -116,6 +125,7 @@ impl Node {
     /// Stops Raft, then commits what the WAL has queued and stops its writer.
     pub async fn shutdown(&self) -> anyhow::Result<()> {
         self.monitor.abort();
+        self.elections.abort();
         self.raft.shutdown().await.map_err(|e| anyhow::anyhow!("raft shutdown: {e}"))?;
         let engine = self.engine.clone();
         tokio::task::spawn_blocking(move || engine.close()).await??;
