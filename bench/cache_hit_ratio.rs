@@ -104,7 +104,7 @@ fn run(zipf: &Zipf, writes_per_read: u64, reads: u64, warmup: u64) -> Outcome {
     let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
     let mut hot = HotCache::new(CACHE_BLOCKS * BS as u64, BS as u32);
     let mut lru = Lru::new(CACHE_BLOCKS as usize);
-    let data = vec![0x5au8; BS];
+    let data = bytes::Bytes::from(vec![0x5au8; BS]);
     let mut out = vec![0u8; BS];
     let (mut hot_hits, mut lru_hits) = (0u64, 0u64);
     let mut wal = WAL_START;

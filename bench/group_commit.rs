@@ -21,7 +21,7 @@ mod common;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -276,7 +276,7 @@ struct Writers<'a> {
     wal: &'a Wal,
     /// The append lock: holds the next log index.
     next: Mutex<u64>,
-    payloads: &'a [Arc<[u8]>],
+    payloads: &'a [bytes::Bytes],
     stop: AtomicBool,
     /// Set while the measured window is open: only then are latencies kept.
     measuring: AtomicBool,
@@ -294,7 +294,7 @@ impl Writers<'_> {
                 let mut next = self.next.lock().map_err(|_| anyhow!("append lock poisoned"))?;
                 let index = *next;
                 let payload = self.payloads[index as usize % self.payloads.len()].clone();
-                let entry = vec![NewEntry { index, term: 1, payload }];
+                let entry = vec![NewEntry { index, term: 1, payload: payload.into() }];
                 let ticket = match ack {
                     Ack::Callback => {
                         let tx = tx.clone();
@@ -334,7 +334,7 @@ fn run_engine(
     writers: usize,
     ack: Ack,
     seconds: f64,
-    payloads: &[Arc<[u8]>],
+    payloads: &[bytes::Bytes],
     level: &mut Level,
 ) -> Result<f64> {
     let (engine, _) = common::fresh_engine(dir, Backend::Uring, format, config.clone())?;

@@ -211,7 +211,7 @@ fn write_wal(engine: &Engine, entries: u64) -> Result<()> {
             .map(|i| NewEntry {
                 index: i,
                 term: 1,
-                payload: payloads[i as usize % payloads.len()].clone(),
+                payload: payloads[i as usize % payloads.len()].clone().into(),
             })
             .collect();
         wal.append(batch).context("append")?;

@@ -729,7 +729,7 @@ fn spawn_node(id: u64, addr: SocketAddr, dir: &Path, backend: &str, log: &Path) 
 async fn one_writer(
     dev: &Device,
     samples: usize,
-    payloads: &[Arc<[u8]>],
+    payloads: &[bytes::Bytes],
     next_offset: &mut u64,
 ) -> Result<Samples> {
     let mut out = Samples::default();
@@ -753,7 +753,7 @@ async fn throughput(
     dev: &Arc<Device>,
     cluster: &Cluster,
     seconds: f64,
-    payloads: &[Arc<[u8]>],
+    payloads: &[bytes::Bytes],
     side: &mut ThroughputSide,
 ) -> Result<f64> {
     let stop = Arc::new(AtomicBool::new(false));
@@ -764,7 +764,7 @@ async fn throughput(
     for w in 0..WRITERS {
         let (dev, stop, measuring, done) =
             (dev.clone(), stop.clone(), measuring.clone(), done.clone());
-        let payloads: Vec<Arc<[u8]>> = payloads.to_vec();
+        let payloads: Vec<bytes::Bytes> = payloads.to_vec();
         tasks.push(tokio::spawn(async move {
             let mut samples = Samples::default();
             let mut k = 0u64;
@@ -821,7 +821,7 @@ async fn throughput(
 /// The second disk reference, shaped like a node's WAL commit: `samples` timed { `pwrite`
 /// 8 KiB with O_DIRECT at the next offset; `fdatasync` } on a fresh fallocated file (unwritten
 /// extents, as a new WAL segment is), after a warm-up.
-fn direct_syncs(path: &Path, samples: usize, payloads: &[Arc<[u8]>]) -> Result<Samples> {
+fn direct_syncs(path: &Path, samples: usize, payloads: &[bytes::Bytes]) -> Result<Samples> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::{FileExt, OpenOptionsExt};
     let ops = WARMUP_OPS + samples;

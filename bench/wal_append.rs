@@ -283,7 +283,7 @@ fn run_engine(
     format: &FormatOptions,
     config: &EngineConfig,
     seconds: f64,
-    payloads: &[std::sync::Arc<[u8]>],
+    payloads: &[bytes::Bytes],
     side: &mut EngineSide,
 ) -> Result<(f64, usize)> {
     let (engine, _) = common::fresh_engine(dir, backend, format, config.clone())?;
@@ -291,7 +291,9 @@ fn run_engine(
     let mut index = wal.bounds().next;
     let append = |index: u64| -> Result<()> {
         let payload = payloads[index as usize % payloads.len()].clone();
-        let ticket = wal.append(vec![NewEntry { index, term: 1, payload }]).context("append")?;
+        let ticket = wal
+            .append(vec![NewEntry { index, term: 1, payload: payload.into() }])
+            .context("append")?;
         wal.wait(ticket).context("wait until durable")
     };
     for _ in 0..WARMUP_APPENDS {

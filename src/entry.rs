@@ -13,7 +13,10 @@
 //!          u64 first block (lba), then for a write the data bytes
 //! ```
 
+use bytes::Bytes;
+
 use crate::storage::le::{put_u32, put_u64, u32_at, u64_at};
+use crate::storage::wal::Payload;
 
 const VERSION: u8 = 1;
 const HEADER_BYTES: usize = 16;
@@ -22,12 +25,10 @@ const OP_HEADER_BYTES: usize = 16;
 /// One change to the block image.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum BlockOp {
-    /// Write whole blocks starting at block `lba`.
-    Write {
-        lba: u64,
-        #[serde(with = "serde_bytes")]
-        data: Vec<u8>,
-    },
+    /// Write whole blocks starting at block `lba`. The data is reference-counted: the device's
+    /// cache, the Raft log cache, replication to in-process followers and the WAL queue share
+    /// one buffer per write instead of each holding a copy.
+    Write { lba: u64, data: Bytes },
     /// Make `blocks` blocks from `lba` read as zeros (discard and write-zeroes).
     Zero { lba: u64, blocks: u32 },
 }
@@ -108,29 +109,62 @@ pub fn encoded_len(body: BodyRef<'_>) -> usize {
 
 /// Encodes an entry payload from its parts; `EntryPayload::encode` in borrowed form.
 pub fn encode_parts(leader_node: u64, body: BodyRef<'_>) -> Vec<u8> {
-    let mut out = vec![0u8; HEADER_BYTES];
-    out[0] = VERSION;
-    put_u64(&mut out, 8, leader_node);
+    let mut out = Vec::with_capacity(encoded_len(body));
+    encode_head(leader_node, body, &mut out);
     match body {
-        BodyRef::Blank => out[1] = 0,
-        BodyRef::Membership(bytes) => {
-            out[1] = 1;
-            out.extend_from_slice(bytes);
-        }
-        BodyRef::Flush => out[1] = 3,
+        BodyRef::Blank | BodyRef::Flush => {}
+        BodyRef::Membership(bytes) => out.extend_from_slice(bytes),
         BodyRef::Blocks(ops) => {
-            out[1] = 2;
-            let data: usize = ops.iter().map(BlockOp::encoded_len).sum();
-            out.reserve(8 + data);
-            let mut head = [0u8; 8];
-            put_u32(&mut head, 0, ops.len() as u32);
-            out.extend_from_slice(&head);
             for op in ops {
-                encode_op(op, &mut out);
+                out.extend_from_slice(&op_header(op));
+                if let BlockOp::Write { data, .. } = op {
+                    out.extend_from_slice(data);
+                }
             }
         }
     }
     out
+}
+
+/// The bytes of `encode_parts`, as a WAL payload whose block data are the ops' own buffers
+/// (shared, not copied); only the headers are new bytes.
+pub fn encode_shared(leader_node: u64, body: BodyRef<'_>) -> Payload {
+    let BodyRef::Blocks(ops) = body else {
+        return Payload::from(encode_parts(leader_node, body));
+    };
+    let mut parts = Vec::with_capacity(2 * ops.len() + 1);
+    let mut head = Vec::with_capacity(HEADER_BYTES + 8 + OP_HEADER_BYTES);
+    encode_head(leader_node, body, &mut head);
+    for op in ops {
+        head.extend_from_slice(&op_header(op));
+        if let BlockOp::Write { data, .. } = op {
+            parts.push(Bytes::from(std::mem::take(&mut head)));
+            parts.push(data.clone());
+        }
+    }
+    if !head.is_empty() {
+        parts.push(Bytes::from(head));
+    }
+    Payload::from_parts(parts)
+}
+
+/// The entry header, and for blocks the op count: everything before the first op.
+fn encode_head(leader_node: u64, body: BodyRef<'_>, out: &mut Vec<u8>) {
+    let mut head = [0u8; HEADER_BYTES];
+    head[0] = VERSION;
+    head[1] = match body {
+        BodyRef::Blank => 0,
+        BodyRef::Membership(_) => 1,
+        BodyRef::Blocks(_) => 2,
+        BodyRef::Flush => 3,
+    };
+    put_u64(&mut head, 8, leader_node);
+    out.extend_from_slice(&head);
+    if let BodyRef::Blocks(ops) = body {
+        let mut count = [0u8; 8];
+        put_u32(&mut count, 0, ops.len() as u32);
+        out.extend_from_slice(&count);
+    }
 }
 
 impl BlockOp {
@@ -139,23 +173,16 @@ impl BlockOp {
     }
 }
 
-fn encode_op(op: &BlockOp, out: &mut Vec<u8>) {
+fn op_header(op: &BlockOp) -> [u8; OP_HEADER_BYTES] {
     let mut head = [0u8; OP_HEADER_BYTES];
-    match op {
-        BlockOp::Write { lba, data } => {
-            head[0] = 1;
-            put_u32(&mut head, 4, data.len() as u32);
-            put_u64(&mut head, 8, *lba);
-            out.extend_from_slice(&head);
-            out.extend_from_slice(data);
-        }
-        BlockOp::Zero { lba, blocks } => {
-            head[0] = 2;
-            put_u32(&mut head, 4, *blocks);
-            put_u64(&mut head, 8, *lba);
-            out.extend_from_slice(&head);
-        }
-    }
+    let (kind, n, lba) = match op {
+        BlockOp::Write { lba, data } => (1, data.len() as u32, *lba),
+        BlockOp::Zero { lba, blocks } => (2, *blocks, *lba),
+    };
+    head[0] = kind;
+    put_u32(&mut head, 4, n);
+    put_u64(&mut head, 8, lba);
+    head
 }
 
 fn decode_ops(buf: &[u8]) -> Result<Vec<BlockOp>, String> {
@@ -178,7 +205,7 @@ fn decode_ops(buf: &[u8]) -> Result<Vec<BlockOp>, String> {
             1 => {
                 let data =
                     buf.get(at..at + n).ok_or(format!("op {i}: {n} data bytes truncated"))?;
-                ops.push(BlockOp::Write { lba, data: data.to_vec() });
+                ops.push(BlockOp::Write { lba, data: Bytes::copy_from_slice(data) });
                 at += n;
             }
             2 => ops.push(BlockOp::Zero { lba, blocks: n as u32 }),
@@ -202,7 +229,7 @@ mod tests {
             EntryBody::Flush,
             EntryBody::Membership(b"m".to_vec()),
             EntryBody::Blocks(vec![
-                BlockOp::Write { lba: 3, data: vec![5; 8192] },
+                BlockOp::Write { lba: 3, data: vec![5; 8192].into() },
                 BlockOp::Zero { lba: 9, blocks: 4 },
             ]),
         ];
@@ -224,7 +251,7 @@ mod tests {
     fn truncations_and_garbage_are_refused() {
         let p = EntryPayload {
             leader_node: 1,
-            body: EntryBody::Blocks(vec![BlockOp::Write { lba: 0, data: vec![1; 100] }]),
+            body: EntryBody::Blocks(vec![BlockOp::Write { lba: 0, data: vec![1; 100].into() }]),
         };
         let bytes = p.encode();
         for cut in 0..bytes.len() {

@@ -100,7 +100,7 @@ fn random_entry(rng: &mut SmallRng, index: u64, term: u64) -> NewEntry {
                 BlockOp::Zero { lba, blocks: rng.gen_range(1..=4) }
             } else {
                 let blocks = rng.gen_range(1..=4) as usize;
-                BlockOp::Write { lba, data: pattern(lba, blocks, rng.gen()) }
+                BlockOp::Write { lba, data: pattern(lba, blocks, rng.gen()).into() }
             }
         })
         .collect();

@@ -161,7 +161,7 @@ fn payload(i: u64) -> EntryPayload {
         _ => {
             let blocks = 1 + (i * 7 % 6) as usize;
             let data = common::pattern(lba_of(i), blocks, i);
-            EntryBody::Blocks(vec![BlockOp::Write { lba: lba_of(i), data }])
+            EntryBody::Blocks(vec![BlockOp::Write { lba: lba_of(i), data: data.into() }])
         }
     };
     EntryPayload { leader_node: 1 + i % 3, body }

@@ -491,7 +491,7 @@ fn apply(
     let ops = lbas
         .map(|lba| {
             want.insert(lba, version);
-            BlockOp::Write { lba, data: block(lba, version) }
+            BlockOp::Write { lba, data: block(lba, version).into() }
         })
         .collect();
     let id = StoreLogId { term: 1, node: 1, index };

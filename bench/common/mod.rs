@@ -401,13 +401,13 @@ pub fn fresh_engine(
 }
 
 /// `count` distinct payloads of `bytes` random (incompressible) bytes each.
-pub fn random_payloads(count: usize, bytes: usize, seed: u64) -> Vec<Arc<[u8]>> {
+pub fn random_payloads(count: usize, bytes: usize, seed: u64) -> Vec<bytes::Bytes> {
     let mut rng = SmallRng::seed_from_u64(seed);
     (0..count)
         .map(|_| {
             let mut v = vec![0u8; bytes];
             rng.fill_bytes(&mut v);
-            Arc::from(v)
+            bytes::Bytes::from(v)
         })
         .collect()
 }

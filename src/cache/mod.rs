@@ -21,6 +21,8 @@ pub mod policy;
 use std::collections::BTreeMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
+use bytes::Bytes;
+
 pub use policy::S3Fifo;
 
 /// Default hot cache size: room for the write pipeline's pinned blocks (64 MiB at most) and a
@@ -63,7 +65,12 @@ pub type BlockMap<V> = std::collections::HashMap<u64, V, BuildHasherDefault<Bloc
 
 #[derive(Debug)]
 enum Slot {
-    Pinned { seq: u64, data: Option<Box<[u8]>> },
+    /// A slice of the write's own buffer (shared with the proposal in flight); copied into a
+    /// block of its own when it becomes clean, so clean blocks never keep a larger write alive.
+    Pinned {
+        seq: u64,
+        data: Option<Bytes>,
+    },
     Clean(Box<[u8]>),
     Filling(u64),
 }
@@ -161,10 +168,11 @@ impl HotCache {
         self.slots.values().filter(|s| matches!(s, Slot::Pinned { .. })).count()
     }
 
-    /// Pins the blocks of write `seq` at `lba` (`data` is whole blocks).
-    pub fn pin_write(&mut self, seq: u64, lba: u64, data: &[u8]) {
-        for (i, block) in data.chunks(self.block_bytes).enumerate() {
-            self.pin(lba + i as u64, seq, Some(Box::from(block)));
+    /// Pins the blocks of write `seq` at `lba` (`data` is whole blocks), without copying them.
+    pub fn pin_write(&mut self, seq: u64, lba: u64, data: &Bytes) {
+        let bs = self.block_bytes;
+        for i in 0..data.len() / bs {
+            self.pin(lba + i as u64, seq, Some(data.slice(i * bs..(i + 1) * bs)));
         }
         self.evict_to_fit();
     }
@@ -196,7 +204,7 @@ impl HotCache {
         }
     }
 
-    fn pin(&mut self, block: u64, seq: u64, data: Option<Box<[u8]>>) {
+    fn pin(&mut self, block: u64, seq: u64, data: Option<Bytes>) {
         let has_data = data.is_some();
         let old = self.slots.insert(block, Slot::Pinned { seq, data });
         self.release(block, old);
@@ -235,7 +243,7 @@ impl HotCache {
                     match data.take() {
                         Some(d) => {
                             self.pinned_data -= 1;
-                            self.slots.insert(b, Slot::Clean(d));
+                            self.slots.insert(b, Slot::Clean(Box::from(&d[..])));
                             self.policy.insert(b);
                         }
                         None => {
@@ -261,7 +269,13 @@ impl HotCache {
     /// Answers block `block` into `out` (one block) if it is held, else says how to fill it.
     pub fn lookup(&mut self, block: u64, out: &mut [u8]) -> Lookup {
         match self.slots.get(&block) {
-            Some(Slot::Pinned { data: Some(d), .. }) | Some(Slot::Clean(d)) => {
+            Some(Slot::Pinned { data: Some(d), .. }) => {
+                out.copy_from_slice(d);
+                self.policy.touch(block);
+                self.stats.hits += 1;
+                return Lookup::Hit;
+            }
+            Some(Slot::Clean(d)) => {
                 out.copy_from_slice(d);
                 self.policy.touch(block);
                 self.stats.hits += 1;
@@ -361,7 +375,7 @@ mod tests {
     #[test]
     fn pinned_blocks_survive_any_eviction_pressure() {
         let mut c = HotCache::new(8 * BS as u64, BS as u32);
-        c.pin_write(1, 100, &[block(1), block(2)].concat());
+        c.pin_write(1, 100, &Bytes::from([block(1), block(2)].concat()));
         // Fill far more clean blocks than fit.
         for b in 1000..2000u64 {
             let Lookup::Fill(t) = c.lookup(b, &mut [0; BS]) else { panic!("block {b} held") };
@@ -387,7 +401,7 @@ mod tests {
         let mut c = HotCache::new(4 * BS as u64, BS as u32);
         let Lookup::Fill(t) = c.lookup(0, &mut [0; BS]) else { panic!() };
         c.complete_fill(0, t, &block(5), false);
-        c.pin_write(1, 10, &[1u8; 6 * BS]);
+        c.pin_write(1, 10, &Bytes::from(vec![1u8; 6 * BS]));
         assert_eq!(read(&mut c, 0), None, "the clean block made room");
         for b in 10..16 {
             assert_eq!(read(&mut c, b), Some(block(1)));
@@ -397,8 +411,8 @@ mod tests {
     #[test]
     fn a_newer_write_wins_over_an_older_unpin() {
         let mut c = HotCache::new(64 * BS as u64, BS as u32);
-        c.pin_write(1, 5, &block(1));
-        c.pin_write(2, 5, &block(2));
+        c.pin_write(1, 5, &Bytes::from(block(1)));
+        c.pin_write(2, 5, &Bytes::from(block(2)));
         c.unpin_write(1, 5, 1);
         assert_eq!(read(&mut c, 5), Some(block(2)));
         assert_eq!(c.pinned_bytes(), BS as u64, "still pinned by write 2");
@@ -412,13 +426,13 @@ mod tests {
         let mut c = HotCache::new(64 * BS as u64, BS as u32);
         let Lookup::Fill(t) = c.lookup(3, &mut [0; BS]) else { panic!() };
         // A write lands and is confirmed while the reader is at the replica.
-        c.pin_write(1, 3, &block(7));
+        c.pin_write(1, 3, &Bytes::from(block(7)));
         c.unpin_write(1, 3, 1);
         c.complete_fill(3, t, &block(6), false);
         assert_eq!(read(&mut c, 3), Some(block(7)));
         // Also when the written block was evicted before the stale fill lands.
         let Lookup::Fill(t) = c.lookup(4, &mut [0; BS]) else { panic!() };
-        c.pin_write(2, 4, &block(8));
+        c.pin_write(2, 4, &Bytes::from(block(8)));
         c.unpin_write(2, 4, 1);
         c.pin_zero(3, 4, 1);
         c.unpin_zero(3, 4, 1);
@@ -440,16 +454,16 @@ mod tests {
     #[test]
     fn discard_reads_zeros_until_confirmed_and_drops_blocks() {
         let mut c = HotCache::new(64 * BS as u64, BS as u32);
-        c.pin_write(1, 0, &[1u8; 4 * BS]);
+        c.pin_write(1, 0, &Bytes::from(vec![1u8; 4 * BS]));
         c.unpin_write(1, 0, 4);
-        c.pin_write(2, 2, &block(2));
+        c.pin_write(2, 2, &Bytes::from(block(2)));
         c.pin_zero(3, 1, 100);
         for b in [1, 2, 3, 50] {
             assert_eq!(read(&mut c, b), Some(block(0)), "block {b} under a pending discard");
         }
         assert_eq!(read(&mut c, 0), Some(block(1)));
         // A write after the discard is newer.
-        c.pin_write(4, 50, &block(4));
+        c.pin_write(4, 50, &Bytes::from(block(4)));
         assert_eq!(read(&mut c, 50), Some(block(4)));
         c.unpin_write(2, 2, 1);
         assert_eq!(read(&mut c, 2), Some(block(0)), "write 2 was superseded by the discard");
@@ -464,7 +478,7 @@ mod tests {
     #[test]
     fn a_discard_larger_than_the_cache_walks_the_cache() {
         let mut c = HotCache::new(64 * BS as u64, BS as u32);
-        c.pin_write(1, 7, &block(1));
+        c.pin_write(1, 7, &Bytes::from(block(1)));
         c.unpin_write(1, 7, 1);
         c.pin_zero(2, 0, u64::from(u32::MAX));
         assert_eq!(read(&mut c, 7), Some(block(0)));

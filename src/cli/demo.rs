@@ -52,7 +52,7 @@ pub fn run(location: &Location, writes: u64, blocks_per_write: u64) -> Result<()
         let data = block_pattern(start + i, (blocks_per_write as usize) * block);
         let payload = EntryPayload {
             leader_node: 1,
-            body: EntryBody::Blocks(vec![BlockOp::Write { lba, data }]),
+            body: EntryBody::Blocks(vec![BlockOp::Write { lba, data: data.into() }]),
         };
         let entry = NewEntry { index: start + i, term: 1, payload: payload.encode().into() };
         tickets.push(engine.wal().append(vec![entry]).context("append")?);

@@ -27,6 +27,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::sync::Notify;
 
 use crate::cache::{CacheStats, HotCache, Lookup};
@@ -337,17 +338,18 @@ impl Device {
             return self.write_vec(offset, data.to_vec(), fua).await;
         }
         let (lba, _) = self.check(offset, data.len() as u64)?;
-        self.write_parts(lba, data, fua).await
+        self.write_parts(lba, Bytes::copy_from_slice(data), fua).await
     }
 
-    async fn write_parts(&self, lba: u64, data: &[u8], fua: bool) -> Result<(), DeviceError> {
+    async fn write_parts(&self, lba: u64, data: Bytes, fua: bool) -> Result<(), DeviceError> {
         // A write larger than one proposal goes as several, in order, each whole blocks; it
         // completes with its last part, and the contract covers the parts in order.
         let bs = self.cfg.block_bytes as usize;
         let part = (self.cfg.max_proposal_bytes / bs).max(1) * bs;
         let mut seq = 0;
-        for (i, chunk) in data.chunks(part).enumerate() {
-            let op = BlockOp::Write { lba: lba + (i * part / bs) as u64, data: chunk.to_vec() };
+        for (i, at) in (0..data.len()).step_by(part).enumerate() {
+            let chunk = data.slice(at..(at + part).min(data.len()));
+            let op = BlockOp::Write { lba: lba + (i * part / bs) as u64, data: chunk };
             seq = self.enqueue(op).await?;
         }
         self.lock().stats.writes += 1;
@@ -366,9 +368,9 @@ impl Device {
             return Ok(());
         }
         if data.len() > self.cfg.max_proposal_bytes {
-            return self.write_parts(lba, &data, fua).await;
+            return self.write_parts(lba, Bytes::from(data), fua).await;
         }
-        let seq = self.enqueue(BlockOp::Write { lba, data }).await?;
+        let seq = self.enqueue(BlockOp::Write { lba, data: Bytes::from(data) }).await?;
         self.lock().stats.writes += 1;
         self.complete(seq, fua).await
     }

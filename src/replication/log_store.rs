@@ -300,7 +300,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map(|e| NewEntry {
                 index: e.log_id.index,
                 term: e.log_id.leader_id.term,
-                payload: encode_entry(e).into(),
+                payload: encode_entry(e),
             })
             .collect();
         let first_index = first.log_id.index;

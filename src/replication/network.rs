@@ -463,7 +463,7 @@ mod tests {
             log_id: id(i),
             payload: EntryPayload::Normal(Request::Blocks(vec![BlockOp::Write {
                 lba: 0,
-                data: vec![1; 3 << 19],
+                data: vec![1; 3 << 19].into(),
             }])),
         };
         AppendEntriesRequest {

@@ -4,8 +4,9 @@
 use openraft::{BasicNode, EntryPayload as RaftPayload, Membership};
 use serde::{Deserialize, Serialize};
 
-use crate::entry::{encode_parts, encoded_len, BlockOp, BodyRef, EntryBody, EntryPayload};
+use crate::entry::{encode_shared, encoded_len, BlockOp, BodyRef, EntryBody, EntryPayload};
 use crate::storage::state::{LogId as StoreLogId, Vote as StoreVote};
+use crate::storage::wal::Payload;
 
 use super::snapshot::SnapshotData;
 
@@ -83,15 +84,15 @@ pub fn decode_membership(bytes: &[u8]) -> Result<Membership<NodeId, BasicNode>, 
     postcard::from_bytes(bytes).map_err(|e| format!("undecodable membership: {e}"))
 }
 
-/// The record payload of an entry, as the WAL stores it.
-pub fn encode_entry(entry: &Entry) -> Vec<u8> {
+/// The record payload of an entry, as the WAL stores it, sharing the entry's block data.
+pub fn encode_entry(entry: &Entry) -> Payload {
     let leader = entry.log_id.leader_id.node_id;
     match &entry.payload {
-        RaftPayload::Blank => encode_parts(leader, BodyRef::Blank),
-        RaftPayload::Normal(Request::Blocks(ops)) => encode_parts(leader, BodyRef::Blocks(ops)),
-        RaftPayload::Normal(Request::Flush) => encode_parts(leader, BodyRef::Flush),
+        RaftPayload::Blank => encode_shared(leader, BodyRef::Blank),
+        RaftPayload::Normal(Request::Blocks(ops)) => encode_shared(leader, BodyRef::Blocks(ops)),
+        RaftPayload::Normal(Request::Flush) => encode_shared(leader, BodyRef::Flush),
         RaftPayload::Membership(m) => {
-            encode_parts(leader, BodyRef::Membership(&encode_membership(m)))
+            encode_shared(leader, BodyRef::Membership(&encode_membership(m)))
         }
     }
 }
@@ -144,13 +145,13 @@ mod tests {
             Entry {
                 log_id: id(2, 3, 3),
                 payload: RaftPayload::Normal(Request::Blocks(vec![
-                    BlockOp::Write { lba: 9, data: vec![5; 4096] },
+                    BlockOp::Write { lba: 9, data: vec![5; 4096].into() },
                     BlockOp::Zero { lba: 1, blocks: 7 },
                 ])),
             },
         ];
         for e in entries {
-            let bytes = encode_entry(&e);
+            let bytes = encode_entry(&e).to_vec();
             let back =
                 decode_entry(e.log_id.index, e.log_id.leader_id.term, &bytes).expect("decode");
             assert_eq!(back, e);
@@ -159,6 +160,7 @@ mod tests {
 
     #[test]
     fn corrupt_membership_is_an_error() {
+        use crate::entry::encode_parts;
         let bytes = encode_parts(1, BodyRef::Membership(&[0xff; 9]));
         let err = decode_entry(4, 1, &bytes).expect_err("garbage membership");
         assert!(err.contains("membership"), "{err}");

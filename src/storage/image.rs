@@ -126,6 +126,9 @@ pub fn block_checksum(lba: u64, data: &[u8]) -> u32 {
 struct Table {
     entries: Vec<u32>,
     dirty_pages: BTreeSet<u64>,
+    /// The aligned buffer block writes are staged in, kept between writes so applying a steady
+    /// stream does not allocate and free an I/O chunk per write.
+    staging: Option<AlignedBuf>,
 }
 
 /// A block whose bytes on disk do not match its checksum.
@@ -198,7 +201,7 @@ impl Image {
             geometry,
             header,
             poison,
-            table: RwLock::new(Table { entries, dirty_pages: BTreeSet::new() }),
+            table: RwLock::new(Table { entries, dirty_pages: BTreeSet::new(), staging: None }),
             applied: Mutex::new((loaded.seq, applied)),
         };
         Ok((image, loaded.damaged))
@@ -240,11 +243,17 @@ impl Image {
         self.check_range(lba, (data.len() / bs) as u64)?;
         let mut table = self.table.write().expect("image lock");
         let chunk_blocks = (IO_CHUNK_BYTES / bs).max(1);
+        let mut buf = match table.staging.take() {
+            Some(buf) if buf.len() >= (chunk_blocks * bs).next_multiple_of(IO_ALIGN) => buf,
+            _ => AlignedBuf::zeroed(chunk_blocks * bs),
+        };
         for (i, chunk) in data.chunks(chunk_blocks * bs).enumerate() {
             let first = lba + (i * chunk_blocks) as u64;
-            let buf = AlignedBuf::from_slice_padded(chunk);
-            let io = &buf[..chunk.len().next_multiple_of(IO_ALIGN)];
-            if let Err(e) = self.disk.write_at(self.block_offset(first), io) {
+            let len = chunk.len().next_multiple_of(IO_ALIGN);
+            buf[..chunk.len()].copy_from_slice(chunk);
+            buf[chunk.len()..len].fill(0);
+            if let Err(e) = self.disk.write_at(self.block_offset(first), &buf[..len]) {
+                table.staging = Some(buf);
                 let err = StorageError::io(
                     "write block",
                     format!("{} lba {first}", self.disk.describe()),
@@ -258,6 +267,7 @@ impl Image {
                 table.dirty_pages.insert(page_of(b));
             }
         }
+        table.staging = Some(buf);
         Ok(())
     }
 

@@ -84,13 +84,14 @@ pub fn padded_record_len(stored_len: usize) -> usize {
     (RECORD_HEADER_BYTES + stored_len).next_multiple_of(RECORD_ALIGN)
 }
 
-/// A record to encode.
+/// A record to encode (its payload is passed as stored).
 #[derive(Clone, Copy, Debug)]
-pub struct RecordInput<'a> {
+pub struct RecordInput {
     pub index: u64,
     pub term: u64,
     pub kind: RecordKind,
-    pub payload: &'a [u8],
+    /// The payload's length before compression.
+    pub raw_len: usize,
 }
 
 /// The seed every record checksum of a segment starts from.
@@ -111,17 +112,19 @@ pub fn maybe_compress(payload: &[u8]) -> (std::borrow::Cow<'_, [u8]>, bool) {
 }
 
 /// Encodes one record at `out[0..]`, returning the padded length written. `stored` is the payload
-/// as it goes to disk (already compressed when `compressed`). `out` must be large enough.
+/// as it goes to disk (already compressed when `compressed`), in parts written back to back.
+/// `out` must be large enough.
 pub fn encode_into(
     out: &mut [u8],
-    rec: &RecordInput<'_>,
-    stored: &[u8],
+    rec: &RecordInput,
+    stored: &[&[u8]],
     compressed: bool,
     batch_flags: u16,
     timestamp_us: u64,
     seed: u32,
 ) -> usize {
-    let total = padded_record_len(stored.len());
+    let stored_len: usize = stored.iter().map(|p| p.len()).sum();
+    let total = padded_record_len(stored_len);
     let (head, rest) = out[..total].split_at_mut(RECORD_HEADER_BYTES);
     head[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
     head[8..16].copy_from_slice(&rec.index.to_le_bytes());
@@ -130,12 +133,17 @@ pub fn encode_into(
     head[32..34].copy_from_slice(&(rec.kind as u16).to_le_bytes());
     let flags = batch_flags | if compressed { FLAG_COMPRESSED } else { 0 };
     head[34..36].copy_from_slice(&flags.to_le_bytes());
-    head[36..40].copy_from_slice(&(stored.len() as u32).to_le_bytes());
-    head[40..44].copy_from_slice(&(rec.payload.len() as u32).to_le_bytes());
+    head[36..40].copy_from_slice(&(stored_len as u32).to_le_bytes());
+    head[40..44].copy_from_slice(&(rec.raw_len as u32).to_le_bytes());
     head[44..48].fill(0);
-    rest[..stored.len()].copy_from_slice(stored);
-    rest[stored.len()..].fill(0);
-    let crc = crc32c::crc32c_append(crc32c::crc32c_append(seed, &head[8..]), stored);
+    let mut crc = crc32c::crc32c_append(seed, &head[8..]);
+    let mut at = 0;
+    for part in stored {
+        rest[at..at + part.len()].copy_from_slice(part);
+        crc = crc32c::crc32c_append(crc, part);
+        at += part.len();
+    }
+    rest[at..].fill(0);
     head[4..8].copy_from_slice(&crc.to_le_bytes());
     total
 }
@@ -246,10 +254,18 @@ pub fn next_position(end: usize, flags: u16) -> usize {
 mod tests {
     use super::*;
 
-    fn encode(rec: &RecordInput<'_>, flags: u16, seed: u32) -> Vec<u8> {
-        let (stored, compressed) = maybe_compress(rec.payload);
+    fn encode(
+        kind: RecordKind,
+        index: u64,
+        term: u64,
+        payload: &[u8],
+        flags: u16,
+        seed: u32,
+    ) -> Vec<u8> {
+        let rec = RecordInput { index, term, kind, raw_len: payload.len() };
+        let (stored, compressed) = maybe_compress(payload);
         let mut out = vec![0u8; padded_record_len(stored.len())];
-        let n = encode_into(&mut out, rec, &stored, compressed, flags, 7, seed);
+        let n = encode_into(&mut out, &rec, &[&stored], compressed, flags, 7, seed);
         assert_eq!(n, out.len());
         out
     }
@@ -259,19 +275,14 @@ mod tests {
         let seed = salt_seed(42);
         for input in [b"short".to_vec(), vec![0xAB; 8192], (0..5000u32).map(|i| i as u8).collect()]
         {
-            let rec = RecordInput { index: 9, term: 3, kind: RecordKind::Entry, payload: &input };
-            let bytes = encode(&rec, FLAG_BATCH_START, seed);
+            let bytes = encode(RecordKind::Entry, 9, 3, &input, FLAG_BATCH_START, seed);
             let Decoded::Record(h) = decode(&bytes, seed, 1 << 20) else { panic!("not decoded") };
             assert_eq!((h.index, h.term, h.kind, h.timestamp_us), (9, 3, RecordKind::Entry, 7));
             assert_eq!(h.flags & FLAG_BATCH_START, FLAG_BATCH_START);
             assert_eq!(payload(&h, &bytes, 1 << 20).expect("payload"), input);
         }
         let big = vec![0u8; 8192];
-        let bytes = encode(
-            &RecordInput { index: 1, term: 1, kind: RecordKind::Entry, payload: &big },
-            0,
-            seed,
-        );
+        let bytes = encode(RecordKind::Entry, 1, 1, &big, 0, seed);
         assert!(bytes.len() < 1024, "zeros compress");
     }
 
@@ -279,8 +290,7 @@ mod tests {
     fn every_flipped_byte_is_rejected() {
         let seed = salt_seed(1);
         let payload: Vec<u8> = (0..300u32).map(|i| (i * 7) as u8).collect();
-        let rec = RecordInput { index: 5, term: 2, kind: RecordKind::Entry, payload: &payload };
-        let bytes = encode(&rec, 0, seed);
+        let bytes = encode(RecordKind::Entry, 5, 2, &payload, 0, seed);
         let used = RECORD_HEADER_BYTES + payload.len();
         for i in 0..used {
             for mask in [0x01u8, 0x80, 0xFF] {
@@ -296,8 +306,7 @@ mod tests {
 
     #[test]
     fn other_salt_is_rejected_and_zero_is_zero() {
-        let rec = RecordInput { index: 1, term: 1, kind: RecordKind::Truncate, payload: &[] };
-        let bytes = encode(&rec, 0, salt_seed(1));
+        let bytes = encode(RecordKind::Truncate, 1, 1, &[], 0, salt_seed(1));
         assert!(matches!(decode(&bytes, salt_seed(2), 64), Decoded::Invalid(_)));
         assert_eq!(decode(&[0u8; 64], salt_seed(1), 64), Decoded::Zero);
         assert_eq!(decode(&[1u8; 10], salt_seed(1), 64), Decoded::Short { needed: 48 });
@@ -305,11 +314,7 @@ mod tests {
 
     #[test]
     fn huge_length_is_bounded() {
-        let mut bytes = encode(
-            &RecordInput { index: 1, term: 1, kind: RecordKind::Entry, payload: b"x" },
-            0,
-            0,
-        );
+        let mut bytes = encode(RecordKind::Entry, 1, 1, b"x", 0, 0);
         bytes[36..40].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(decode(&bytes, 0, 1 << 20), Decoded::Invalid(_)));
     }

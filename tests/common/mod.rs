@@ -57,7 +57,7 @@ pub fn block_entry(index: u64, term: u64, lba: u64, blocks: usize, seed: u64) ->
     let data = pattern(lba, blocks, seed);
     let payload = EntryPayload {
         leader_node: 1,
-        body: EntryBody::Blocks(vec![BlockOp::Write { lba, data }]),
+        body: EntryBody::Blocks(vec![BlockOp::Write { lba, data: data.into() }]),
     };
     NewEntry { index, term, payload: payload.encode().into() }
 }

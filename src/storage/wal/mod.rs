@@ -11,6 +11,7 @@
 //! removes whole segments that hold nothing above the purge point.
 
 mod log;
+mod payload;
 mod scan;
 mod writer;
 
@@ -22,6 +23,7 @@ use std::thread::JoinHandle;
 use uuid::Uuid;
 
 pub use log::DiskLoc;
+pub use payload::Payload;
 pub use scan::{LiveSegment, TailStop};
 use writer::{marker_payload, PendingOp, Writer};
 
@@ -103,7 +105,7 @@ impl WalConfig {
 pub struct NewEntry {
     pub index: u64,
     pub term: u64,
-    pub payload: Arc<[u8]>,
+    pub payload: Payload,
 }
 
 /// Called once with the outcome of an append: `Ok` only after the entries are durable.
@@ -127,7 +129,10 @@ pub struct LogBounds {
 pub struct WalStats {
     pub batches: u64,
     pub records: u64,
+    /// Record bytes made durable, counting payloads uncompressed and padded.
     pub bytes: u64,
+    /// Entry record bytes as stored (header and payload, compressed where that paid off).
+    pub stored_bytes: u64,
     /// Bytes appended and not yet durable (bounded by `max_pending_bytes`).
     pub pending_bytes: u64,
 }
@@ -143,7 +148,7 @@ pub struct WalRecovery {
 
 #[derive(Debug)]
 enum Slot {
-    Pending { ticket: u64, term: u64, payload: Arc<[u8]> },
+    Pending { ticket: u64, term: u64, payload: Payload },
     Durable(DiskLoc),
 }
 
@@ -173,6 +178,7 @@ struct Shared {
     batches: AtomicU64,
     records: AtomicU64,
     bytes: AtomicU64,
+    stored_bytes: AtomicU64,
 }
 
 /// The write-ahead log of one replica.
@@ -232,6 +238,7 @@ impl Wal {
             purged: log.purged,
             compress: cfg.compress,
             seal_at: None,
+            batch_buf: None,
         };
         if rec.tail_has_records {
             // Never append behind a possibly torn tail: the first batch starts a new segment that
@@ -272,6 +279,7 @@ impl Wal {
             batches: AtomicU64::new(0),
             records: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+            stored_bytes: AtomicU64::new(0),
         });
         let thread = match shared.cfg.mode {
             CommitMode::Thread => {
@@ -355,6 +363,7 @@ impl Wal {
             batches: self.shared.batches.load(Ordering::Relaxed),
             records: self.shared.records.load(Ordering::Relaxed),
             bytes: self.shared.bytes.load(Ordering::Relaxed),
+            stored_bytes: self.shared.stored_bytes.load(Ordering::Relaxed),
             pending_bytes: self.shared.state.lock().expect("wal lock").pending_bytes as u64,
         }
     }
@@ -483,7 +492,7 @@ impl LogState {
         batch
     }
 
-    fn push_op(&mut self, kind: RecordKind, index: u64, term: u64, payload: Arc<[u8]>) -> u64 {
+    fn push_op(&mut self, kind: RecordKind, index: u64, term: u64, payload: Payload) -> u64 {
         let ticket = self.next_ticket;
         self.next_ticket += 1;
         let op = PendingOp { ticket, kind, index, term, payload };
@@ -591,7 +600,7 @@ impl Shared {
         let keep = (from - st.first) as usize;
         st.slots.truncate(keep);
         st.next = from;
-        let ticket = st.push_op(RecordKind::Truncate, from, 0, Arc::from(&[][..]));
+        let ticket = st.push_op(RecordKind::Truncate, from, 0, Payload::default());
         drop(st);
         self.work.notify_one();
         Ok(ticket)
@@ -717,6 +726,8 @@ impl Shared {
                 self.batches.fetch_add(1, Ordering::Relaxed);
                 self.records.fetch_add(batch.len() as u64, Ordering::Relaxed);
                 self.bytes.fetch_add(batch_bytes as u64, Ordering::Relaxed);
+                let stored: u64 = placed.iter().map(|p| u64::from(p.loc.len)).sum();
+                self.stored_bytes.fetch_add(stored, Ordering::Relaxed);
                 while st.callbacks.front().is_some_and(|(t, _)| *t <= st.durable_ticket) {
                     ready.extend(st.callbacks.pop_front().map(|(_, cb)| (cb, true)));
                 }

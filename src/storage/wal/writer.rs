@@ -3,12 +3,14 @@
 //! a batch does not fit. Owned by exactly one committer at a time (the group-commit thread, or an
 //! inline flusher holding the writer lock), so batches reach the disk in the order they were taken.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::Arc;
 
 use uuid::Uuid;
 
 use super::log::DiskLoc;
+use super::payload::Payload;
 use crate::storage::disk::{AlignedBuf, IO_ALIGN, SECTOR_BYTES};
 use crate::storage::error::{Result, StorageError};
 use crate::storage::le::now_us;
@@ -23,7 +25,7 @@ pub struct PendingOp {
     pub kind: RecordKind,
     pub index: u64,
     pub term: u64,
-    pub payload: Arc<[u8]>,
+    pub payload: Payload,
 }
 
 impl PendingOp {
@@ -73,6 +75,9 @@ pub struct Writer {
     /// Where the current segment's records end when that is not `write_pos`: after recovery the
     /// tail segment is sealed at the end of its valid records and never appended to again.
     pub seal_at: Option<u64>,
+    /// The batch being encoded, kept between batches (grown when a batch needs more) so a
+    /// steady write stream does not allocate and free a batch-sized buffer every sync.
+    pub batch_buf: Option<AlignedBuf>,
 }
 
 impl Writer {
@@ -111,15 +116,24 @@ impl Writer {
         ops: &[PendingOp],
         live: impl FnOnce() -> HashSet<u64>,
     ) -> Result<(Vec<Placed>, Option<Rotated>)> {
-        let stored: Vec<(std::borrow::Cow<'_, [u8]>, bool)> = ops
+        let stored: Vec<Option<Vec<u8>>> = ops
             .iter()
-            .map(|op| match (op.kind, self.compress) {
-                (RecordKind::Entry, true) => record::maybe_compress(&op.payload),
-                _ => (std::borrow::Cow::Borrowed(&op.payload[..]), false),
+            .map(|op| {
+                if op.kind == RecordKind::Entry && self.compress {
+                    pack(&op.payload)
+                } else {
+                    None
+                }
             })
             .collect();
-        let records_bytes: u64 =
-            stored.iter().map(|(s, _)| record::padded_record_len(s.len()) as u64).sum();
+        let stored_len = |op: &PendingOp, packed: &Option<Vec<u8>>| {
+            packed.as_ref().map_or(op.payload.len(), Vec::len)
+        };
+        let records_bytes: u64 = ops
+            .iter()
+            .zip(&stored)
+            .map(|(op, packed)| record::padded_record_len(stored_len(op, packed)) as u64)
+            .sum();
         let segment_bytes = self.active.header.segment_bytes;
         let mut rotated = None;
         if self.write_pos + records_bytes.next_multiple_of(SECTOR_BYTES as u64) > segment_bytes {
@@ -133,13 +147,18 @@ impl Writer {
                 "a batch of {records_bytes} bytes does not fit an empty {segment_bytes}-byte segment"
             )));
         }
-        let mut buf = AlignedBuf::zeroed((end - start_block) as usize);
+        // Written in whole IO_ALIGN units, as the buffer was allocated before it was kept.
+        let len = ((end - start_block) as usize).next_multiple_of(IO_ALIGN);
+        let mut buf = match self.batch_buf.take() {
+            Some(buf) if buf.len() >= len => buf,
+            _ => AlignedBuf::zeroed(len),
+        };
         buf[..head].copy_from_slice(&self.tail[..head]);
         let seed = record::salt_seed(self.active.header.salt);
         let now = now_us();
         let mut placed = Vec::new();
         let mut at = head;
-        for (i, (op, (bytes, compressed))) in ops.iter().zip(&stored).enumerate() {
+        for (i, (op, packed)) in ops.iter().zip(&stored).enumerate() {
             let mut flags = 0;
             if i == 0 {
                 flags |= FLAG_BATCH_START;
@@ -147,28 +166,40 @@ impl Writer {
             if i + 1 == ops.len() {
                 flags |= FLAG_BATCH_END;
             }
-            let input =
-                RecordInput { index: op.index, term: op.term, kind: op.kind, payload: &op.payload };
+            let raw_len = op.payload.len();
+            let input = RecordInput { index: op.index, term: op.term, kind: op.kind, raw_len };
+            let parts: Vec<&[u8]> = match packed {
+                Some(p) => vec![p],
+                None => op.payload.parts().iter().map(|b| &b[..]).collect(),
+            };
+            let compressed = packed.is_some();
             let n =
-                record::encode_into(&mut buf[at..], &input, bytes, *compressed, flags, now, seed);
+                record::encode_into(&mut buf[at..], &input, &parts, compressed, flags, now, seed);
             let offset = start_block + at as u64;
             if op.kind == RecordKind::Entry {
-                let len = (record::RECORD_HEADER_BYTES + bytes.len()) as u32;
+                let len = (record::RECORD_HEADER_BYTES + stored_len(op, packed)) as u32;
                 let loc = DiskLoc { seg_seq: self.active.header.seq, offset, len, term: op.term };
                 placed.push(Placed { ticket: op.ticket, index: op.index, loc });
             }
             at += n;
         }
+        // Past the last record: zeros, as recovery expects (the buffer holds an older batch).
+        buf[at..len].fill(0);
         let disk = &self.active.place.disk;
-        disk.write_and_sync(start_block, &buf).map_err(|e| {
-            StorageError::io(
+        let written = disk.write_and_sync(start_block, &buf[..len]);
+        let result = match written {
+            Ok(()) => {
+                self.advance(ops, &buf[..len], start_block, end);
+                Ok((placed, rotated))
+            }
+            Err(e) => Err(StorageError::io(
                 "write+sync WAL batch",
                 format!("{} offset {start_block}", self.active.place.name),
                 e,
-            )
-        })?;
-        self.advance(ops, &buf, start_block, end);
-        Ok((placed, rotated))
+            )),
+        };
+        self.batch_buf = Some(buf);
+        result
     }
 
     /// Updates the write position, the tail block and the physical log position after a write.
@@ -186,7 +217,7 @@ impl Writer {
                 RecordKind::Entry => self.next_index = op.index + 1,
                 RecordKind::Truncate => self.next_index = op.index,
                 RecordKind::Purge => {
-                    let node = marker_node(&op.payload);
+                    let node = marker_node(&op.payload.contiguous());
                     if self.purged.is_none_or(|p| p.index < op.index) {
                         self.purged = Some(LogId { term: op.term, node, index: op.index });
                     }
@@ -211,9 +242,37 @@ impl Writer {
     }
 }
 
+/// Payloads larger than this are first tried on a sample of this many bytes.
+const COMPRESS_SAMPLE_BYTES: usize = 64 << 10;
+
+/// An entry payload compressed, if lz4 saves at least an eighth of it. A payload larger than
+/// `COMPRESS_SAMPLE_BYTES` is tried on its first `COMPRESS_SAMPLE_BYTES` first, and stored as is
+/// if those do not compress: block data is often random, encrypted or already compressed, and
+/// compressing a 4 MiB record of it whole costs milliseconds and two record-sized buffers (the
+/// joined payload and lz4's output) for nothing. The payload stays in its shared parts then.
+fn pack(payload: &Payload) -> Option<Vec<u8>> {
+    if payload.len() > COMPRESS_SAMPLE_BYTES {
+        let mut sample = Vec::with_capacity(COMPRESS_SAMPLE_BYTES);
+        for part in payload.parts() {
+            let take = part.len().min(COMPRESS_SAMPLE_BYTES - sample.len());
+            sample.extend_from_slice(&part[..take]);
+            if sample.len() == COMPRESS_SAMPLE_BYTES {
+                break;
+            }
+        }
+        if !record::maybe_compress(&sample).1 {
+            return None;
+        }
+    }
+    match record::maybe_compress(&payload.contiguous()) {
+        (Cow::Owned(packed), true) => Some(packed),
+        _ => None,
+    }
+}
+
 /// The payload of a purge marker: the purged entry's leader node id.
-pub fn marker_payload(node: u64) -> Arc<[u8]> {
-    Arc::from(node.to_le_bytes().as_slice())
+pub fn marker_payload(node: u64) -> Payload {
+    Payload::from(node.to_le_bytes().as_slice())
 }
 
 fn marker_node(payload: &[u8]) -> u64 {
