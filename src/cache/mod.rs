@@ -16,12 +16,15 @@
 //! (`pin_limit_bytes`), and clean blocks are evicted until pinned + clean fit the capacity.
 //! Pure logic: no I/O, no locks, no clock; the device holds it under its lock.
 
+mod frames;
 pub mod policy;
 
 use std::collections::BTreeMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use bytes::Bytes;
+
+use frames::{Frame, Frames};
 
 pub use policy::S3Fifo;
 
@@ -66,14 +69,19 @@ pub type BlockMap<V> = std::collections::HashMap<u64, V, BuildHasherDefault<Bloc
 #[derive(Debug)]
 enum Slot {
     /// A slice of the write's own buffer (shared with the proposal in flight); copied into a
-    /// block of its own when it becomes clean, so clean blocks never keep a larger write alive.
+    /// frame when it becomes clean, so clean blocks never keep a larger write alive.
     Pinned {
         seq: u64,
-        data: Option<Bytes>,
+        /// Boxed: `Bytes` is four words, and the block map's every bucket is as large as its
+        /// largest entry (this keeps a bucket at 32 bytes instead of 56).
+        data: Option<Box<Bytes>>,
     },
-    Clean(Box<[u8]>),
+    Clean(Frame),
     Filling(u64),
 }
+
+// One entry per cached block lives in the block map: keep it three words.
+const _: () = assert!(std::mem::size_of::<Slot>() <= 24);
 
 /// Counters and sizes, for `xdevice status` and the benchmarks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -120,6 +128,8 @@ pub struct HotCache {
     capacity_blocks: usize,
     slots: BlockMap<Slot>,
     policy: S3Fifo,
+    /// Clean blocks' bytes.
+    frames: Frames,
     /// Pinned entries holding data (a pinned discard holds none).
     pinned_data: usize,
     /// Discards not yet confirmed: seq → (first block, blocks).
@@ -137,6 +147,7 @@ impl HotCache {
             capacity_blocks,
             slots: BlockMap::default(),
             policy: S3Fifo::new(capacity_blocks),
+            frames: Frames::new(block_bytes as usize, capacity_blocks),
             pinned_data: 0,
             zeroing: BTreeMap::new(),
             next_token: 1,
@@ -172,7 +183,7 @@ impl HotCache {
     pub fn pin_write(&mut self, seq: u64, lba: u64, data: &Bytes) {
         let bs = self.block_bytes;
         for i in 0..data.len() / bs {
-            self.pin(lba + i as u64, seq, Some(data.slice(i * bs..(i + 1) * bs)));
+            self.pin(lba + i as u64, seq, Some(Box::new(data.slice(i * bs..(i + 1) * bs))));
         }
         self.evict_to_fit();
     }
@@ -204,7 +215,7 @@ impl HotCache {
         }
     }
 
-    fn pin(&mut self, block: u64, seq: u64, data: Option<Bytes>) {
+    fn pin(&mut self, block: u64, seq: u64, data: Option<Box<Bytes>>) {
         let has_data = data.is_some();
         let old = self.slots.insert(block, Slot::Pinned { seq, data });
         self.release(block, old);
@@ -221,8 +232,9 @@ impl HotCache {
     /// Accounts for `old`, the entry block `block` no longer has.
     fn release(&mut self, block: u64, old: Option<Slot>) {
         match old {
-            Some(Slot::Clean(_)) => {
+            Some(Slot::Clean(frame)) => {
                 self.policy.remove(block);
+                self.frames.release(frame);
             }
             Some(Slot::Pinned { data: Some(_), .. }) => self.pinned_data -= 1,
             _ => {}
@@ -243,8 +255,8 @@ impl HotCache {
                     match data.take() {
                         Some(d) => {
                             self.pinned_data -= 1;
-                            self.slots.insert(b, Slot::Clean(Box::from(&d[..])));
-                            self.policy.insert(b);
+                            self.slots.remove(&b);
+                            self.insert_clean(b, &d);
                         }
                         None => {
                             self.slots.remove(&b);
@@ -275,8 +287,8 @@ impl HotCache {
                 self.stats.hits += 1;
                 return Lookup::Hit;
             }
-            Some(Slot::Clean(d)) => {
-                out.copy_from_slice(d);
+            Some(Slot::Clean(frame)) => {
+                out.copy_from_slice(self.frames.get(*frame));
                 self.policy.touch(block);
                 self.stats.hits += 1;
                 return Lookup::Hit;
@@ -310,7 +322,8 @@ impl HotCache {
     pub fn begin_fill(&mut self, block: u64) -> u64 {
         let token = self.next_token;
         self.next_token += 1;
-        self.slots.insert(block, Slot::Filling(token));
+        let old = self.slots.insert(block, Slot::Filling(token));
+        self.release(block, old);
         token
     }
 
@@ -325,8 +338,8 @@ impl HotCache {
             self.slots.remove(&block);
             return;
         }
-        self.slots.insert(block, Slot::Clean(Box::from(data)));
-        self.policy.insert(block);
+        self.slots.remove(&block);
+        self.insert_clean(block, data);
         if readahead {
             self.stats.readahead_blocks += 1;
         }
@@ -340,12 +353,37 @@ impl HotCache {
         }
     }
 
+    /// Makes `block` (which has no entry) a clean block holding `data`, in a free frame or
+    /// the frame of the block evicted for it. With no frame to be had (every clean block's frame
+    /// is in use and nothing is evictable, which the capacity rules out) it is not cached.
+    fn insert_clean(&mut self, block: u64, data: &[u8]) {
+        let frame = match self.frames.take() {
+            Some(frame) => frame,
+            None => {
+                let Some(victim) = self.policy.evict() else { return };
+                self.evicted(victim);
+                let Some(frame) = self.frames.take() else { return };
+                frame
+            }
+        };
+        self.frames.get_mut(frame).copy_from_slice(data);
+        self.slots.insert(block, Slot::Clean(frame));
+        self.policy.insert(block);
+    }
+
+    /// Drops the entry of `victim`, which the policy just evicted.
+    fn evicted(&mut self, victim: u64) {
+        if let Some(Slot::Clean(frame)) = self.slots.remove(&victim) {
+            self.frames.release(frame);
+        }
+        self.stats.evictions += 1;
+    }
+
     /// Evicts clean blocks until pinned and clean blocks fit the capacity.
     fn evict_to_fit(&mut self) {
         while self.pinned_data + self.policy.len() > self.capacity_blocks {
             let Some(victim) = self.policy.evict() else { break };
-            self.slots.remove(&victim);
-            self.stats.evictions += 1;
+            self.evicted(victim);
         }
     }
 }
@@ -406,6 +444,28 @@ mod tests {
         for b in 10..16 {
             assert_eq!(read(&mut c, b), Some(block(1)));
         }
+    }
+
+    #[test]
+    fn unpinning_more_blocks_than_frames_keeps_the_newest_with_their_own_bytes() {
+        let mut c = HotCache::new(4 * BS as u64, BS as u32);
+        let data: Vec<u8> = (1..=6u8).flat_map(block).collect();
+        c.pin_write(1, 10, &Bytes::from(data));
+        c.unpin_write(1, 10, 6);
+        assert_eq!(c.pinned_bytes(), 0);
+        assert_eq!(c.stats().resident_bytes, 4 * BS as u64);
+        let held: Vec<u64> = (10..16).filter(|&b| c.holds(b)).collect();
+        assert_eq!(held, [12, 13, 14, 15], "the oldest two gave their frames up");
+        for b in held {
+            assert_eq!(read(&mut c, b), Some(block((b - 9) as u8)), "block {b}");
+        }
+        assert_eq!(c.frames.carved_bytes(), 4 * BS, "no frame beyond the capacity");
+        // Dropped and refilled blocks reuse frames without mixing bytes.
+        c.pin_write(2, 13, &Bytes::from(block(9)));
+        c.unpin_write(2, 13, 1);
+        assert_eq!(read(&mut c, 13), Some(block(9)));
+        assert_eq!(read(&mut c, 14), Some(block(5)));
+        assert_eq!(c.frames.carved_bytes(), 4 * BS);
     }
 
     #[test]
