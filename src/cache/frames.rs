@@ -13,7 +13,9 @@ pub type Frame = u32;
 #[derive(Debug)]
 pub struct Frames {
     block_bytes: usize,
+    /// Frames per chunk: a power of two, so a frame's place is a shift and a mask.
     per_chunk: usize,
+    chunk_shift: u32,
     /// The most frames ever carved.
     limit: usize,
     carved: usize,
@@ -24,8 +26,18 @@ pub struct Frames {
 impl Frames {
     /// Frames of `block_bytes`, at most `limit` of them.
     pub fn new(block_bytes: usize, limit: usize) -> Frames {
-        let per_chunk = (CHUNK_BYTES / block_bytes).max(1);
-        Frames { block_bytes, per_chunk, limit, carved: 0, chunks: Vec::new(), free: Vec::new() }
+        let fit = (CHUNK_BYTES / block_bytes).max(1);
+        let chunk_shift = fit.ilog2();
+        let per_chunk = 1 << chunk_shift;
+        Frames {
+            block_bytes,
+            per_chunk,
+            chunk_shift,
+            limit,
+            carved: 0,
+            chunks: Vec::new(),
+            free: Vec::new(),
+        }
     }
 
     /// A free frame, carving a new chunk when none is free and the limit allows; None when every
@@ -59,7 +71,7 @@ impl Frames {
 
     fn place(&self, frame: Frame) -> (usize, usize) {
         let f = frame as usize;
-        (f / self.per_chunk, (f % self.per_chunk) * self.block_bytes)
+        (f >> self.chunk_shift, (f & (self.per_chunk - 1)) * self.block_bytes)
     }
 
     /// Bytes of frames carved so far (in use or free).
