@@ -54,6 +54,15 @@ async fn device(cluster: &Arc<Embedded>, mode: CacheMode) -> Arc<Device> {
     Device::start(DeviceConfig::new(BS as u32, blocks, mode), cluster.clone())
 }
 
+/// Three replicas in `dir` with a writeback device on top, and the longest election timeout.
+async fn writeback_cluster(dir: &std::path::Path) -> (Arc<Embedded>, Arc<Device>, Duration) {
+    let opts = options(dir);
+    let election = opts.tuning.election_max;
+    let cluster = Embedded::start(opts).await.unwrap();
+    let dev = device(&cluster, CacheMode::Writeback).await;
+    (cluster, dev, election)
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap()
 }
@@ -123,10 +132,7 @@ fn errors_name_the_problem() {
 fn leader_isolation_fails_over_and_loses_no_flushed_write() {
     runtime().block_on(async {
         let dir = tempfile::tempdir().unwrap();
-        let opts = options(dir.path());
-        let election = opts.tuning.election_max;
-        let cluster = Embedded::start(opts).await.unwrap();
-        let dev = device(&cluster, CacheMode::Writeback).await;
+        let (cluster, dev, election) = writeback_cluster(dir.path()).await;
         let mut version = 0u64;
         let mut failovers = Vec::new();
         for round in 0..5u64 {
@@ -177,10 +183,7 @@ fn leader_isolation_fails_over_and_loses_no_flushed_write() {
 fn an_isolated_follower_rejoins_without_an_election() {
     runtime().block_on(async {
         let dir = tempfile::tempdir().unwrap();
-        let opts = options(dir.path());
-        let election = opts.tuning.election_max;
-        let cluster = Embedded::start(opts).await.unwrap();
-        let dev = device(&cluster, CacheMode::Writeback).await;
+        let (cluster, dev, election) = writeback_cluster(dir.path()).await;
         let leader = cluster.wait_leader(Duration::from_secs(5)).await.unwrap();
         let term = |n: &Node| n.raft.metrics().borrow().current_term;
         let before = term(&leader);
