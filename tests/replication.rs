@@ -241,6 +241,63 @@ fn an_isolated_follower_rejoins_without_an_election() {
     });
 }
 
+/// Large entries and a large `keep_entries` (the default 1000, here 4 GiB of 4 MiB entries):
+/// the log below each snapshot is still bounded to `retained_segments` segments, so the WAL
+/// stays near `snapshot_segments` (7 segments at most here; 13 without the bound, in the same
+/// run), and the data reads back.
+#[test]
+fn the_log_below_a_snapshot_is_bounded_in_segments_not_only_entries() {
+    runtime().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = options(dir.path());
+        opts.tuning.snapshot_segments = 4;
+        opts.tuning.keep_entries = 1000;
+        let bound = opts.tuning.snapshot_segments + opts.tuning.retained_segments() + 1;
+        let cluster = Embedded::start(opts).await.unwrap();
+        let dev = device(&cluster, CacheMode::Writeback).await;
+        let device_blocks = cluster.device_bytes() / BS as u64;
+        let live = |cluster: &Embedded| {
+            cluster.running().iter().map(|n| n.engine.wal().segments().len()).max().unwrap()
+        };
+        // 256 MiB in 1 MiB writes (proposals of up to 4 MiB) over the 16 MiB device: 32 and more
+        // 8 MiB segments written on every replica.
+        let per_write = 256u64;
+        let mut most = 0;
+        let mut want = Expected::new();
+        for i in 0..256u64 {
+            let lba = (i * per_write) % device_blocks;
+            let data: Vec<u8> = (lba..lba + per_write).flat_map(|b| block(b, i)).collect();
+            dev.write(lba * BS as u64, &data, false).await.unwrap();
+            for b in lba..lba + per_write {
+                want.insert(b, i);
+            }
+            if i % 16 == 15 {
+                dev.flush().await.unwrap();
+                most = most.max(live(&cluster));
+            }
+        }
+        dev.flush().await.unwrap();
+        println!("most live segments on a replica while writing 256 MiB: {most} (bound {bound})");
+        assert!(most <= bound + 2, "the WAL grew to {most} segments");
+        // At rest, snapshots and purges catch up with the last writes.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while live(&cluster) > bound {
+            assert!(Instant::now() < deadline, "still {} live segments", live(&cluster));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for node in cluster.running() {
+            let first = node.engine.wal().bounds().first;
+            assert!(first > 0, "node {} purged nothing", node.id);
+        }
+        for lba in (0..device_blocks).step_by(97) {
+            let v = want[&lba];
+            assert_eq!(dev.read(lba * BS as u64, BS as u64).await.unwrap(), block(lba, v));
+        }
+        dev.close();
+        cluster.shutdown().await.unwrap();
+    });
+}
+
 /// What the device should read: lba → version of its last write (absent: zeros).
 type Expected = BTreeMap<u64, u64>;
 
