@@ -13,37 +13,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
-use xdevice::device::local::{Embedded, EmbeddedOptions};
+use xdevice::device::local::Embedded;
 use xdevice::device::{
     BoxFuture, CacheMode, Cluster, Commit, Device, DeviceConfig, DeviceError, ReadOutcome,
 };
 use xdevice::entry::BlockOp;
-use xdevice::replication::node::RaftTuning;
 use xdevice::replication::types::Request;
-use xdevice::storage::disk::Backend;
-use xdevice::storage::engine::{EngineConfig, FormatOptions};
 
 const BS: usize = 4096;
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap()
-}
-
-fn options(dir: &std::path::Path, replicas: u64) -> EmbeddedOptions {
-    EmbeddedOptions {
-        dir: dir.to_path_buf(),
-        replicas,
-        format: FormatOptions {
-            device_name: "xdb0".into(),
-            device_bytes: Some(16 << 20),
-            segment_bytes: 8 << 20,
-            ..FormatOptions::default()
-        },
-        engine: EngineConfig::default(),
-        backend: Backend::File,
-        tuning: RaftTuning { snapshot_segments: 3, keep_entries: 16, ..RaftTuning::default() },
-        log_cache_bytes: xdevice::replication::log_store::DEFAULT_CACHE_BYTES,
-    }
 }
 
 /// Block `lba` as written by `writer` at `version`: every 16 bytes carry all three, so a torn,
@@ -82,7 +62,7 @@ fn small_cache(blocks: u64, cache_bytes: u64, mode: CacheMode) -> DeviceConfig {
 fn reads_see_the_latest_completed_write_under_concurrent_overlapping_io() {
     runtime().block_on(async {
         let dir = tempfile::tempdir().unwrap();
-        let cluster = Embedded::start(options(dir.path(), 3)).await.unwrap();
+        let cluster = Embedded::start(common::embedded_options(dir.path(), 3)).await.unwrap();
         cluster.wait_leader(Duration::from_secs(5)).await.unwrap();
         // 1,024 blocks written, a cache of 64: reads miss and fill while writes overtake them.
         const WRITERS: u64 = 4;
@@ -306,7 +286,7 @@ fn pinned_blocks_survive_eviction_pressure_and_writers_wait_for_room() {
 fn discard_and_write_zeroes_are_visible_in_reads() {
     runtime().block_on(async {
         let dir = tempfile::tempdir().unwrap();
-        let cluster = Embedded::start(options(dir.path(), 3)).await.unwrap();
+        let cluster = Embedded::start(common::embedded_options(dir.path(), 3)).await.unwrap();
         cluster.wait_leader(Duration::from_secs(5)).await.unwrap();
         let dev = Device::start(small_cache(4096, 16 << 20, CacheMode::Writeback), cluster.clone());
         let data: Vec<u8> = (0..64u64).flat_map(|b| stamp(b, 1, 1)).collect();
@@ -359,7 +339,7 @@ async fn all_applied(cluster: &Embedded) {
 fn a_flipped_byte_is_detected_and_repaired_from_a_peer() {
     runtime().block_on(async {
         let dir = tempfile::tempdir().unwrap();
-        let cluster = Embedded::start(options(dir.path(), 3)).await.unwrap();
+        let cluster = Embedded::start(common::embedded_options(dir.path(), 3)).await.unwrap();
         let leader = cluster.wait_leader(Duration::from_secs(5)).await.unwrap();
         let cfg = small_cache(4096, 16 << 20, CacheMode::Writethrough);
         let dev = Device::start(cfg.clone(), cluster.clone());
@@ -403,7 +383,7 @@ fn a_flipped_byte_is_detected_and_repaired_from_a_peer() {
 fn a_single_replica_fails_a_damaged_read_with_eio() {
     runtime().block_on(async {
         let dir = tempfile::tempdir().unwrap();
-        let cluster = Embedded::start(options(dir.path(), 1)).await.unwrap();
+        let cluster = Embedded::start(common::embedded_options(dir.path(), 1)).await.unwrap();
         cluster.wait_leader(Duration::from_secs(5)).await.unwrap();
         let cfg = small_cache(4096, 16 << 20, CacheMode::Writethrough);
         let dev = Device::start(cfg.clone(), cluster.clone());
@@ -424,7 +404,7 @@ fn a_single_replica_fails_a_damaged_read_with_eio() {
 fn a_sequential_reader_is_served_by_read_ahead() {
     runtime().block_on(async {
         let dir = tempfile::tempdir().unwrap();
-        let cluster = Embedded::start(options(dir.path(), 3)).await.unwrap();
+        let cluster = Embedded::start(common::embedded_options(dir.path(), 3)).await.unwrap();
         cluster.wait_leader(Duration::from_secs(5)).await.unwrap();
         let cfg = DeviceConfig {
             cache_bytes: 16 << 20,
@@ -461,7 +441,7 @@ fn a_sequential_reader_is_served_by_read_ahead() {
 fn reads_right_after_a_restart_see_every_write_completed_before_it() {
     runtime().block_on(async {
         let dir = tempfile::tempdir().unwrap();
-        let cluster = Embedded::start(options(dir.path(), 3)).await.unwrap();
+        let cluster = Embedded::start(common::embedded_options(dir.path(), 3)).await.unwrap();
         cluster.wait_leader(Duration::from_secs(5)).await.unwrap();
         let cfg = small_cache(4096, 16 << 20, CacheMode::Writethrough);
         let dev = Device::start(cfg.clone(), cluster.clone());
@@ -473,7 +453,7 @@ fn reads_right_after_a_restart_see_every_write_completed_before_it() {
         drop(cluster);
         // The committed index is persisted only by checkpoints: after the restart the images
         // hold none of these writes until a leader re-applies them. The first read must wait.
-        let cluster = Embedded::start(options(dir.path(), 3)).await.unwrap();
+        let cluster = Embedded::start(common::embedded_options(dir.path(), 3)).await.unwrap();
         cluster.wait_leader(Duration::from_secs(5)).await.unwrap();
         let dev = Device::start(cfg, cluster.clone());
         assert!(dev.read(0, data.len() as u64).await.unwrap() == data, "stale read after restart");

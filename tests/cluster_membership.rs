@@ -6,16 +6,20 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use common::node::{free_addr, xdevice_bin, NodeProc};
 
 use xdevice::device::remote::RemoteCluster;
 use xdevice::device::{CacheMode, Device, DeviceConfig};
 use xdevice::entry::BlockOp;
-use xdevice::replication::tcp::{Admin, AdminReply, NodeClient, NodeStatus};
+use xdevice::replication::tcp::{Admin, AdminReply, NodeStatus};
 use xdevice::replication::types::Request;
 use xdevice::storage::disk::{Backend, DirVolume, Volume};
 use xdevice::storage::engine::{Engine, EngineConfig};
@@ -23,86 +27,19 @@ use xdevice::storage::layout::Location;
 
 const BS: usize = 4096;
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_xdevice")
+/// Node `id` formatted for `cluster` (a `size` device) on 127.0.0.1, with extra node flags.
+fn node(base: &Path, id: u64, cluster: &uuid::Uuid, size: &str, args: &[&str]) -> NodeProc {
+    NodeProc::format(base, id, cluster, size, free_addr("127.0.0.1"), args)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// One `xdevice node` process; its output goes to `node.log` in its directory.
-struct Proc {
-    id: u64,
-    dir: PathBuf,
-    addr: SocketAddr,
-    args: Vec<String>,
-    child: Option<Child>,
-}
-
-impl Proc {
-    fn new(base: &Path, id: u64, cluster: &uuid::Uuid, size: &str, args: &[&str]) -> Proc {
-        let dir = base.join(format!("n{id}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let out = Command::new(bin())
-            .args(["format", "--size", size, "--segment-size", "8M", "--cluster-id"])
-            .arg(cluster.to_string())
-            .arg("--dir")
-            .arg(&dir)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "format: {}", String::from_utf8_lossy(&out.stderr));
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let args = args.iter().map(|s| s.to_string()).collect();
-        Proc { id, dir, addr, args, child: None }
-    }
-
-    fn start(&mut self) {
-        let log = std::fs::File::create(self.dir.join("node.log")).unwrap();
-        let child = Command::new(bin())
-            .args(["node", "--id", &self.id.to_string(), "--listen", &self.addr.to_string()])
-            .arg("--dir")
-            .arg(&self.dir)
-            .args(&self.args)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-    }
-
-    /// SIGTERM, then waits for the clean stop.
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
-            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-            let status = c.wait().unwrap();
-            assert!(status.success(), "node {} stopped with {status}", self.id);
-        }
-    }
-
-    fn client(&self, cluster: uuid::Uuid) -> NodeClient {
-        NodeClient::new(self.addr, None, cluster)
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-async fn status(p: &Proc, cluster: uuid::Uuid) -> NodeStatus {
+async fn status(p: &NodeProc, cluster: uuid::Uuid) -> NodeStatus {
     match p.client(cluster).admin(Admin::Status, Duration::from_secs(5)).await.unwrap() {
         AdminReply::Status(s) => *s,
         other => panic!("status of node {}: {other:?}", p.id),
     }
 }
 
-async fn leader_status(procs: &[Proc], cluster: uuid::Uuid) -> NodeStatus {
+async fn leader_status(procs: &[NodeProc], cluster: uuid::Uuid) -> NodeStatus {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         for p in procs.iter().filter(|p| p.child.is_some()) {
@@ -127,9 +64,8 @@ async fn cluster_of(
     n: u64,
     size: &str,
     args: &[&str],
-) -> Vec<Proc> {
-    let mut procs: Vec<Proc> =
-        (1..=n).map(|id| Proc::new(base, id, &cluster, size, args)).collect();
+) -> Vec<NodeProc> {
+    let mut procs: Vec<NodeProc> = (1..=n).map(|id| node(base, id, &cluster, size, args)).collect();
     for p in &mut procs {
         p.start();
     }
@@ -153,7 +89,7 @@ async fn cluster_of(
 
 /// Runs `xdevice cluster --node NODE --cluster-id ID ARGS…` to completion.
 async fn cli(node: SocketAddr, cluster: uuid::Uuid, args: &[String]) -> Output {
-    let mut cmd = Command::new(bin());
+    let mut cmd = Command::new(xdevice_bin());
     cmd.args(["cluster", "--node", &node.to_string(), "--cluster-id", &cluster.to_string()]);
     cmd.args(args);
     tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap()
@@ -182,7 +118,11 @@ fn blocks_data(lba: u64, blocks: usize, version: u64) -> Vec<u8> {
 }
 
 /// Waits until `p` (perhaps just started) has applied everything the leader has.
-async fn wait_caught_up(procs: &[Proc], p: &Proc, cluster: uuid::Uuid) -> (NodeStatus, NodeStatus) {
+async fn wait_caught_up(
+    procs: &[NodeProc],
+    p: &NodeProc,
+    cluster: uuid::Uuid,
+) -> (NodeStatus, NodeStatus) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let leader = leader_status(procs, cluster).await;
@@ -265,7 +205,7 @@ fn fourth_node_catches_up_by_snapshot_with_progress() {
         // Node 4 checkpoints whenever it has applied more (one live segment is enough), so its
         // store, once stopped, holds everything it applied with checksums to match: blocks
         // applied after a checkpoint are only made whole again by Raft replaying the log.
-        let mut fourth = Proc::new(
+        let mut fourth = node(
             base.path(),
             4,
             &cluster,

@@ -12,11 +12,14 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
+
+use common::node::{free_addr, NodeProc};
 
 use xdevice::device::remote::RemoteCluster;
 use xdevice::device::{CacheMode, Device, DeviceConfig};
@@ -24,14 +27,6 @@ use xdevice::replication::tcp::{Admin, AdminReply, NodeClient, NodeStatus};
 
 const BS: usize = 4096;
 const BLOCKS: u64 = 256;
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_xdevice")
-}
-
-fn free_addr(ip: &str) -> SocketAddr {
-    std::net::TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap()
-}
 
 fn run(cmd: &str, args: &[&str]) -> Result<(), String> {
     let out = Command::new(cmd).args(args).output().map_err(|e| format!("{cmd}: {e}"))?;
@@ -73,63 +68,6 @@ fn partition(ip: std::net::IpAddr, cut: bool) {
     for dir in ["-s", "-d"] {
         run("iptables", &["-w", op, "INPUT", dir, &ip, "-j", "DROP"]).unwrap();
     }
-}
-
-struct Proc {
-    id: u64,
-    dir: PathBuf,
-    addr: SocketAddr,
-    child: Option<Child>,
-}
-
-impl Proc {
-    fn start(&mut self) {
-        let child = Command::new(bin())
-            .args(["node", "--id", &self.id.to_string(), "--listen", &self.addr.to_string()])
-            .arg("--dir")
-            .arg(&self.dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-    }
-    fn signal(&self, sig: nix::sys::signal::Signal) {
-        if let Some(c) = &self.child {
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), sig).unwrap();
-        }
-    }
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.signal(nix::sys::signal::Signal::SIGCONT);
-        self.kill();
-    }
-}
-
-fn format(dir: &Path, cluster: &uuid::Uuid) {
-    let out = Command::new(bin())
-        .args([
-            "format",
-            "--size",
-            "1M",
-            "--segment-size",
-            "8M",
-            "--cluster-id",
-            &cluster.to_string(),
-        ])
-        .arg("--dir")
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "format: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 fn block(lba: u64, version: u64) -> Vec<u8> {
@@ -190,7 +128,7 @@ impl Checker {
     }
 }
 
-async fn statuses(procs: &[Proc], cluster: uuid::Uuid) -> Vec<NodeStatus> {
+async fn statuses(procs: &[NodeProc], cluster: uuid::Uuid) -> Vec<NodeStatus> {
     let mut out = Vec::new();
     for p in procs.iter().filter(|p| p.child.is_some()) {
         let c = NodeClient::new(p.addr, None, cluster);
@@ -204,7 +142,7 @@ async fn statuses(procs: &[Proc], cluster: uuid::Uuid) -> Vec<NodeStatus> {
 
 /// Waits until one node leads and every node has applied everything it has, so that each fault
 /// hits a healthy cluster (and every node is seen to rejoin after its fault). The leader's id.
-async fn healthy(procs: &[Proc], cluster: uuid::Uuid, cycle: u64) -> u64 {
+async fn healthy(procs: &[NodeProc], cluster: uuid::Uuid, cycle: u64) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let all = statuses(procs, cluster).await;
@@ -262,13 +200,10 @@ fn faults_under_load_lose_no_flushed_write() {
     rt.block_on(async {
         let base = tempfile::tempdir().unwrap();
         let cluster = uuid::Uuid::new_v4();
-        let mut procs: Vec<Proc> = (1..=3)
+        let mut procs: Vec<NodeProc> = (1..=3)
             .map(|id| {
-                let dir = base.path().join(format!("n{id}"));
-                std::fs::create_dir_all(&dir).unwrap();
-                format(&dir, &cluster);
                 let addr = free_addr(&format!("127.0.0.{}", 10 + id));
-                Proc { id, dir, addr, child: None }
+                NodeProc::format(base.path(), id, &cluster, "1M", addr, &[])
             })
             .collect();
         for p in &mut procs {

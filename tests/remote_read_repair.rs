@@ -10,16 +10,17 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
+
+use common::node::{free_addr, NodeProc};
 
 use xdevice::device::remote::RemoteCluster;
 use xdevice::device::{CacheMode, Device, DeviceConfig, DeviceError};
 use xdevice::net::{ClientOptions, RpcClient};
 use xdevice::replication::tcp::{
-    Admin, AdminReply, BadBlockReport, LocalRead, NodeClient, NodeStatus, Repair, KIND_READ,
-    KIND_READ_LOCAL, KIND_REPAIR,
+    Admin, AdminReply, BadBlockReport, LocalRead, NodeStatus, Repair, KIND_READ, KIND_READ_LOCAL,
+    KIND_REPAIR,
 };
 use xdevice::storage::image::block_checksum;
 
@@ -27,68 +28,20 @@ const BS: usize = 4096;
 const DEVICE: u64 = 16 << 20;
 const BLOCKS: u64 = 32;
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_xdevice")
+/// Node `id` of the three, formatted for `cluster` and started on 127.0.0.(20 + id).
+fn node(base: &Path, id: u64, cluster: &uuid::Uuid) -> NodeProc {
+    let addr = free_addr(&format!("127.0.0.{}", 20 + id));
+    let mut p = NodeProc::format(base, id, cluster, "16M", addr, &[]);
+    p.start();
+    p
 }
 
-/// One `xdevice node` process; its log goes to `node.log` in its directory.
-struct Proc {
-    id: u64,
-    dir: PathBuf,
-    addr: SocketAddr,
-    child: Option<Child>,
+/// Flips one byte of block `lba` in node `p`'s image file.
+fn flip_byte(p: &NodeProc, lba: u64) {
+    common::flip_image_byte(&p.dir, DEVICE, BS as u32, lba);
 }
 
-impl Proc {
-    fn new(base: &Path, id: u64, cluster: &uuid::Uuid) -> Proc {
-        let dir = base.join(format!("n{id}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let out = Command::new(bin())
-            .args(["format", "--size", "16M", "--segment-size", "8M", "--cluster-id"])
-            .arg(cluster.to_string())
-            .arg("--dir")
-            .arg(&dir)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "format: {}", String::from_utf8_lossy(&out.stderr));
-        let ip = format!("127.0.0.{}", 20 + id);
-        let addr = std::net::TcpListener::bind((ip.as_str(), 0)).unwrap().local_addr().unwrap();
-        let log = std::fs::File::create(dir.join("node.log")).unwrap();
-        let child = Command::new(bin())
-            .args(["node", "--id", &id.to_string(), "--listen", &addr.to_string()])
-            .arg("--dir")
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        Proc { id, dir, addr, child: Some(child) }
-    }
-
-    fn client(&self, cluster: uuid::Uuid) -> NodeClient {
-        NodeClient::new(self.addr, None, cluster)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("node.log")).unwrap()
-    }
-
-    /// Flips one byte of block `lba` in this node's image file.
-    fn flip_byte(&self, lba: u64) {
-        common::flip_image_byte(&self.dir, DEVICE, BS as u32, lba);
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-async fn statuses(procs: &[Proc], cluster: uuid::Uuid) -> Vec<NodeStatus> {
+async fn statuses(procs: &[NodeProc], cluster: uuid::Uuid) -> Vec<NodeStatus> {
     let mut out = Vec::new();
     for p in procs {
         if let Ok(AdminReply::Status(s)) =
@@ -101,7 +54,7 @@ async fn statuses(procs: &[Proc], cluster: uuid::Uuid) -> Vec<NodeStatus> {
 }
 
 /// Waits until one node leads and every node has applied as far as it; the leader's status.
-async fn converged(procs: &[Proc], cluster: uuid::Uuid) -> NodeStatus {
+async fn converged(procs: &[NodeProc], cluster: uuid::Uuid) -> NodeStatus {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let all = statuses(procs, cluster).await;
@@ -149,7 +102,7 @@ fn a_damaged_block_on_the_leader_is_read_from_a_follower_and_repaired() {
     rt.block_on(async {
         let base = tempfile::tempdir().unwrap();
         let cluster = uuid::Uuid::new_v4();
-        let procs: Vec<Proc> = (1..=3).map(|id| Proc::new(base.path(), id, &cluster)).collect();
+        let procs: Vec<NodeProc> = (1..=3).map(|id| node(base.path(), id, &cluster)).collect();
         let members: Vec<(u64, String)> =
             procs.iter().map(|p| (p.id, p.addr.to_string())).collect();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -176,7 +129,7 @@ fn a_damaged_block_on_the_leader_is_read_from_a_follower_and_repaired() {
 
         // The leader's copy of block 5 is damaged. Its own image lists the block instead of
         // answering its bytes.
-        leader.flip_byte(5);
+        flip_byte(leader, 5);
         let r = lc.read_local(LocalRead { lba: 4, blocks: 2, applied_at_least: 0 }, t).await;
         let r = r.unwrap();
         assert!(r.applied >= applied);
@@ -226,7 +179,7 @@ fn a_damaged_block_on_the_leader_is_read_from_a_follower_and_repaired() {
 
         // Damaged on every node: the read fails, naming the block; nothing is made up.
         for p in &procs {
-            p.flip_byte(9);
+            flip_byte(p, 9);
         }
         let dev = device(&addrs, cluster);
         let err = dev.read(8 * BS as u64, 2 * BS as u64).await.unwrap_err();

@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,7 +13,7 @@ use xdevice::device::local::{Embedded, EmbeddedOptions};
 use xdevice::device::{CacheMode, Device, DeviceConfig, DeviceError};
 use xdevice::entry::{BlockOp, EntryBody};
 use xdevice::replication::log_store::DEFAULT_CACHE_BYTES;
-use xdevice::replication::node::{Node, RaftTuning};
+use xdevice::replication::node::Node;
 use xdevice::replication::snapshot::{self, LiveStream, Shape, SnapshotData, SnapshotFiles};
 use xdevice::replication::types::{from_store_log_id, SnapshotMeta};
 use xdevice::replication::{open_replica, Replica};
@@ -24,20 +26,7 @@ use xdevice::storage::wal::{CommitMode, WalConfig};
 const BS: usize = 4096;
 
 fn options(dir: &std::path::Path) -> EmbeddedOptions {
-    EmbeddedOptions {
-        dir: dir.to_path_buf(),
-        replicas: 3,
-        format: FormatOptions {
-            device_name: "xdb0".into(),
-            device_bytes: Some(16 << 20),
-            segment_bytes: 8 << 20,
-            ..FormatOptions::default()
-        },
-        engine: EngineConfig::default(),
-        backend: Backend::File,
-        tuning: RaftTuning { snapshot_segments: 3, keep_entries: 16, ..RaftTuning::default() },
-        log_cache_bytes: xdevice::replication::log_store::DEFAULT_CACHE_BYTES,
-    }
+    common::embedded_options(dir, 3)
 }
 
 fn block(lba: u64, version: u64) -> Vec<u8> {

@@ -2,6 +2,8 @@
 //! damaging a real store's image file.
 #![allow(dead_code)]
 
+pub mod node;
+
 use std::sync::Arc;
 
 use xdevice::entry::{BlockOp, EntryBody, EntryPayload};
@@ -93,4 +95,30 @@ pub fn flip_image_byte(store: &std::path::Path, device_bytes: u64, block_bytes: 
     f.seek(SeekFrom::Start(at)).expect("seek");
     f.write_all(&byte).expect("write");
     f.sync_all().expect("sync");
+}
+
+/// An embedded cluster of `replicas` in `dir`: a 16 MiB device on files, 8 MiB segments, a
+/// snapshot every 3 segments keeping 16 entries, default Raft timing.
+pub fn embedded_options(
+    dir: &std::path::Path,
+    replicas: u64,
+) -> xdevice::device::local::EmbeddedOptions {
+    xdevice::device::local::EmbeddedOptions {
+        dir: dir.to_path_buf(),
+        replicas,
+        format: FormatOptions {
+            device_name: "xdb0".into(),
+            device_bytes: Some(16 << 20),
+            segment_bytes: 8 << 20,
+            ..FormatOptions::default()
+        },
+        engine: EngineConfig::default(),
+        backend: xdevice::storage::disk::Backend::File,
+        tuning: xdevice::replication::node::RaftTuning {
+            snapshot_segments: 3,
+            keep_entries: 16,
+            ..Default::default()
+        },
+        log_cache_bytes: xdevice::replication::log_store::DEFAULT_CACHE_BYTES,
+    }
 }
