@@ -281,36 +281,23 @@ impl HotCache {
     /// Answers block `block` into `out` (one block) if it is held, else says how to fill it.
     pub fn lookup(&mut self, block: u64, out: &mut [u8]) -> Lookup {
         match self.slots.get(&block) {
-            Some(Slot::Pinned { data: Some(d), .. }) => {
-                out.copy_from_slice(d);
-                self.policy.touch(block);
-                self.stats.hits += 1;
-                return Lookup::Hit;
-            }
-            Some(Slot::Clean(frame)) => {
-                out.copy_from_slice(self.frames.get(*frame));
-                self.policy.touch(block);
-                self.stats.hits += 1;
-                return Lookup::Hit;
-            }
-            Some(Slot::Pinned { data: None, .. }) => {
-                out.fill(0);
-                self.stats.hits += 1;
-                return Lookup::Hit;
-            }
+            Some(Slot::Pinned { data: Some(d), .. }) => out.copy_from_slice(d),
+            Some(Slot::Clean(frame)) => out.copy_from_slice(self.frames.get(*frame)),
+            Some(Slot::Pinned { data: None, .. }) => out.fill(0),
+            None if self.zeroing(block) => out.fill(0),
             Some(Slot::Filling(_)) => {
                 self.stats.misses += 1;
                 return Lookup::Miss;
             }
-            None => {}
+            None => {
+                self.stats.misses += 1;
+                return Lookup::Fill(self.begin_fill(block));
+            }
         }
-        if self.zeroing(block) {
-            out.fill(0);
-            self.stats.hits += 1;
-            return Lookup::Hit;
-        }
-        self.stats.misses += 1;
-        Lookup::Fill(self.begin_fill(block))
+        // A hit; only clean blocks are tracked by the policy (touching others does nothing).
+        self.policy.touch(block);
+        self.stats.hits += 1;
+        Lookup::Hit
     }
 
     /// Whether block `block` is held or being filled (read-ahead skips those).

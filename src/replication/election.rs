@@ -140,8 +140,9 @@ impl ElectionGate {
         st.last_contact.map(|t| now.saturating_duration_since(t))
     }
 
-    fn heard_recently(&self, now: Instant) -> bool {
-        self.silence(now).is_some_and(|s| s < self.inner.quiet)
+    /// The silence, if a leader was heard from less than `quiet` ago.
+    fn heard_recently(&self, now: Instant) -> Option<Duration> {
+        self.silence(now).filter(|s| *s < self.inner.quiet)
     }
 
     /// Answers another voter's pre-vote.
@@ -150,7 +151,7 @@ impl ElectionGate {
             return PreVoteReply::IAmLeader;
         }
         let now = Instant::now();
-        if let Some(s) = self.silence(now).filter(|s| *s < self.inner.quiet) {
+        if let Some(s) = self.heard_recently(now) {
             return PreVoteReply::HeardLeader { ms_ago: s.as_millis() as u64 };
         }
         let mine = self.inner.log.last_log_id();
@@ -210,7 +211,7 @@ impl ElectionGate {
         if configs.iter().all(|c| c.len() == 1) {
             return Some((true, "the only voter".into()));
         }
-        if self.heard_recently(Instant::now()) {
+        if self.heard_recently(Instant::now()).is_some() {
             return Some((false, "hearing from the leader".into()));
         }
         let voters: BTreeSet<NodeId> = configs.iter().flatten().copied().collect();
