@@ -4,9 +4,17 @@
 CARGO     ?= cargo
 TEST_ARGS ?=
 
-.PHONY: build run check test test-long bench e2e guest-smoke fmt clean
+.PHONY: build run check test test-long bench e2e guest-smoke fmt clean deps-build deps-test
 
-build:
+# The Debian packages each target needs (scripts/deps: installs what is missing, as root, and
+# says so; with nothing missing it is silent).
+deps-build:
+	scripts/deps build
+
+deps-test:
+	scripts/deps test
+
+build: deps-build
 	$(CARGO) build --release
 
 # The README's first command: serve the embedded default as /dev/ublkbN, put ext4 on it, show
@@ -16,7 +24,7 @@ run: build
 	XDEVICE_BIN=$(CURDIR)/target/release/xdevice ublk/guest/test-e2e ublk/guest/demo
 
 # --locked: fail, rather than rewrite Cargo.lock, if it is out of date.
-check:
+check: deps-test
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
 	$(MAKE) test
