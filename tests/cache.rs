@@ -184,7 +184,7 @@ impl Cluster for GatedCluster {
                     }
                     released.await;
                 }
-                let Request::Blocks(ops) = req else { return Err("not blocks".into()) };
+                let Request::Blocks(ops, _) = req else { return Err("not blocks".into()) };
                 let mut image = self.image.lock().unwrap();
                 for op in ops {
                     match op {
@@ -322,12 +322,13 @@ fn flip_byte(dir: &std::path::Path, id: u64, lba: u64) {
     common::flip_image_byte(&dir.join(format!("replica-{id}")), 16 << 20, BS as u32, lba);
 }
 
-/// Waits until every running replica has applied as far as the leader.
+/// Waits until every running replica has applied the leader's whole log (a write completes
+/// at commit, before it is applied).
 async fn all_applied(cluster: &Embedded) {
     use xdevice::replication::node::applied_index;
     for _ in 0..500 {
-        let leader = cluster.leader().map_or(0, |l| applied_index(&l.raft));
-        if cluster.running().iter().all(|n| applied_index(&n.raft) == leader) {
+        let last = cluster.leader().and_then(|l| l.raft.metrics().borrow().last_log_index);
+        if cluster.running().iter().all(|n| Some(applied_index(&n.raft)) == last) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -389,6 +390,7 @@ fn a_single_replica_fails_a_damaged_read_with_eio() {
         let dev = Device::start(cfg.clone(), cluster.clone());
         dev.write(0, &stamp(0, 1, 1), false).await.unwrap();
         dev.close();
+        all_applied(&cluster).await;
         flip_byte(dir.path(), 1, 0);
         let dev = Device::start(cfg, cluster.clone());
         let err = dev.read(0, BS as u64).await.unwrap_err();
@@ -457,6 +459,141 @@ fn reads_right_after_a_restart_see_every_write_completed_before_it() {
         cluster.wait_leader(Duration::from_secs(5)).await.unwrap();
         let dev = Device::start(cfg, cluster.clone());
         assert!(dev.read(0, data.len() as u64).await.unwrap() == data, "stale read after restart");
+        dev.close();
+        cluster.shutdown().await.unwrap();
+    });
+}
+
+/// What the ublk queue thread answers itself (`Target::answer_now`): a read whose every block the
+/// cache holds, and a flush with nothing outstanding, answered on the calling thread with no
+/// runtime at hand; anything that needs waiting is declined, leaving nothing changed.
+#[test]
+fn cache_hits_and_an_empty_flush_are_answered_on_the_calling_thread() {
+    let rt = runtime();
+    let cluster = Arc::new(GatedCluster::default());
+    for b in 100..104u64 {
+        cluster.image.lock().unwrap().insert(b, stamp(b, 9, 1));
+    }
+    let dev = rt.block_on(async {
+        let cfg = small_cache(4096, 1 << 20, CacheMode::Writeback);
+        Device::start(cfg, cluster.clone())
+    });
+    // Nothing written yet: a flush is free, on this plain thread.
+    assert!(dev.try_flush_now());
+    // A write the cluster has not committed: flushes must wait, the write's blocks are pinned.
+    let writer = {
+        let dev = dev.clone();
+        rt.spawn(async move { dev.write(0, &stamp(0, 1, 1), true).await })
+    };
+    let mut buf = vec![0u8; BS];
+    for _ in 0..1000 {
+        if dev.pipeline().unconfirmed_batches == 1 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(!dev.try_flush_now(), "a flush answered with a write outstanding");
+    assert!(dev.try_read_cached(0, &mut buf).unwrap(), "a pinned block is a hit");
+    assert_eq!(buf, stamp(0, 1, 1));
+    // Blocks never read are declined, and declining reserves nothing: the read that follows
+    // goes to the replica and fills the cache.
+    let mut two = vec![0u8; 2 * BS];
+    assert!(!dev.try_read_cached(100 * BS as u64, &mut two).unwrap());
+    let misses = dev.cache_stats().misses;
+    assert_eq!(rt.block_on(dev.read(100 * BS as u64, 2 * BS as u64)).unwrap(), {
+        let mut w = stamp(100, 9, 1);
+        w.extend(stamp(101, 9, 1));
+        w
+    });
+    assert!(dev.cache_stats().misses > misses);
+    assert!(dev.try_read_cached(100 * BS as u64, &mut two).unwrap(), "filled by the read");
+    assert_eq!(&two[BS..], stamp(101, 9, 1).as_slice());
+    // A range the device does not have is an error, not a decline.
+    let end = 4096 * BS as u64;
+    assert!(matches!(dev.try_read_cached(end, &mut buf), Err(DeviceError::OutOfRange { .. })));
+    // Once the write commits, flushes are free again.
+    cluster.release();
+    rt.block_on(writer).unwrap().unwrap();
+    assert!(dev.try_flush_now());
+    let reads = dev.stats().reads;
+    assert!(reads >= 3, "answered reads are counted: {reads}");
+    dev.close();
+}
+
+/// Reads that miss the cache go to a replica's image on a fixed pool of reader threads: however
+/// many are waiting, the process does not grow a thread per read (tokio's blocking pool grew to
+/// about 185 threads at queue depth 32).
+#[test]
+fn reads_that_miss_the_cache_run_on_a_fixed_number_of_threads() {
+    const WORKERS: usize = 2;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(WORKERS)
+        .thread_name("miss-bound")
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = Embedded::start(common::embedded_options(dir.path(), 1)).await.unwrap();
+        cluster.wait_leader(Duration::from_secs(5)).await.unwrap();
+        const BLOCKS: u64 = 4096; // 16 MiB written, read back through a 256 KiB cache
+        let cfg = DeviceConfig {
+            readahead_bytes: 0,
+            ..small_cache(BLOCKS, 256 << 10, CacheMode::Writethrough)
+        };
+        let dev = Device::start(cfg.clone(), cluster.clone());
+        for chunk in 0..BLOCKS / 64 {
+            let data: Vec<u8> =
+                (chunk * 64..(chunk + 1) * 64).flat_map(|b| stamp(b, 1, 1)).collect();
+            dev.write(chunk * 64 * BS as u64, &data, false).await.unwrap();
+        }
+        dev.close();
+        let dev = Device::start(cfg, cluster.clone());
+
+        let count = || {
+            std::fs::read_dir("/proc/self/task")
+                .unwrap()
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .filter(|name| name.starts_with("miss-bound"))
+                .count()
+        };
+        let peak = Arc::new(AtomicU64::new(count() as u64));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sampler = {
+            let (peak, stop) = (peak.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    peak.fetch_max(count() as u64, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            })
+        };
+        let mut tasks = Vec::new();
+        for t in 0..256u64 {
+            let dev = dev.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut rng = rand::rngs::SmallRng::seed_from_u64(t);
+                for _ in 0..8 {
+                    let b = rng.gen_range(0..BLOCKS);
+                    let got = dev.read(b * BS as u64, BS as u64).await.unwrap();
+                    assert_eq!(unstamp(b, &got), Some((1, 1)), "block {b}");
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        stop.store(true, Ordering::SeqCst);
+        sampler.join().unwrap();
+        let stats = dev.cache_stats();
+        assert!(stats.misses > 1000, "the reads must miss the cache: {stats:?}");
+        // The runtime's threads (named after it, blocking ones included): its workers and a few
+        // blocking threads for the replica's own log and apply work. The reader pool's threads
+        // are a fixed number by construction (`device::readers`), so they are not counted here:
+        // other tests in this binary run reader pools of their own at the same time.
+        let bound = (WORKERS + 4) as u64;
+        let peak = peak.load(Ordering::SeqCst);
+        assert!(peak <= bound, "{peak} threads for 256 concurrent missing reads (bound {bound})");
         dev.close();
         cluster.shutdown().await.unwrap();
     });

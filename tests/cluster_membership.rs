@@ -474,16 +474,24 @@ fn oversized_proposal_is_refused_not_fatal() {
         let at = procs.iter().find(|p| p.id == leader.id).unwrap();
         let client = at.client(cluster);
         let t = Duration::from_secs(10);
-        let huge = Request::Blocks(vec![BlockOp::Write { lba: 0, data: vec![7; 5 << 20].into() }]);
+        let huge = Request::blocks(vec![BlockOp::Write { lba: 0, data: vec![7; 5 << 20].into() }]);
         let e = client.write(&huge, t).await.unwrap_err();
         assert!(e.contains("exceeds") && e.contains("entry limit"), "{e}");
         // The largest proposal the device makes (4 MiB of data in 1024 writes) goes through.
         let ops =
             (0..1024u64).map(|lba| BlockOp::Write { lba, data: blocks_data(lba, 1, 1).into() });
-        let index = client.write(&Request::Blocks(ops.collect()), t).await.unwrap();
-        let after = leader_status(&procs, cluster).await;
+        let index = client.write(&Request::blocks(ops.collect()), t).await.unwrap();
+        // A write is answered at commit; the leader applies it right after.
+        let mut after = leader_status(&procs, cluster).await;
+        for _ in 0..100 {
+            if after.last_applied >= Some(index) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            after = leader_status(&procs, cluster).await;
+        }
         assert_eq!((after.id, after.term), (leader.id, leader.term));
-        assert!(after.last_applied >= Some(index));
+        assert!(after.last_applied >= Some(index), "{index} not applied: {after:?}");
         for p in &mut procs {
             p.stop();
         }

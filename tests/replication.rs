@@ -76,7 +76,7 @@ fn writes_flush_and_read_back_on_every_replica() {
         assert!(got.iter().all(|&b| b == 0), "discarded blocks read as zeros");
         // Every replica applies the same image.
         cluster.wait_leader(Duration::from_secs(5)).await.unwrap();
-        let commit = leader_applied(&cluster);
+        let commit = leader_log_end(&cluster);
         for node in cluster.running() {
             wait_applied(&node, commit, Duration::from_secs(5)).await;
             let mut img = vec![0u8; 64 * BS];
@@ -135,7 +135,7 @@ fn leader_isolation_fails_over_and_loses_no_flushed_write() {
             // Failover is measured from a healthy cluster: the node cut off in the last round
             // has caught up. (A leader lost while a replica is still stale is a double fault;
             // the stale replica's failed campaigns make that election slower.)
-            let index = leader_applied(&cluster);
+            let index = leader_log_end(&cluster);
             for node in cluster.running() {
                 wait_applied(&node, index, Duration::from_secs(5)).await;
             }
@@ -197,7 +197,7 @@ fn an_isolated_follower_rejoins_without_an_election() {
         );
 
         cluster.router.isolate(follower.id, false);
-        wait_applied(&follower, leader_applied(&cluster), Duration::from_secs(5)).await;
+        wait_applied(&follower, leader_log_end(&cluster), Duration::from_secs(5)).await;
         // Some more election timeouts with it back: nobody campaigns.
         let healed = Instant::now();
         while healed.elapsed() < election * 4 {
@@ -308,11 +308,12 @@ async fn wait_applied(node: &Node, index: u64, within: Duration) {
     }
 }
 
-/// The leader's applied index, once a write through the device has committed.
-fn leader_applied(cluster: &Embedded) -> u64 {
+/// The leader's last log index: every write the device completed (at commit, which comes
+/// before apply) is at or below it, and so is everything the replicas must apply to match.
+fn leader_log_end(cluster: &Embedded) -> u64 {
     let leader = cluster.leader().expect("a leader");
-    let applied = leader.raft.metrics().borrow().last_applied;
-    applied.expect("leader applied something").index
+    let last = leader.raft.metrics().borrow().last_log_index;
+    last.expect("the leader's log holds something")
 }
 
 /// Compares `node`'s image with `want`, block by block, over the whole device.
@@ -359,7 +360,7 @@ fn restarted_replica_recovers_and_rejoins() {
         dev.flush().await.unwrap();
         cluster.start_replica(follower).await.unwrap();
         let node = cluster.node(follower).unwrap();
-        wait_applied(&node, leader_applied(&cluster), Duration::from_secs(10)).await;
+        wait_applied(&node, leader_log_end(&cluster), Duration::from_secs(10)).await;
         check_image(&node, &want, blocks);
 
         // Now the leader itself.
@@ -373,7 +374,7 @@ fn restarted_replica_recovers_and_rejoins() {
         let new = cluster.wait_leader(Duration::from_secs(5)).await.unwrap();
         assert_ne!(new.id, old, "leadership must move off the stopped leader");
         cluster.start_replica(old).await.unwrap();
-        let index = leader_applied(&cluster);
+        let index = leader_log_end(&cluster);
         for node in cluster.running() {
             wait_applied(&node, index, Duration::from_secs(10)).await;
             check_image(&node, &want, blocks);
@@ -425,7 +426,7 @@ fn lagging_replica_catches_up_by_snapshot() {
 
         let follower = (1..=3).find(|&id| id != leader.id).unwrap();
         let node = cluster.node(follower).unwrap();
-        wait_applied(&node, leader_applied(&cluster), Duration::from_secs(10)).await;
+        wait_applied(&node, leader_log_end(&cluster), Duration::from_secs(10)).await;
         let follower_last = node.raft.metrics().borrow().last_log_index.unwrap();
         drop(node);
         cluster.stop_replica(follower).await.unwrap();
@@ -467,7 +468,7 @@ fn lagging_replica_catches_up_by_snapshot() {
         version += 8;
         dev.flush().await.unwrap();
         let node = cluster.node(follower).unwrap();
-        wait_applied(&node, leader_applied(&cluster), Duration::from_secs(15)).await;
+        wait_applied(&node, leader_log_end(&cluster), Duration::from_secs(15)).await;
         let snap = node.raft.metrics().borrow().snapshot;
         let snap = snap.expect("the follower installed a snapshot");
         assert!(
@@ -494,7 +495,7 @@ fn lagging_replica_catches_up_by_snapshot() {
         // now starts from the installed snapshot).
         write_range(&dev, 10..74, version, &mut want).await;
         dev.flush().await.unwrap();
-        wait_applied(&node, leader_applied(&cluster), Duration::from_secs(10)).await;
+        wait_applied(&node, leader_log_end(&cluster), Duration::from_secs(10)).await;
         check_image(&node, &want, blocks);
         drop(node);
         cluster.stop_replica(follower).await.unwrap();
@@ -502,7 +503,7 @@ fn lagging_replica_catches_up_by_snapshot() {
         write_range(&dev, 70..90, version + 1, &mut want).await;
         dev.flush().await.unwrap();
         let node = cluster.node(follower).unwrap();
-        wait_applied(&node, leader_applied(&cluster), Duration::from_secs(10)).await;
+        wait_applied(&node, leader_log_end(&cluster), Duration::from_secs(10)).await;
         check_image(&node, &want, blocks);
         dev.close();
         cluster.shutdown().await.unwrap();

@@ -300,6 +300,16 @@ impl HotCache {
         Lookup::Hit
     }
 
+    /// Whether a read of `block` is answered from memory now (its data, or zeros of a discard),
+    /// not from a replica or a fill in progress.
+    pub fn holds_data(&self, block: u64) -> bool {
+        match self.slots.get(&block) {
+            Some(Slot::Filling(_)) => false,
+            Some(_) => true,
+            None => self.zeroing(block),
+        }
+    }
+
     /// Whether block `block` is held or being filled (read-ahead skips those).
     pub fn holds(&self, block: u64) -> bool {
         self.slots.contains_key(&block) || self.zeroing(block)

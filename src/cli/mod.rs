@@ -6,6 +6,7 @@ pub mod metrics;
 pub mod node;
 pub mod serve;
 pub mod size;
+pub mod target;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -27,11 +27,12 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use xdevice_ublk::{Done, Geometry, Io, IoError, Reply, Target};
+use xdevice_ublk::Geometry;
 
 use crate::cache::CacheStats;
 use crate::cli::node::TuningArgs;
 use crate::cli::size;
+use crate::cli::target::DeviceTarget;
 use crate::device::local::{Embedded, EmbeddedOptions};
 use crate::device::{CacheMode, Device, DeviceConfig, DeviceStats, PipelineStats};
 use crate::replication::node::RaftTuning;
@@ -211,36 +212,6 @@ impl Record {
 /// splits it into zero entries; the block layer splits larger ones).
 fn discard_limit(block_bytes: u32) -> u32 {
     (256u32 << 20) / block_bytes * block_bytes
-}
-
-/// The device as a ublk target: every request runs on the async runtime.
-struct DeviceTarget {
-    device: Arc<Device>,
-    runtime: tokio::runtime::Handle,
-}
-
-impl Target for DeviceTarget {
-    fn submit(&self, io: Io, done: Done) {
-        let device = self.device.clone();
-        self.runtime.spawn(async move {
-            let result = match io {
-                Io::Read { offset, len } => {
-                    device.read(offset, u64::from(len)).await.map(Reply::Data)
-                }
-                Io::Write { offset, data, fua } => {
-                    device.write_vec(offset, data, fua).await.map(|()| Reply::Done)
-                }
-                Io::Flush => device.flush().await.map(|()| Reply::Done),
-                Io::Discard { offset, len } => {
-                    device.discard(offset, u64::from(len), false).await.map(|()| Reply::Done)
-                }
-                Io::WriteZeroes { offset, len, fua } => {
-                    device.discard(offset, u64::from(len), fua).await.map(|()| Reply::Done)
-                }
-            };
-            done.complete(result.map_err(IoError::from));
-        });
-    }
 }
 
 /// The status of one device, as `xdevice status --json` prints it.
@@ -671,10 +642,7 @@ fn serve_device(
             geometry,
             owner: record.owner(&dir),
         };
-        let target = Arc::new(DeviceTarget {
-            device: device.clone(),
-            runtime: tokio::runtime::Handle::current(),
-        });
+        let target = Arc::new(DeviceTarget::new(device.clone()));
         let (live_tx, live_rx) = tokio::sync::oneshot::channel();
         let server = std::thread::Builder::new().name("ublk".into()).spawn(move || {
             xdevice_ublk::serve(&ublk_cfg, recover, target, move |live| {

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use openraft::ServerState;
 
+use super::readers::{ReaderPool, DEFAULT_READERS};
 use super::{BoxFuture, Cluster, Commit, ReadOutcome};
+use crate::replication::commits::Tag;
 use crate::replication::network::{LocalRouter, LocalTransport, Transport};
 use crate::replication::node::{applied_index, Node, RaftTuning};
 use crate::replication::open_replica;
@@ -50,6 +52,8 @@ pub struct Embedded {
     /// entries committed before this process started (which no device of this process
     /// confirmed) are at or below it. Reads go to a replica that has applied this far.
     recovered: tokio::sync::OnceCell<u64>,
+    /// The threads that read replica images for reads missing the device's cache.
+    readers: ReaderPool,
 }
 
 impl std::fmt::Debug for Embedded {
@@ -67,6 +71,7 @@ impl Embedded {
             nodes: Mutex::new(vec![None; opts.replicas as usize]),
             opts,
             recovered: tokio::sync::OnceCell::new(),
+            readers: ReaderPool::new(DEFAULT_READERS, "xdevice-read")?,
         });
         let mut fresh = false;
         for id in 1..=embedded.opts.replicas {
@@ -189,15 +194,29 @@ impl Cluster for Embedded {
         false
     }
 
+    /// The proposal's future resolves at commit (a majority of the replicas hold it durably,
+    /// the leader counted after its own flush), through the leader's `CommitWatch`; it does not
+    /// wait for the entry to be applied.
     fn submit(self: Arc<Self>, req: Request) -> BoxFuture<Result<Commit, String>> {
         let leader = self.leader();
         Box::pin(async move {
             let node = leader.ok_or_else(|| "no leader".to_string())?;
+            let tag = Tag::fresh();
+            let req = match req {
+                Request::Blocks(ops, _) => Request::Blocks(ops, tag),
+                other => other,
+            };
+            let committed = node.commits.watch(tag);
             let rx = node.raft.client_write_ff(req).await.map_err(|e| e.to_string())?;
             let commit: Commit = Box::pin(async move {
                 let mut rx = std::pin::pin!(rx);
+                let mut committed = std::pin::pin!(committed);
                 loop {
                     tokio::select! {
+                        biased;
+                        c = &mut committed => return c,
+                        // The answer after apply: an error (not the leader after all), or a
+                        // success whose commit the watch above has already reported.
                         r = &mut rx => return match r {
                             Ok(Ok(resp)) => Ok(resp.log_id.index),
                             Ok(Err(e)) => Err(e.to_string()),
@@ -248,75 +267,100 @@ impl Cluster for Embedded {
                 })
                 .await?;
             let applied_at_least = applied_at_least.max(recovered);
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-            let node = loop {
-                let candidates = self.leader().into_iter().chain(self.running());
-                if let Some(n) =
-                    candidates.into_iter().find(|n| applied_index(&n.raft) >= applied_at_least)
-                {
-                    break n;
-                }
-                if tokio::time::Instant::now() >= deadline {
-                    return Err(format!(
-                        "no replica has applied log index {applied_at_least} within 10s"
-                    ));
-                }
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            };
-            tokio::task::spawn_blocking(move || {
-                let mut out = vec![0u8; blocks as usize * bs];
-                let bad =
-                    node.engine.image().read_verified(lba, &mut out).map_err(|e| e.to_string())?;
-                let mut outcome = ReadOutcome::clean(Vec::new());
-                for bad in bad {
-                    outcome.corrupt_blocks += 1;
-                    tracing::error!(
-                        replica = node.id,
-                        lba = bad.lba,
-                        location = %bad.location,
-                        expected = format_args!("{:#010x}", bad.expected),
-                        found = format_args!("{:#010x}", bad.found),
-                        "data block fails its checksum; reading it from another replica"
-                    );
-                    let good = self
-                        .running()
-                        .into_iter()
-                        .filter(|p| p.id != node.id && applied_index(&p.raft) >= applied_at_least)
-                        .find_map(|p| read_good_block(&p, bad.lba, bs));
-                    let Some((peer, block)) = good else {
-                        return Err(format!(
-                            "{}; no other replica holds a good copy",
-                            bad.into_error()
-                        ));
-                    };
-                    out[((bad.lba - lba) as usize) * bs..][..bs].copy_from_slice(&block);
-                    match node.engine.image().repair_block(bad.lba, &block) {
-                        Ok(true) => {
-                            outcome.repaired_blocks += 1;
-                            tracing::warn!(
-                                replica = node.id,
-                                from = peer,
-                                lba = bad.lba,
-                                "data block repaired from another replica"
-                            );
-                        }
-                        // The block changed since (a later write): nothing to repair, the
-                        // write replaced the damaged bytes.
-                        Ok(false) => {}
-                        Err(e) => tracing::error!(
+            let node = self.replica_applied(applied_at_least, Duration::from_secs(10)).await?;
+            let me = self.clone();
+            me.readers
+                .run(move || {
+                    let mut out = vec![0u8; blocks as usize * bs];
+                    let bad = node
+                        .engine
+                        .image()
+                        .read_verified(lba, &mut out)
+                        .map_err(|e| e.to_string())?;
+                    let mut outcome = ReadOutcome::clean(Vec::new());
+                    for bad in bad {
+                        outcome.corrupt_blocks += 1;
+                        tracing::error!(
                             replica = node.id,
                             lba = bad.lba,
-                            error = %e,
-                            "repairing a data block failed"
-                        ),
+                            location = %bad.location,
+                            expected = format_args!("{:#010x}", bad.expected),
+                            found = format_args!("{:#010x}", bad.found),
+                            "data block fails its checksum; reading it from another replica"
+                        );
+                        let good = self
+                            .running()
+                            .into_iter()
+                            .filter(|p| {
+                                p.id != node.id && applied_index(&p.raft) >= applied_at_least
+                            })
+                            .find_map(|p| read_good_block(&p, bad.lba, bs));
+                        let Some((peer, block)) = good else {
+                            return Err(format!(
+                                "{}; no other replica holds a good copy",
+                                bad.into_error()
+                            ));
+                        };
+                        out[((bad.lba - lba) as usize) * bs..][..bs].copy_from_slice(&block);
+                        match node.engine.image().repair_block(bad.lba, &block) {
+                            Ok(true) => {
+                                outcome.repaired_blocks += 1;
+                                tracing::warn!(
+                                    replica = node.id,
+                                    from = peer,
+                                    lba = bad.lba,
+                                    "data block repaired from another replica"
+                                );
+                            }
+                            // The block changed since (a later write): nothing to repair, the
+                            // write replaced the damaged bytes.
+                            Ok(false) => {}
+                            Err(e) => tracing::error!(
+                                replica = node.id,
+                                lba = bad.lba,
+                                error = %e,
+                                "repairing a data block failed"
+                            ),
+                        }
                     }
-                }
-                outcome.data = out;
-                Ok(outcome)
-            })
-            .await
-            .map_err(|e| format!("read task failed: {e}"))?
+                    outcome.data = out;
+                    Ok(outcome)
+                })
+                .await?
         })
+    }
+}
+
+impl Embedded {
+    /// A running replica that has applied `index` (the leader first), waiting up to `within`
+    /// for one: woken by the replicas' metrics as they apply, never by polling.
+    async fn replica_applied(&self, index: u64, within: Duration) -> Result<Arc<Node>, String> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let candidates = self.leader().into_iter().chain(self.running());
+            let mut watch = None;
+            for n in candidates {
+                if applied_index(&n.raft) >= index {
+                    return Ok(n);
+                }
+                watch.get_or_insert_with(|| n.raft.metrics());
+            }
+            let Some(mut watch) = watch else {
+                return Err("no replica is running".to_string());
+            };
+            watch.borrow_and_update();
+            // Any replica's change may be the one; the leader's is checked each time, and a
+            // short bound covers a change on another replica or a new leader.
+            let wait = Duration::from_millis(50).min(deadline - tokio::time::Instant::now());
+            match tokio::time::timeout(wait, watch.changed()).await {
+                Ok(Ok(())) | Err(_) if tokio::time::Instant::now() < deadline => {}
+                _ => {
+                    return Err(format!(
+                        "no replica has applied log index {index} within {within:?}"
+                    ))
+                }
+            }
+        }
     }
 }
 

@@ -21,11 +21,12 @@
 //! never completes while a write before it is unconfirmed.
 
 pub mod local;
+pub mod pipeline;
+pub mod readers;
 pub mod remote;
 
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::Notify;
@@ -33,10 +34,12 @@ use tokio::sync::Notify;
 use crate::cache::{CacheStats, HotCache, Lookup};
 use crate::entry::BlockOp;
 use crate::replication::types::Request;
+use pipeline::{Limits, Need, Pipeline, Ready};
 
 pub use crate::replication::network::BoxFuture;
 
-/// Resolves when a submitted proposal is committed (and applied on the leader), to its index.
+/// Resolves when a submitted proposal is committed (held durably by a majority; not
+/// necessarily applied yet), to its log index.
 pub type Commit = BoxFuture<Result<u64, String>>;
 
 /// What the device needs from a cluster.
@@ -161,40 +164,16 @@ impl From<DeviceError> for xdevice_ublk::IoError {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum State {
-    Queued,
-    Submitted,
-    Committed,
-}
+/// What completes a request: the frontend's answer, or an async caller's channel. Run after the
+/// device's lock is released.
+pub type Completion = Box<dyn FnOnce(Result<(), DeviceError>) + Send>;
 
-#[derive(Debug)]
-struct Batch {
-    seq: u64,
-    op: BlockOp,
-    bytes: usize,
-    state: State,
-}
-
-#[derive(Debug)]
 struct Inner {
-    queue: VecDeque<Batch>,
+    /// Ordering, batching, resubmission and waiting requests (pure; `pipeline.rs`).
+    pipe: Pipeline<Completion>,
     /// Unconfirmed writes pinned, recent and hot blocks clean.
     cache: HotCache,
     readahead: ReadAhead,
-    next_seq: u64,
-    /// Every seq below is committed.
-    confirmed: u64,
-    /// Every seq below has been accepted by a leader at least once.
-    accepted: u64,
-    epoch: u64,
-    unconfirmed_bytes: usize,
-    /// Proposals of this epoch submitted and not yet committed.
-    inflight: usize,
-    /// The highest log index a commit of this device's writes resolved to: every write no
-    /// longer pinned in the cache is at or below it.
-    commit_floor: u64,
-    closed: bool,
     stats: DeviceStats,
 }
 
@@ -234,6 +213,9 @@ pub struct PipelineStats {
     /// Writes accepted by a leader but not committed: what a crash of every replica may lose
     /// in writeback mode (a FLUSH waits for them).
     pub accepted_not_committed: u64,
+    /// Writes waiting for room (the unconfirmed bytes are at their bound).
+    #[serde(default)]
+    pub parked_writes: usize,
 }
 
 /// A replicated block device.
@@ -243,9 +225,10 @@ pub struct Device {
     inner: Mutex<Inner>,
     /// This device, for the read-ahead tasks it spawns.
     me: Weak<Device>,
-    /// Wakes waiters when `confirmed`/`accepted` move or room frees up.
-    changed: Notify,
-    /// Wakes the proposer.
+    /// The runtime the device started on: tasks are spawned there even when a request comes
+    /// from a thread outside it (a ublk queue thread).
+    runtime: tokio::runtime::Handle,
+    /// Wakes the proposer (and the deadline sweeper on close).
     kick: Notify,
 }
 
@@ -256,25 +239,24 @@ impl std::fmt::Debug for Device {
 }
 
 impl Device {
-    /// Starts the device's proposer on the current tokio runtime; it runs until `close`.
+    /// Starts the device's proposer and deadline sweeper on the current tokio runtime; they
+    /// run until `close`.
     pub fn start(cfg: DeviceConfig, cluster: Arc<dyn Cluster>) -> Arc<Device> {
         let cache = HotCache::new(cfg.cache_bytes, cfg.block_bytes);
         let cfg = DeviceConfig {
             max_unconfirmed_bytes: cfg.max_unconfirmed_bytes.min(cache.capacity_bytes() as usize),
             ..cfg
         };
+        let limits = Limits {
+            max_proposal_bytes: cfg.max_proposal_bytes,
+            max_proposal_ops: 4096,
+            max_unconfirmed_bytes: cfg.max_unconfirmed_bytes,
+            max_inflight: cfg.max_inflight_proposals.max(1),
+        };
         let inner = Inner {
-            queue: VecDeque::new(),
+            pipe: Pipeline::new(limits),
             cache,
             readahead: ReadAhead::default(),
-            next_seq: 0,
-            confirmed: 0,
-            accepted: 0,
-            epoch: 0,
-            unconfirmed_bytes: 0,
-            inflight: 0,
-            commit_floor: 0,
-            closed: false,
             stats: DeviceStats::default(),
         };
         let dev = Arc::new_cyclic(|me| Device {
@@ -282,10 +264,11 @@ impl Device {
             cluster,
             inner: Mutex::new(inner),
             me: me.clone(),
-            changed: Notify::new(),
+            runtime: tokio::runtime::Handle::current(),
             kick: Notify::new(),
         });
         tokio::spawn(proposer(dev.clone()));
+        tokio::spawn(sweeper(Arc::downgrade(&dev)));
         dev
     }
 
@@ -298,16 +281,23 @@ impl Device {
     }
 
     pub fn stats(&self) -> DeviceStats {
-        self.lock().stats
+        let inner = self.lock();
+        let counts = inner.pipe.counts();
+        DeviceStats {
+            proposals: counts.proposals,
+            resubmissions: counts.resubmissions,
+            ..inner.stats
+        }
     }
 
     pub fn pipeline(&self) -> PipelineStats {
         let inner = self.lock();
         PipelineStats {
-            unconfirmed_batches: inner.queue.len(),
-            unconfirmed_bytes: inner.unconfirmed_bytes,
+            unconfirmed_batches: inner.pipe.unconfirmed_batches(),
+            unconfirmed_bytes: inner.pipe.unconfirmed_bytes(),
             pinned_blocks: inner.cache.pinned_blocks(),
-            accepted_not_committed: inner.accepted.saturating_sub(inner.confirmed),
+            accepted_not_committed: inner.pipe.accepted() - inner.pipe.confirmed(),
+            parked_writes: inner.pipe.parked(),
         }
     }
 
@@ -334,61 +324,31 @@ impl Device {
 
     /// Writes `data` at byte `offset`. With `fua`, completes only once committed.
     pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DeviceError> {
-        if data.len() <= self.cfg.max_proposal_bytes {
-            return self.write_vec(offset, data.to_vec(), fua).await;
-        }
-        let (lba, _) = self.check(offset, data.len() as u64)?;
-        self.write_parts(lba, Bytes::copy_from_slice(data), fua).await
+        self.check(offset, data.len() as u64)?;
+        self.write_bytes(offset, Bytes::copy_from_slice(data), fua).await
     }
 
-    async fn write_parts(&self, lba: u64, data: Bytes, fua: bool) -> Result<(), DeviceError> {
-        // A write larger than one proposal goes as several, in order, each whole blocks; it
-        // completes with its last part, and the contract covers the parts in order.
-        let bs = self.cfg.block_bytes as usize;
-        let part = (self.cfg.max_proposal_bytes / bs).max(1) * bs;
-        let mut seq = 0;
-        for (i, at) in (0..data.len()).step_by(part).enumerate() {
-            let chunk = data.slice(at..(at + part).min(data.len()));
-            let op = BlockOp::Write { lba: lba + (i * part / bs) as u64, data: chunk };
-            seq = self.enqueue(op).await?;
-        }
-        self.lock().stats.writes += 1;
-        self.complete(seq, fua).await
-    }
-
-    /// `write` of a buffer the caller gives up, without copying it when it fits one proposal.
+    /// `write` of a buffer the caller gives up, without copying it.
     pub async fn write_vec(
         &self,
         offset: u64,
         data: Vec<u8>,
         fua: bool,
     ) -> Result<(), DeviceError> {
-        let (lba, _) = self.check(offset, data.len() as u64)?;
-        if data.is_empty() {
-            return Ok(());
-        }
-        if data.len() > self.cfg.max_proposal_bytes {
-            return self.write_parts(lba, Bytes::from(data), fua).await;
-        }
-        let seq = self.enqueue(BlockOp::Write { lba, data: Bytes::from(data) }).await?;
-        self.lock().stats.writes += 1;
-        self.complete(seq, fua).await
+        self.write_bytes(offset, Bytes::from(data), fua).await
+    }
+
+    async fn write_bytes(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), DeviceError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.submit_write(offset, data, fua, Box::new(move |r| drop(tx.send(r))));
+        rx.await.unwrap_or(Err(DeviceError::Closed))
     }
 
     /// Makes `[offset, +len)` read as zeros (discard and write-zeroes).
     pub async fn discard(&self, offset: u64, len: u64, fua: bool) -> Result<(), DeviceError> {
-        let (lba, blocks) = self.check(offset, len)?;
-        let mut start = lba;
-        let mut last = None;
-        while start < lba + blocks {
-            let n = (lba + blocks - start).min(u64::from(u32::MAX));
-            last = Some(self.enqueue(BlockOp::Zero { lba: start, blocks: n as u32 }).await?);
-            start += n;
-        }
-        match last {
-            Some(seq) => self.complete(seq, fua).await,
-            None => Ok(()),
-        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.submit_discard(offset, len, fua, Box::new(move |r| drop(tx.send(r))));
+        rx.await.unwrap_or(Err(DeviceError::Closed))
     }
 
     /// Completes once every write completed before it is committed on a majority.
@@ -397,26 +357,120 @@ impl Device {
     /// and commit means durable on a majority, so it only waits for that prefix to commit. With
     /// nothing unconfirmed it completes at once.
     pub async fn flush(&self) -> Result<(), DeviceError> {
-        let upto = {
-            let mut inner = self.lock();
-            if inner.closed {
-                return Err(DeviceError::Closed);
-            }
-            inner.stats.flushes += 1;
-            inner.next_seq
-        };
-        self.wait_until(|i| i.confirmed >= upto).await
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.submit_flush(Box::new(move |r| drop(tx.send(r))));
+        rx.await.unwrap_or(Err(DeviceError::Closed))
     }
 
-    async fn complete(&self, seq: u64, durable: bool) -> Result<(), DeviceError> {
-        if durable
+    /// Hands a write to the pipeline without waiting: `done` runs once the write completes
+    /// under the durability contract (from whichever thread confirms it), or fails. Never
+    /// blocks: a write that finds the unconfirmed bytes at their bound waits in the pipeline,
+    /// not in the caller. A write larger than one proposal goes as several, in order, each
+    /// whole blocks; it completes with its last part.
+    pub fn submit_write(&self, offset: u64, data: Bytes, fua: bool, done: Completion) {
+        let lba = match self.check(offset, data.len() as u64) {
+            Ok((lba, _)) => lba,
+            Err(e) => return done(Err(e)),
+        };
+        let bs = self.cfg.block_bytes as usize;
+        let part = (self.cfg.max_proposal_bytes / bs).max(1) * bs;
+        let parts = (0..data.len())
+            .step_by(part)
+            .map(|at| BlockOp::Write {
+                lba: lba + (at / bs) as u64,
+                data: data.slice(at..(at + part).min(data.len())),
+            })
+            .collect::<Vec<_>>();
+        let counted = !parts.is_empty();
+        self.submit_ops(parts, fua, counted, done);
+    }
+
+    /// `submit_write` for a discard or write-zeroes of `[offset, +len)`.
+    pub fn submit_discard(&self, offset: u64, len: u64, fua: bool, done: Completion) {
+        let (lba, blocks) = match self.check(offset, len) {
+            Ok(r) => r,
+            Err(e) => return done(Err(e)),
+        };
+        let mut parts = Vec::new();
+        let mut start = lba;
+        while start < lba + blocks {
+            let n = (lba + blocks - start).min(u64::from(u32::MAX));
+            parts.push(BlockOp::Zero { lba: start, blocks: n as u32 });
+            start += n;
+        }
+        self.submit_ops(parts, fua, false, done);
+    }
+
+    fn submit_ops(&self, parts: Vec<BlockOp>, fua: bool, count_write: bool, done: Completion) {
+        let need = if fua
             || self.cfg.mode == CacheMode::Writethrough
             || !self.cluster.acceptance_outlives_process()
         {
-            self.wait_until(|i| i.confirmed > seq).await
+            Need::Committed
         } else {
-            self.wait_until(|i| i.accepted > seq).await
+            Need::Accepted
+        };
+        let deadline = Instant::now() + self.cfg.io_timeout;
+        let mut ready = Ready::new();
+        let mut inner = self.lock();
+        if count_write {
+            inner.stats.writes += 1;
         }
+        let Inner { pipe, cache, .. } = &mut *inner;
+        let before = pipe.next_seq();
+        pipe.write(parts, need, deadline, done, &mut |seq, op| pin(cache, seq, op), &mut ready);
+        let admitted = pipe.next_seq() > before;
+        drop(inner);
+        if admitted {
+            self.kick.notify_one();
+        }
+        run(ready);
+    }
+
+    /// Hands a flush to the pipeline without waiting; `done` runs once every write completed
+    /// before it is committed on a majority (at once when none is outstanding).
+    pub fn submit_flush(&self, done: Completion) {
+        let mut ready = Ready::new();
+        let mut inner = self.lock();
+        inner.stats.flushes += 1;
+        inner.pipe.flush(Instant::now() + self.cfg.io_timeout, done, &mut ready);
+        drop(inner);
+        run(ready);
+    }
+
+    /// Answers a flush on the caller's thread if it needs no waiting (every admitted write is
+    /// committed): true if it did.
+    pub fn try_flush_now(&self) -> bool {
+        let mut inner = self.lock();
+        if !inner.pipe.flush_is_free() {
+            return false;
+        }
+        inner.stats.flushes += 1;
+        true
+    }
+
+    /// Answers a read on the caller's thread if the cache holds every block of it: copies them
+    /// into `out` and returns true. Otherwise returns false and changes nothing (the read goes
+    /// through `read_into`).
+    pub fn try_read_cached(&self, offset: u64, out: &mut [u8]) -> Result<bool, DeviceError> {
+        let (lba, blocks) = self.check(offset, out.len() as u64)?;
+        let bs = self.cfg.block_bytes as usize;
+        let mut inner = self.lock();
+        if !(lba..lba + blocks).all(|b| inner.cache.holds_data(b)) {
+            return Ok(false);
+        }
+        inner.stats.reads += 1;
+        for (i, dst) in out.chunks_mut(bs).enumerate() {
+            let hit = inner.cache.lookup(lba + i as u64, dst);
+            debug_assert!(matches!(hit, Lookup::Hit), "a held block missed");
+        }
+        let ahead = self.plan_readahead(&mut inner, lba, blocks);
+        let floor = inner.pipe.commit_floor();
+        drop(inner);
+        if let Some(fills) = ahead {
+            self.spawn_readahead(fills, floor);
+        }
+        Ok(true)
     }
 
     /// Reads `len` bytes at `offset`.
@@ -449,7 +503,7 @@ impl Device {
                 }
             }
             let ahead = self.plan_readahead(&mut inner, lba, blocks);
-            (missed, inner.commit_floor, ahead)
+            (missed, inner.pipe.commit_floor(), ahead)
         };
         if let Some(fills) = ahead {
             self.spawn_readahead(fills, floor);
@@ -514,7 +568,7 @@ impl Device {
 
     fn spawn_readahead(&self, fills: Vec<(u64, u64)>, floor: u64) {
         let Some(dev) = self.me.upgrade() else { return };
-        tokio::spawn(async move {
+        self.runtime.spawn(async move {
             let fills = fills.into_iter().map(|(b, t)| (b, Some(t))).collect::<Vec<_>>();
             let first = fills.first().map_or(0, |f| f.0);
             let span = fills.last().map_or(0, |f| f.0) + 1 - first;
@@ -528,112 +582,18 @@ impl Device {
         });
     }
 
-    /// Stops accepting requests; queued ones are abandoned (as on power loss).
+    /// Stops accepting requests; queued ones are abandoned (as on power loss), and every
+    /// request still waiting fails with `Closed`.
     pub fn close(&self) {
-        self.lock().closed = true;
-        self.changed.notify_waiters();
+        let mut ready = Ready::new();
+        self.lock().pipe.close(&mut ready);
         self.kick.notify_one();
-    }
-
-    async fn enqueue(&self, op: BlockOp) -> Result<u64, DeviceError> {
-        let bytes = match &op {
-            BlockOp::Write { data, .. } => data.len(),
-            BlockOp::Zero { .. } => 0,
-        };
-        let deadline = tokio::time::Instant::now() + self.cfg.io_timeout;
-        loop {
-            let notified = self.changed.notified();
-            {
-                let mut inner = self.lock();
-                if inner.closed {
-                    return Err(DeviceError::Closed);
-                }
-                if inner.unconfirmed_bytes == 0
-                    || inner.unconfirmed_bytes + bytes <= self.cfg.max_unconfirmed_bytes
-                {
-                    let seq = inner.next_seq;
-                    inner.next_seq += 1;
-                    inner.unconfirmed_bytes += bytes;
-                    match &op {
-                        BlockOp::Write { lba, data } => inner.cache.pin_write(seq, *lba, data),
-                        BlockOp::Zero { lba, blocks } => {
-                            inner.cache.pin_zero(seq, *lba, u64::from(*blocks))
-                        }
-                    }
-                    inner.queue.push_back(Batch { seq, op, bytes, state: State::Queued });
-                    drop(inner);
-                    self.kick.notify_one();
-                    return Ok(seq);
-                }
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Err(DeviceError::Timeout(self.cfg.io_timeout));
-            }
-        }
-    }
-
-    async fn wait_until(&self, done: impl Fn(&Inner) -> bool) -> Result<(), DeviceError> {
-        let deadline = tokio::time::Instant::now() + self.cfg.io_timeout;
-        loop {
-            let notified = self.changed.notified();
-            {
-                let inner = self.lock();
-                if done(&inner) {
-                    return Ok(());
-                }
-                if inner.closed {
-                    return Err(DeviceError::Closed);
-                }
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Err(DeviceError::Timeout(self.cfg.io_timeout));
-            }
-        }
-    }
-
-    /// Takes the next run of queued batches, in order, as one proposal.
-    fn take_proposal(&self) -> Option<(u64, Vec<u64>, Request)> {
-        let mut inner = self.lock();
-        if inner.inflight >= self.cfg.max_inflight_proposals.max(1) {
-            return None;
-        }
-        let epoch = inner.epoch;
-        let mut seqs = Vec::new();
-        let mut ops = Vec::new();
-        let mut bytes = 0usize;
-        for b in inner.queue.iter_mut().filter(|b| b.state == State::Queued) {
-            if !seqs.is_empty()
-                && (bytes + b.bytes > self.cfg.max_proposal_bytes || ops.len() >= 4096)
-            {
-                break;
-            }
-            b.state = State::Submitted;
-            bytes += b.bytes;
-            seqs.push(b.seq);
-            ops.push(b.op.clone());
-        }
-        if seqs.is_empty() {
-            return None;
-        }
-        inner.stats.proposals += 1;
-        inner.inflight += 1;
-        Some((epoch, seqs, Request::Blocks(ops)))
+        run(ready);
     }
 
     /// A proposal failed: everything unconfirmed goes again, in order.
     fn restart(&self, epoch: u64, why: &str) {
-        let mut inner = self.lock();
-        if inner.epoch != epoch {
-            return;
-        }
-        inner.epoch += 1;
-        inner.inflight = 0;
-        let mut n = 0;
-        for b in inner.queue.iter_mut() {
-            b.state = State::Queued;
-            n += 1;
-        }
-        inner.stats.resubmissions += n;
+        let Some(n) = self.lock().pipe.restart(epoch) else { return };
         tracing::warn!(
             reason = why,
             batches = n,
@@ -642,47 +602,53 @@ impl Device {
     }
 
     fn accepted(&self, epoch: u64, last_seq: u64) {
-        let mut inner = self.lock();
-        if inner.epoch == epoch && inner.accepted <= last_seq {
-            inner.accepted = last_seq + 1;
-        }
-        drop(inner);
-        self.changed.notify_waiters();
+        let mut ready = Ready::new();
+        self.lock().pipe.accepted_through(epoch, last_seq, &mut ready);
+        run(ready);
     }
 
     fn committed(&self, epoch: u64, seqs: &[u64], index: u64) {
+        let bs = self.cfg.block_bytes as usize;
+        let mut ready = Ready::new();
         let mut inner = self.lock();
-        inner.commit_floor = inner.commit_floor.max(index);
-        if inner.epoch != epoch {
-            return;
-        }
-        inner.inflight = inner.inflight.saturating_sub(1);
-        // Room for another proposal: what queued meanwhile goes as one.
-        self.kick.notify_one();
-        for b in inner.queue.iter_mut() {
-            if seqs.binary_search(&b.seq).is_ok() {
-                b.state = State::Committed;
-            }
-        }
-        while inner.queue.front().is_some_and(|b| b.state == State::Committed) {
-            let Some(b) = inner.queue.pop_front() else { break };
-            inner.unconfirmed_bytes -= b.bytes;
-            inner.confirmed = b.seq + 1;
-            if inner.accepted < inner.confirmed {
-                inner.accepted = inner.confirmed;
-            }
-            match &b.op {
-                BlockOp::Write { lba, data } => {
-                    let n = (data.len() / self.cfg.block_bytes as usize) as u64;
-                    inner.cache.unpin_write(b.seq, *lba, n);
-                }
-                BlockOp::Zero { lba, blocks } => {
-                    inner.cache.unpin_zero(b.seq, *lba, u64::from(*blocks))
-                }
-            }
+        let Inner { pipe, cache, .. } = &mut *inner;
+        // Unpinned in order: when a block's write is unpinned, every write before it is
+        // committed too, so the block turns clean with the newest committed data.
+        let mut cache_unpin = |seq: u64, op: &BlockOp| match op {
+            BlockOp::Write { lba, data } => cache.unpin_write(seq, *lba, (data.len() / bs) as u64),
+            BlockOp::Zero { lba, blocks } => cache.unpin_zero(seq, *lba, u64::from(*blocks)),
+        };
+        let mut parked = Vec::new();
+        pipe.committed(
+            epoch,
+            seqs,
+            index,
+            &mut cache_unpin,
+            &mut |seq, op| parked.push((seq, op.clone())),
+            &mut ready,
+        );
+        for (seq, op) in &parked {
+            pin(cache, *seq, op);
         }
         drop(inner);
-        self.changed.notify_waiters();
+        // Room for another proposal: what queued meanwhile goes as one.
+        self.kick.notify_one();
+        run(ready);
+    }
+}
+
+/// Pins an admitted write's blocks in the cache: reads see it from now on.
+fn pin(cache: &mut HotCache, seq: u64, op: &BlockOp) {
+    match op {
+        BlockOp::Write { lba, data } => cache.pin_write(seq, *lba, data),
+        BlockOp::Zero { lba, blocks } => cache.pin_zero(seq, *lba, u64::from(*blocks)),
+    }
+}
+
+/// Runs the completions an event produced (the device's lock is not held).
+fn run(ready: Ready<Completion>) {
+    for (done, result) in ready {
+        done(result);
     }
 }
 
@@ -729,21 +695,26 @@ impl Drop for FillGuard<'_> {
 async fn proposer(d: Arc<Device>) {
     let mut backoff = Duration::from_millis(5);
     loop {
-        if d.lock().closed {
-            return;
-        }
         let kicked = d.kick.notified();
-        let Some((epoch, seqs, req)) = d.take_proposal() else {
+        let proposal = {
+            let mut inner = d.lock();
+            if inner.pipe.is_closed() {
+                return;
+            }
+            inner.pipe.take_proposal()
+        };
+        let Some(p) = proposal else {
             kicked.await;
             continue;
         };
+        let (epoch, seqs) = (p.epoch, p.seqs);
         let last = seqs.last().copied().unwrap_or_default();
-        match d.cluster.clone().submit(req).await {
+        match d.cluster.clone().submit(Request::blocks(p.ops)).await {
             Ok(commit) => {
                 backoff = Duration::from_millis(5);
                 d.accepted(epoch, last);
                 let d = d.clone();
-                tokio::spawn(async move {
+                d.runtime.clone().spawn(async move {
                     match commit.await {
                         Ok(index) => d.committed(epoch, &seqs, index),
                         Err(e) => {
@@ -759,5 +730,29 @@ async fn proposer(d: Arc<Device>) {
                 backoff = (backoff * 2).min(Duration::from_millis(40));
             }
         }
+    }
+}
+
+/// Fails requests still waiting after `io_timeout` (their writes stay queued): one task per
+/// device, waking a few times per timeout, instead of a timer per request.
+async fn sweeper(d: Weak<Device>) {
+    loop {
+        let tick = match d.upgrade() {
+            Some(d) => {
+                let after = d.cfg.io_timeout;
+                let mut ready = Ready::new();
+                {
+                    let mut inner = d.lock();
+                    if inner.pipe.is_closed() {
+                        return;
+                    }
+                    inner.pipe.expire(Instant::now(), after, &mut ready);
+                }
+                run(ready);
+                (after / 8).clamp(Duration::from_millis(10), Duration::from_secs(1))
+            }
+            None => return,
+        };
+        tokio::time::sleep(tick).await;
     }
 }

@@ -14,9 +14,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{AnyError, ErrorSubject, ErrorVerb, RaftLogReader, StorageIOError};
 
+use super::commits::CommitWatch;
 use super::types::{
     decode_entry, encode_entry, from_store_log_id, from_store_vote, to_store_log_id, to_store_vote,
-    Entry, LogId, StorageError, TypeConfig, Vote,
+    Entry, LogId, Request, StorageError, TypeConfig, Vote,
 };
 use crate::storage::engine::Engine;
 use crate::storage::state::LogId as StoreLogId;
@@ -29,7 +30,7 @@ fn entry_bytes(e: &Entry) -> usize {
     use crate::entry::BlockOp;
     use openraft::EntryPayload as P;
     64 + match &e.payload {
-        P::Normal(super::types::Request::Blocks(ops)) => ops
+        P::Normal(super::types::Request::Blocks(ops, _)) => ops
             .iter()
             .map(|op| if let BlockOp::Write { data, .. } = op { data.len() } else { 16 })
             .sum(),
@@ -98,6 +99,8 @@ struct Inner {
     cache: Mutex<EntryCache>,
     /// The last entry's log id, `None` when the log holds nothing and nothing was purged.
     last: Mutex<Option<LogId>>,
+    /// Proposals of this process awaiting commit (`commits`).
+    commits: Arc<CommitWatch>,
 }
 
 /// openraft's log storage (and, cloned, its log reader) over one replica's engine.
@@ -127,7 +130,12 @@ impl LogStore {
         };
         let cache = EntryCache { limit: cache_bytes.max(1), ..Default::default() };
         Ok(LogStore {
-            inner: Arc::new(Inner { engine, cache: Mutex::new(cache), last: Mutex::new(last) }),
+            inner: Arc::new(Inner {
+                engine,
+                cache: Mutex::new(cache),
+                last: Mutex::new(last),
+                commits: Arc::default(),
+            }),
         })
     }
 
@@ -140,6 +148,11 @@ impl LogStore {
 
     pub fn engine(&self) -> &Arc<Engine> {
         &self.inner.engine
+    }
+
+    /// Where proposals made in this process learn that their entry committed.
+    pub fn commits(&self) -> Arc<CommitWatch> {
+        self.inner.commits.clone()
     }
 
     fn cache(&self) -> MutexGuard<'_, EntryCache> {
@@ -257,6 +270,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
         if let Some(c) = committed {
             self.inner.engine.note_committed(to_store_log_id(&c));
+            self.inner.commits.committed(c.index);
         }
         Ok(())
     }
@@ -305,6 +319,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .collect();
         let first_index = first.log_id.index;
         let last = entries.last().map(|e| e.log_id);
+        self.inner.commits.appended(entries.iter().filter_map(|e| match &e.payload {
+            openraft::EntryPayload::Normal(Request::Blocks(_, tag)) if tag.0 != 0 => {
+                Some((e.log_id.index, *tag))
+            }
+            _ => None,
+        }));
         {
             let mut cache = self.cache();
             for e in entries {
@@ -315,6 +335,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             callback.log_io_completed(r.map_err(|e| std::io::Error::other(e.to_string())));
         });
         if let Err(e) = wal.append_with(records, done) {
+            self.inner.commits.truncated(first_index);
             self.cache().truncate(first_index);
             return Err(io_err(ErrorSubject::Logs, ErrorVerb::Write, e));
         }
@@ -324,6 +345,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         let from = log_id.index;
+        self.inner.commits.truncated(from);
         self.cache().truncate(from);
         let new_last = {
             let bounds = self.inner.engine.wal().bounds();

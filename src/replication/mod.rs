@@ -4,6 +4,7 @@
 //! - `log_store`: `RaftLogStorage` on the engine's WAL and hard state.
 //! - `state_machine`: `RaftStateMachine` on the engine's image.
 //! - `snapshot`: the checksummed snapshot stream, staging, verification and install.
+//! - `commits`: commit notification for proposals made in this process.
 //! - `network`: Raft RPCs over a `Transport` (in-process or `tcp`), answered by `dispatch`.
 //! - `election`: pre-vote, which decides when openraft may campaign.
 //! - `node`: one running replica (openraft, its snapshot monitor and election gate).
@@ -11,6 +12,7 @@
 // openraft's traits fix `StorageError` (over 200 bytes) as the error type.
 #![allow(clippy::result_large_err)]
 
+pub mod commits;
 pub mod election;
 pub mod log_store;
 pub mod network;

@@ -461,7 +461,7 @@ mod tests {
         let id = |i| LogId::new(openraft::CommittedLeaderId::new(1, 1), i);
         let entry = |i| Entry::<TypeConfig> {
             log_id: id(i),
-            payload: EntryPayload::Normal(Request::Blocks(vec![BlockOp::Write {
+            payload: EntryPayload::Normal(Request::blocks(vec![BlockOp::Write {
                 lba: 0,
                 data: vec![1; 3 << 19].into(),
             }])),

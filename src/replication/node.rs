@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use openraft::{BasicNode, Config, SnapshotPolicy};
 
+use super::commits::CommitWatch;
 use super::election::ElectionGate;
 use super::network::{NetworkFactory, Transport};
 use super::snapshot::record_bytes;
@@ -91,6 +92,8 @@ pub struct Node {
     pub engine: Arc<Engine>,
     /// Where the RPC server reports leader contact and answers pre-votes.
     pub gate: ElectionGate,
+    /// Where proposals made to this replica learn that their entry committed.
+    pub commits: Arc<CommitWatch>,
     monitor: tokio::task::JoinHandle<()>,
     elections: tokio::task::JoinHandle<()>,
 }
@@ -113,12 +116,13 @@ impl Node {
         let config = Arc::new(tuning.config(sb.block_bytes, &sb.cluster_id.to_string())?);
         let engine = replica.engine.clone();
         let log = replica.log.clone();
+        let commits = log.commits();
         let network = NetworkFactory::new(transport.clone());
         let raft = Raft::new(id, config, network, replica.log, replica.sm).await?;
         let monitor = tokio::spawn(snapshot_monitor(raft.clone(), engine.clone(), tuning.clone()));
         let gate = ElectionGate::new(id, raft.clone(), log, tuning.election_min);
         let elections = tokio::spawn(gate.clone().run(transport, tuning.heartbeat));
-        Ok(Node { id, raft, engine, gate, monitor, elections })
+        Ok(Node { id, raft, engine, gate, commits, monitor, elections })
     }
 
     /// Makes a new cluster of `members` (id, address) from this node. Only on a fresh node.

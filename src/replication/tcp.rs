@@ -21,6 +21,7 @@ use openraft::{BasicNode, ChangeMembers, ServerState};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
+use super::commits::{CommitWatch, Tag};
 use super::election::ElectionGate;
 use super::network::{dispatch, BoxFuture, RaftRpc, Transport, TransportError};
 use super::node::applied_index;
@@ -233,16 +234,18 @@ const DEMOTE_CONFIRM: Duration = Duration::from_secs(5);
 
 impl NodeService {
     /// `receiving`: the state machine's incoming snapshot progress
-    /// (`StateMachine::receive_progress`), shown in the status; `gate`: the node's (`Node::gate`).
+    /// (`StateMachine::receive_progress`), shown in the status; `gate` and `commits`: the
+    /// node's (`Node::gate`, `Node::commits`).
     pub fn new(
         id: NodeId,
         raft: Raft,
         engine: Arc<Engine>,
         receiving: Arc<ReceiveProgress>,
         gate: ElectionGate,
+        commits: Arc<CommitWatch>,
     ) -> Arc<NodeService> {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(propose_in_order(raft.clone(), rx));
+        tokio::spawn(propose_in_order(raft.clone(), commits, rx));
         Arc::new(NodeService { id, raft, engine, receiving, gate, proposals: tx })
     }
 
@@ -325,21 +328,38 @@ async fn wait_matched(raft: &Raft, target: NodeId, index: u64, within: Duration)
 }
 
 /// Hands client proposals to Raft in the order they arrived.
-async fn propose_in_order(raft: Raft, mut rx: mpsc::UnboundedReceiver<Proposal>) {
+/// Proposes block writes in arrival order. Each answer resolves when the entry commits (the
+/// replica's `CommitWatch`, before apply), or fails if openraft refuses or drops it.
+async fn propose_in_order(
+    raft: Raft,
+    commits: Arc<CommitWatch>,
+    mut rx: mpsc::UnboundedReceiver<Proposal>,
+) {
     while let Some((req, done)) = rx.recv().await {
         if raft.metrics().borrow().state != ServerState::Leader {
             let leader = raft.metrics().borrow().current_leader;
             let _ = done.send(Err(format!("{NOT_LEADER}; leader is {leader:?}")));
             continue;
         }
+        let tag = Tag::fresh();
+        let req = match req {
+            Request::Blocks(ops, _) => Request::Blocks(ops, tag),
+            other => other,
+        };
+        let committed = commits.watch(tag);
         match raft.client_write_ff(req).await {
             Ok(resp) => {
                 // The request's own task awaits the outcome: no task in between on the way back.
                 let _ = done.send(Ok(Box::pin(async move {
-                    match resp.await {
-                        Ok(Ok(r)) => Ok(r.log_id.index),
-                        Ok(Err(e)) => Err(e.to_string()),
-                        Err(_) => Err("proposal dropped".to_string()),
+                    tokio::select! {
+                        biased;
+                        c = committed => c,
+                        // Only an error can come first: the answer after apply follows commit.
+                        r = resp => match r {
+                            Ok(Ok(r)) => Ok(r.log_id.index),
+                            Ok(Err(e)) => Err(e.to_string()),
+                            Err(_) => Err("proposal dropped".to_string()),
+                        },
                     }
                 })));
             }

@@ -8,22 +8,29 @@ use crate::entry::{encode_shared, encoded_len, BlockOp, BodyRef, EntryBody, Entr
 use crate::storage::state::{LogId as StoreLogId, Vote as StoreVote};
 use crate::storage::wal::Payload;
 
+use super::commits::Tag;
 use super::snapshot::SnapshotData;
 
 /// What a client proposes: block changes, or a flush barrier.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
-    /// Block writes and zero-fills, applied in order.
-    Blocks(Vec<BlockOp>),
+    /// Block writes and zero-fills, applied in order; the tag (never encoded) lets a proposer
+    /// in this process learn when the entry commits (`commits`).
+    Blocks(Vec<BlockOp>, #[serde(skip)] Tag),
     /// A barrier: committing it commits every entry before it.
     Flush,
 }
 
 impl Request {
+    /// Block changes without a tag (a proposer that learns of the commit from the answer).
+    pub fn blocks(ops: Vec<BlockOp>) -> Request {
+        Request::Blocks(ops, Tag::default())
+    }
+
     /// The bytes of the WAL record payload an entry of this request takes (`encode_entry`).
     pub fn payload_len(&self) -> usize {
         match self {
-            Request::Blocks(ops) => encoded_len(BodyRef::Blocks(ops)),
+            Request::Blocks(ops, _) => encoded_len(BodyRef::Blocks(ops)),
             Request::Flush => encoded_len(BodyRef::Flush),
         }
     }
@@ -89,7 +96,7 @@ pub fn encode_entry(entry: &Entry) -> Payload {
     let leader = entry.log_id.leader_id.node_id;
     match &entry.payload {
         RaftPayload::Blank => encode_shared(leader, BodyRef::Blank),
-        RaftPayload::Normal(Request::Blocks(ops)) => encode_shared(leader, BodyRef::Blocks(ops)),
+        RaftPayload::Normal(Request::Blocks(ops, _)) => encode_shared(leader, BodyRef::Blocks(ops)),
         RaftPayload::Normal(Request::Flush) => encode_shared(leader, BodyRef::Flush),
         RaftPayload::Membership(m) => {
             encode_shared(leader, BodyRef::Membership(&encode_membership(m)))
@@ -105,7 +112,7 @@ pub fn decode_entry(index: u64, term: u64, payload: &[u8]) -> Result<Entry, Stri
     let payload = match decoded.body {
         EntryBody::Blank => RaftPayload::Blank,
         EntryBody::Flush => RaftPayload::Normal(Request::Flush),
-        EntryBody::Blocks(ops) => RaftPayload::Normal(Request::Blocks(ops)),
+        EntryBody::Blocks(ops) => RaftPayload::Normal(Request::Blocks(ops, Tag::default())),
         EntryBody::Membership(bytes) => RaftPayload::Membership(decode_membership(&bytes)?),
     };
     Ok(Entry { log_id, payload })
@@ -117,7 +124,7 @@ pub fn into_entry_body(entry: Entry) -> EntryBody {
     match entry.payload {
         RaftPayload::Blank => EntryBody::Blank,
         RaftPayload::Normal(Request::Flush) => EntryBody::Flush,
-        RaftPayload::Normal(Request::Blocks(ops)) => EntryBody::Blocks(ops),
+        RaftPayload::Normal(Request::Blocks(ops, _)) => EntryBody::Blocks(ops),
         RaftPayload::Membership(m) => EntryBody::Membership(encode_membership(&m)),
     }
 }
@@ -144,7 +151,7 @@ mod tests {
             Entry { log_id: id(2, 3, 2), payload: RaftPayload::Normal(Request::Flush) },
             Entry {
                 log_id: id(2, 3, 3),
-                payload: RaftPayload::Normal(Request::Blocks(vec![
+                payload: RaftPayload::Normal(Request::blocks(vec![
                     BlockOp::Write { lba: 9, data: vec![5; 4096].into() },
                     BlockOp::Zero { lba: 1, blocks: 7 },
                 ])),

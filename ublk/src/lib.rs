@@ -57,9 +57,19 @@ pub enum Reply {
     Data(Vec<u8>),
 }
 
-/// What the frontend serves. `submit` is called on a queue thread and must not block: it hands
-/// the request to wherever the work happens and answers through `done`, from any thread.
+/// What the frontend serves. Both methods are called on a queue thread and must not block.
 pub trait Target: Send + Sync + 'static {
+    /// Answers `io` at once if that needs no waiting (a read whose every block is in memory, a
+    /// flush with nothing outstanding), on the queue thread: a read's data goes straight into
+    /// `buf`, the request's own buffer of exactly its length. `None` hands it to `submit`.
+    /// Called for reads and flushes only.
+    fn answer_now(&self, io: &Io, buf: &mut [u8]) -> Option<Result<(), IoError>> {
+        let _ = (io, buf);
+        None
+    }
+
+    /// Hands the request to wherever the work happens; the answer comes through `done`, from
+    /// any thread (the queue collects answers in batches through its eventfd).
     fn submit(&self, io: Io, done: Done);
 }
 

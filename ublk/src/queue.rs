@@ -1,7 +1,11 @@
 //! One ublk queue: a thread with its own io_uring that fetches I/O commands from the kernel,
 //! validates each descriptor once, hands it to the [`Target`], and commits the answer.
 //!
-//! The target answers on other threads (the device runs on an async runtime). An answer is
+//! A request that needs no waiting (a read from memory, a flush with nothing outstanding) is
+//! answered on this thread, in the handler that received it (`Target::answer_now`): read data
+//! is copied straight into the tag's buffer, and the commit goes out with the next submission.
+//!
+//! Otherwise the target answers on other threads (the device runs on an async runtime). An answer is
 //! pushed onto the queue's [`Completions`] and the queue's eventfd is written; a read of that
 //! eventfd is always pending in the queue's io_uring, so a queue sleeping in `io_uring_enter`
 //! wakes at once. That is the whole cross-thread wake-up: no polling interval, no timeout, and
@@ -205,6 +209,29 @@ fn serve_queue(
                 Io::WriteZeroes { offset: decoded.offset, len: decoded.len, fua: decoded.fua }
             }
         };
+        if matches!(io, Io::Read { .. } | Io::Flush) {
+            let len = if decoded.op == Op::Read { decoded.len as usize } else { 0 };
+            // SAFETY: the buffer belongs to `tag`, whose request is ours until committed, and
+            // the kernel does not touch it meanwhile; `decode` bounded `len` by its size.
+            let buf =
+                unsafe { std::slice::from_raw_parts_mut(bufs[usize::from(tag)].as_mut_ptr(), len) };
+            if let Some(result) = target.answer_now(&io, buf) {
+                let res = match result {
+                    Ok(()) => decoded.len as i32,
+                    Err(e) => {
+                        tracing::warn!(
+                            "ublk: {:?} at {} (+{}): {e}",
+                            decoded.op,
+                            decoded.offset,
+                            decoded.len
+                        );
+                        -e.errno()
+                    }
+                };
+                commit(q, &bufs, tag, res);
+                return;
+            }
+        }
         slot.pending = Some(decoded);
         target.submit(io, Done { tag, completions: Some(completions.clone()) });
     };
