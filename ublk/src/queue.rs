@@ -130,6 +130,7 @@ struct Slot {
 
 /// Runs queue `qid` until the device stops. Called on the queue's own thread by libublk.
 pub(crate) fn run(qid: u16, dev: &UblkDev, geo: Geometry, target: Arc<dyn Target>) {
+    name_thread(qid);
     // libublk ends the queue on any io_uring_enter error but ETIME, so a signal handled on this
     // thread (EINTR) would take the device's queue down: every catchable signal goes to the
     // daemon's other threads instead.
@@ -138,6 +139,18 @@ pub(crate) fn run(qid: u16, dev: &UblkDev, geo: Geometry, target: Arc<dyn Target
     }
     if let Err(e) = serve_queue(qid, dev, geo, target) {
         tracing::error!("ublk queue {qid} stopped: {e}");
+    }
+}
+
+/// Names this thread `ublk-q<qid>` (libublk starts its queue threads unnamed), so tools such as
+/// `top -H` and the end-to-end tests can tell the queues apart.
+fn name_thread(qid: u16) {
+    let name = format!("ublk-q{qid}\0");
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes (longer ones are
+    // truncated by the kernel) from a live buffer; it only renames the calling thread.
+    let rc = unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr() as libc::c_ulong, 0, 0, 0) };
+    if rc != 0 {
+        tracing::debug!("naming ublk queue {qid}'s thread: {}", std::io::Error::last_os_error());
     }
 }
 
