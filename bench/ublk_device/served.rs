@@ -11,6 +11,17 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use super::{Settings, Target, BENCH};
 
+/// Raft timing for `serve` in the TCG guest, as the end-to-end suite uses there: the default
+/// 50 ms heartbeat is also openraft's AppendEntries timeout, which emulated replicas miss, so
+/// the three-replica device's writes were retried until the kernel timed them out.
+pub fn guest_raft_timing() -> Vec<String> {
+    if std::env::var("XDEVICE_GUEST").is_ok_and(|v| v == "1") {
+        ["--heartbeat-ms", "150", "--election-ms", "600-1200"].map(String::from).to_vec()
+    } else {
+        Vec::new()
+    }
+}
+
 pub fn output(cmd: &mut Command) -> Result<String> {
     let what = format!("{cmd:?}");
     let out = cmd.output().with_context(|| format!("run {what}"))?;
@@ -94,8 +105,8 @@ impl Served {
         let served = match target {
             Target::Xdevice | Target::Xdevice3 => {
                 let replicas = target.replicas().unwrap_or(1).to_string();
-                let dir = work.join("xdevice");
-                let log = work.join("xdevice.log");
+                let dir = work.join(target.key());
+                let log = work.join(format!("{}.log", target.key()));
                 let stderr = std::fs::File::create(&log)
                     .with_context(|| format!("create {}", log.display()))?;
                 let mut child = Command::new(&s.xdevice)
@@ -104,6 +115,7 @@ impl Served {
                     .arg(&dir)
                     .args(["--size", &format!("{}M", s.size_mib), "--replicas", &replicas])
                     .args(["--cache", &format!("{}M", s.cache_mib), "--mode", &s.mode])
+                    .args(guest_raft_timing())
                     .arg("--run-dir")
                     .arg(work.join("run"))
                     .stdin(Stdio::null())

@@ -1,7 +1,7 @@
 //! The hot cache: the device's recent and hot blocks in memory, bounded in bytes.
 //!
 //! Three kinds of entry, one per block at most:
-//! - **pinned**: the newest write (or discard) of the block is not committed and applied yet.
+//! - **pinned**: the newest write (or discard) of the block is not committed yet.
 //!   Reads must see it, and the replicas' images may not hold it, so it is never evicted; it
 //!   becomes clean when its write is confirmed (`unpin`), and a discard's entry is dropped then.
 //! - **clean**: the block as the images hold it, evictable in S3-FIFO order (`policy.rs`).
@@ -246,7 +246,7 @@ impl HotCache {
         self.zeroing.values().any(|&(lba, n)| (lba..lba + n).contains(&block))
     }
 
-    /// Write `seq` of `blocks` blocks at `lba` is committed and applied, and so is every write
+    /// Write `seq` of `blocks` blocks at `lba` is committed, and so is every write
     /// before it: its blocks (those not rewritten since) become clean.
     pub fn unpin_write(&mut self, seq: u64, lba: u64, blocks: u64) {
         for b in lba..lba + blocks {
@@ -268,8 +268,8 @@ impl HotCache {
         self.evict_to_fit();
     }
 
-    /// Discard `seq` is committed and applied: the images read zeros there now, so its entries
-    /// are dropped (zeros are read without I/O).
+    /// Discard `seq` is committed: its entries are dropped, and the images read zeros there
+    /// without I/O once they applied it (a read that goes to an image waits for that).
     pub fn unpin_zero(&mut self, seq: u64, lba: u64, blocks: u64) {
         self.zeroing.remove(&seq);
         let mine = |s: &Slot| matches!(s, Slot::Pinned { seq: s, data: None } if *s == seq);

@@ -337,31 +337,49 @@ impl Embedded {
     async fn replica_applied(&self, index: u64, within: Duration) -> Result<Arc<Node>, String> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            let candidates = self.leader().into_iter().chain(self.running());
-            let mut watch = None;
-            for n in candidates {
+            // Watch first, then look: an apply landing in between is not missed.
+            let mut watched = Vec::new();
+            for n in self.leader().into_iter().chain(self.running()) {
+                let mut rx = n.raft.metrics();
+                rx.borrow_and_update();
                 if applied_index(&n.raft) >= index {
                     return Ok(n);
                 }
-                watch.get_or_insert_with(|| n.raft.metrics());
+                watched.push(rx);
             }
-            let Some(mut watch) = watch else {
+            if watched.is_empty() {
                 return Err("no replica is running".to_string());
-            };
-            watch.borrow_and_update();
-            // Any replica's change may be the one; the leader's is checked each time, and a
-            // short bound covers a change on another replica or a new leader.
-            let wait = Duration::from_millis(50).min(deadline - tokio::time::Instant::now());
-            match tokio::time::timeout(wait, watch.changed()).await {
-                Ok(Ok(())) | Err(_) if tokio::time::Instant::now() < deadline => {}
-                _ => {
-                    return Err(format!(
-                        "no replica has applied log index {index} within {within:?}"
-                    ))
-                }
             }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!("no replica has applied log index {index} within {within:?}"));
+            }
+            // Any replica's change (the leader's is first), or a stopped one's watch closing,
+            // ends the wait; the bound only covers the leader changing meanwhile.
+            let changes = watched.into_iter().map(|mut rx| {
+                Box::pin(async move {
+                    let _ = rx.changed().await;
+                })
+            });
+            let wait = Duration::from_millis(50).min(deadline - tokio::time::Instant::now());
+            let _ = tokio::time::timeout(wait, futures_select_any(changes)).await;
         }
     }
+}
+
+/// Resolves when the first of `futures` does.
+async fn futures_select_any<F: std::future::Future<Output = ()> + Unpin>(
+    futures: impl Iterator<Item = F>,
+) {
+    let mut futures: Vec<F> = futures.collect();
+    std::future::poll_fn(move |cx| {
+        for f in futures.iter_mut() {
+            if std::pin::Pin::new(f).poll(cx).is_ready() {
+                return std::task::Poll::Ready(());
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 /// Block `lba` from `peer`'s image if it passes its checksum there.

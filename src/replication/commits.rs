@@ -9,7 +9,12 @@
 //! the entry's index when it appends it, and from then on:
 //! - a committed index at or past the entry resolves it (`committed`);
 //! - a truncation at or below the entry fails it (`truncated`): the entry was replaced, and a
-//!   later commit at that index would be someone else's.
+//!   later commit at that index would be someone else's;
+//! - a purge that reaches it before it resolved fails it (`purged`): only an installed snapshot
+//!   removes entries that were never reported committed here (openraft replaces the log without
+//!   truncating it when the snapshot's last entry is not in it), and whether the entry was in
+//!   that snapshot is unknown;
+//! - the replica stopping fails every entry still watched (`close`).
 //!
 //! A placed entry still in the log when the committed index passes it is committed: a replica's
 //! committed prefix is the cluster's (Raft's log matching), and an entry leaves the log only by
@@ -109,6 +114,36 @@ impl CommitWatch {
         }
     }
 
+    /// The log was purged through `index`. A leader purges only what it applied, which resolved
+    /// here first; anything still placed was removed by a snapshot install.
+    pub fn purged(&self, index: u64) {
+        let gone = {
+            let mut st = self.lock();
+            let rest = st.placed.split_off(&(index + 1));
+            std::mem::replace(&mut st.placed, rest)
+        };
+        for (at, (_, tx)) in gone {
+            let _ = tx.send(Err(format!(
+                "log entry {at} was removed by a snapshot before it was seen committed"
+            )));
+        }
+    }
+
+    /// The replica stopped: nothing watched here will be reported.
+    pub fn close(&self) {
+        let (waiting, placed) = {
+            let mut st = self.lock();
+            (std::mem::take(&mut st.waiting), std::mem::take(&mut st.placed))
+        };
+        let why = || Err("the replica stopped".to_string());
+        for tx in waiting.into_values() {
+            let _ = tx.send(why());
+        }
+        for (_, (_, tx)) in placed {
+            let _ = tx.send(why());
+        }
+    }
+
     /// Every entry up to `index` is committed.
     pub fn committed(&self, index: u64) {
         let done = {
@@ -174,6 +209,24 @@ mod tests {
         w.appended([(7, c)]);
         w.committed(9);
         assert_eq!(rc.try_recv().unwrap(), Ok(7));
+    }
+
+    #[test]
+    fn a_purge_or_a_stop_fails_what_is_still_watched() {
+        let w = Arc::new(CommitWatch::default());
+        let (a, b, c) = (Tag::fresh(), Tag::fresh(), Tag::fresh());
+        let mut ra = w.register(a);
+        let pb = w.watch(b);
+        let mut rc = w.register(c);
+        w.appended([(3, a), (9, c)]);
+        // A snapshot through 5 replaced entry 3 without a truncation.
+        w.purged(5);
+        assert!(ra.try_recv().unwrap().unwrap_err().contains("snapshot"));
+        assert!(rc.try_recv().is_err(), "entry 9 is still in the log");
+        w.close();
+        assert!(rc.try_recv().unwrap().unwrap_err().contains("stopped"));
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        assert!(rt.block_on(pb).unwrap_err().contains("stopped"), "a watch never appended");
     }
 
     #[test]

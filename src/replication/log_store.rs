@@ -368,6 +368,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.inner.commits.purged(log_id.index);
         self.cache().purge(log_id.index);
         let upto = to_store_log_id(&log_id);
         self.blocking(move |engine| {

@@ -138,6 +138,7 @@ impl Node {
         self.monitor.abort();
         self.elections.abort();
         self.raft.shutdown().await.map_err(|e| anyhow::anyhow!("raft shutdown: {e}"))?;
+        self.commits.close();
         let engine = self.engine.clone();
         tokio::task::spawn_blocking(move || engine.close()).await??;
         Ok(())

@@ -2,7 +2,7 @@
 //! address per replica, the cluster id checked on every frame.
 //!
 //! Kinds: `RAFT` carries a postcard `RaftRpc` and answers a `RaftReply`; `WRITE` proposes a
-//! `Request` and answers the committed index once applied on the leader; `READ` answers a
+//! `Request` and answers its entry's index once committed (`commits`, before apply); `READ` answers a
 //! `BlocksReply` from the leader's image after a linearizable check; `ADMIN` carries an `Admin`
 //! request. Writes from one connection are handed to Raft in arrival order.
 //!
