@@ -209,22 +209,32 @@ impl Cluster for Embedded {
             let committed = node.commits.watch(tag);
             let rx = node.raft.client_write_ff(req).await.map_err(|e| e.to_string())?;
             let commit: Commit = Box::pin(async move {
-                let mut rx = std::pin::pin!(rx);
-                let mut committed = std::pin::pin!(committed);
+                let (mut rx, mut committed) = (rx, committed);
                 loop {
-                    tokio::select! {
+                    let step = tokio::select! {
                         biased;
-                        c = &mut committed => return c,
+                        c = &mut committed => Step::Committed(c),
+                        r = &mut rx => Step::Answered(r.map_err(|_| ())),
+                        _ = tokio::time::sleep(Duration::from_millis(10)) => Step::Tick,
+                    };
+                    match step {
+                        Step::Committed(c) => {
+                            // openraft answers after apply; keep the receiver until it does.
+                            node.late_answers.keep(rx);
+                            return c;
+                        }
                         // The answer after apply: an error (not the leader after all), or a
-                        // success whose commit the watch above has already reported.
-                        r = &mut rx => return match r {
-                            Ok(Ok(resp)) => Ok(resp.log_id.index),
-                            Ok(Err(e)) => Err(e.to_string()),
-                            Err(_) => Err("leader dropped the proposal".to_string()),
-                        },
+                        // success whose commit the watch has already reported.
+                        Step::Answered(r) => {
+                            return match r {
+                                Ok(Ok(resp)) => Ok(resp.log_id.index),
+                                Ok(Err(e)) => Err(e.to_string()),
+                                Err(()) => Err("leader dropped the proposal".to_string()),
+                            }
+                        }
                         // An isolated leader never hears that it was replaced: give up on it
                         // as soon as another replica leads with a higher term.
-                        _ = tokio::time::sleep(Duration::from_millis(10)) => {
+                        Step::Tick => {
                             if !self.still_leads(node.id) {
                                 return Err(format!("node {} lost the leadership", node.id));
                             }
@@ -364,6 +374,13 @@ impl Embedded {
             let _ = tokio::time::timeout(wait, futures_select_any(changes)).await;
         }
     }
+}
+
+/// What a proposal's commit future saw first.
+enum Step<A> {
+    Committed(Result<u64, String>),
+    Answered(Result<A, ()>),
+    Tick,
 }
 
 /// Resolves when the first of `futures` does.

@@ -160,6 +160,35 @@ impl CommitWatch {
     }
 }
 
+/// Holds openraft's answers to proposals already answered at commit until openraft sends them
+/// (after apply): openraft logs a warning for every answer whose receiver is gone. One task per
+/// replica awaits them in order, off the write path.
+#[derive(Clone, Debug)]
+pub struct LateAnswers(
+    tokio::sync::mpsc::UnboundedSender<Pin<Box<dyn Future<Output = ()> + Send>>>,
+);
+
+impl LateAnswers {
+    /// Starts the task on the current runtime; it ends when every handle is dropped.
+    pub fn start() -> LateAnswers {
+        let (tx, mut rx) =
+            tokio::sync::mpsc::unbounded_channel::<Pin<Box<dyn Future<Output = ()> + Send>>>();
+        tokio::spawn(async move {
+            while let Some(answer) = rx.recv().await {
+                answer.await;
+            }
+        });
+        LateAnswers(tx)
+    }
+
+    /// Keeps `answer` until it resolves.
+    pub fn keep<F: Future + Send + 'static>(&self, answer: F) {
+        let _ = self.0.send(Box::pin(async move {
+            let _ = answer.await;
+        }));
+    }
+}
+
 /// A watched proposal: resolves to its entry's index at commit, or to why it never will; forgets
 /// the tag when dropped.
 #[derive(Debug)]

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use openraft::{BasicNode, Config, SnapshotPolicy};
 
-use super::commits::CommitWatch;
+use super::commits::{CommitWatch, LateAnswers};
 use super::election::ElectionGate;
 use super::network::{NetworkFactory, Transport};
 use super::snapshot::record_bytes;
@@ -94,6 +94,8 @@ pub struct Node {
     pub gate: ElectionGate,
     /// Where proposals made to this replica learn that their entry committed.
     pub commits: Arc<CommitWatch>,
+    /// Where openraft's after-apply answers to those proposals are kept until sent.
+    pub late_answers: LateAnswers,
     monitor: tokio::task::JoinHandle<()>,
     elections: tokio::task::JoinHandle<()>,
 }
@@ -122,7 +124,8 @@ impl Node {
         let monitor = tokio::spawn(snapshot_monitor(raft.clone(), engine.clone(), tuning.clone()));
         let gate = ElectionGate::new(id, raft.clone(), log, tuning.election_min);
         let elections = tokio::spawn(gate.clone().run(transport, tuning.heartbeat));
-        Ok(Node { id, raft, engine, gate, commits, monitor, elections })
+        let late_answers = LateAnswers::start();
+        Ok(Node { id, raft, engine, gate, commits, late_answers, monitor, elections })
     }
 
     /// Makes a new cluster of `members` (id, address) from this node. Only on a fresh node.

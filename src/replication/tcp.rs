@@ -21,7 +21,7 @@ use openraft::{BasicNode, ChangeMembers, ServerState};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use super::commits::{CommitWatch, Tag};
+use super::commits::{CommitWatch, LateAnswers, Tag};
 use super::election::ElectionGate;
 use super::network::{dispatch, BoxFuture, RaftRpc, Transport, TransportError};
 use super::node::applied_index;
@@ -234,8 +234,8 @@ const DEMOTE_CONFIRM: Duration = Duration::from_secs(5);
 
 impl NodeService {
     /// `receiving`: the state machine's incoming snapshot progress
-    /// (`StateMachine::receive_progress`), shown in the status; `gate` and `commits`: the
-    /// node's (`Node::gate`, `Node::commits`).
+    /// (`StateMachine::receive_progress`), shown in the status; `gate`, `commits` and
+    /// `late_answers`: the node's (`Node::gate`, `Node::commits`, `Node::late_answers`).
     pub fn new(
         id: NodeId,
         raft: Raft,
@@ -243,9 +243,10 @@ impl NodeService {
         receiving: Arc<ReceiveProgress>,
         gate: ElectionGate,
         commits: Arc<CommitWatch>,
+        late_answers: LateAnswers,
     ) -> Arc<NodeService> {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(propose_in_order(raft.clone(), commits, rx));
+        tokio::spawn(propose_in_order(raft.clone(), commits, late_answers, rx));
         Arc::new(NodeService { id, raft, engine, receiving, gate, proposals: tx })
     }
 
@@ -333,6 +334,7 @@ async fn wait_matched(raft: &Raft, target: NodeId, index: u64, within: Duration)
 async fn propose_in_order(
     raft: Raft,
     commits: Arc<CommitWatch>,
+    late_answers: LateAnswers,
     mut rx: mpsc::UnboundedReceiver<Proposal>,
 ) {
     while let Some((req, done)) = rx.recv().await {
@@ -350,16 +352,24 @@ async fn propose_in_order(
         match raft.client_write_ff(req).await {
             Ok(resp) => {
                 // The request's own task awaits the outcome: no task in between on the way back.
+                let late = late_answers.clone();
                 let _ = done.send(Ok(Box::pin(async move {
-                    tokio::select! {
+                    let (mut resp, mut committed) = (resp, committed);
+                    let first = tokio::select! {
                         biased;
-                        c = committed => c,
+                        c = &mut committed => Ok(c),
                         // Only an error can come first: the answer after apply follows commit.
-                        r = resp => match r {
-                            Ok(Ok(r)) => Ok(r.log_id.index),
-                            Ok(Err(e)) => Err(e.to_string()),
-                            Err(_) => Err("proposal dropped".to_string()),
-                        },
+                        r = &mut resp => Err(r),
+                    };
+                    match first {
+                        Ok(c) => {
+                            // openraft answers after apply; keep the receiver until it does.
+                            late.keep(resp);
+                            c
+                        }
+                        Err(Ok(Ok(r))) => Ok(r.log_id.index),
+                        Err(Ok(Err(e))) => Err(e.to_string()),
+                        Err(Err(_)) => Err("proposal dropped".to_string()),
                     }
                 })));
             }
