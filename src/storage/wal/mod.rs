@@ -9,10 +9,13 @@
 //! Truncation and purge are records in the same ordered stream (markers), so the log on disk is
 //! append-only and recovery replays them in order. Purge waits until its marker is durable, then
 //! removes whole segments that hold nothing above the purge point.
+//!
+//! Rotation switches to a spare segment prepared ahead, off the commit path (`spare`).
 
 mod log;
 mod payload;
 mod scan;
+mod spare;
 mod writer;
 
 use std::collections::{HashSet, VecDeque};
@@ -25,6 +28,7 @@ use uuid::Uuid;
 pub use log::DiskLoc;
 pub use payload::Payload;
 pub use scan::{LiveSegment, TailStop};
+use spare::{Spare, Spares, Want};
 use writer::{marker_payload, PendingOp, Writer};
 
 use super::disk::{AlignedBuf, IO_ALIGN, SECTOR_BYTES};
@@ -144,6 +148,8 @@ pub struct WalRecovery {
     pub records: u64,
     pub tail: TailStop,
     pub discarded: Vec<String>,
+    /// The prepared spare kept for the next rotation, if recovery found one.
+    pub spare: Option<String>,
 }
 
 #[derive(Debug)]
@@ -175,6 +181,7 @@ struct Shared {
     work: Condvar,
     done: Condvar,
     writer: Mutex<Writer>,
+    spares: Spares,
     batches: AtomicU64,
     records: AtomicU64,
     bytes: AtomicU64,
@@ -184,7 +191,14 @@ struct Shared {
 /// The write-ahead log of one replica.
 pub struct Wal {
     shared: Arc<Shared>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    threads: Mutex<Threads>,
+}
+
+/// The WAL's threads in `CommitMode::Thread`: the committer and the spare preparer.
+#[derive(Default)]
+struct Threads {
+    commit: Option<JoinHandle<()>>,
+    spare: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Wal {
@@ -218,20 +232,22 @@ impl Wal {
         // have been larger when they were written.
         let rec = scan::recover(&*store, device_uuid, MAX_STORED_BYTES, true)?;
         let mut segs: VecDeque<LiveSegment> = rec.segments.into();
-        let report = WalRecovery {
+        let mut report = WalRecovery {
             segments: segs.len(),
             records: rec.records,
             tail: rec.tail.clone(),
             discarded: rec.discarded,
+            spare: None,
         };
         let log = rec.log;
         finish_purge(&*store, &mut segs, log.purged)?;
         let tail =
             segs.back().cloned().ok_or_else(|| StorageError::Foreign("no WAL segment".into()))?;
+        let ready = keep_spare(&*store, rec.spares, tail.header.seq + 1, &mut report)?;
         let mut writer = Writer {
-            store: store.clone(),
             device_uuid,
             active: writer::ActiveSegment { place: tail.place.clone(), header: tail.header },
+            header_pending: false,
             write_pos: SEGMENT_HEADER_BYTES,
             tail: AlignedBuf::zeroed(IO_ALIGN),
             next_index: log.next,
@@ -254,6 +270,12 @@ impl Wal {
                 last.header = header;
             }
         }
+        let want = Want {
+            seq: writer.active.header.seq + 1,
+            live: segs.iter().map(|s| s.place.id).collect(),
+        };
+        let spares =
+            Spares::new(store.clone(), device_uuid, tail.header.segment_bytes, ready, want);
         let state = LogState {
             segs,
             first: log.first(),
@@ -276,23 +298,29 @@ impl Wal {
             work: Condvar::new(),
             done: Condvar::new(),
             writer: Mutex::new(writer),
+            spares,
             batches: AtomicU64::new(0),
             records: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             stored_bytes: AtomicU64::new(0),
         });
-        let thread = match shared.cfg.mode {
-            CommitMode::Thread => {
-                let s = shared.clone();
-                let handle = std::thread::Builder::new()
-                    .name("xdevice-wal".into())
-                    .spawn(move || s.commit_loop())
-                    .map_err(|e| StorageError::io("spawn WAL writer", "thread", e))?;
-                Some(handle)
-            }
-            CommitMode::Inline => None,
-        };
-        Ok((Wal { shared, thread: Mutex::new(thread) }, report))
+        let wal = Wal { shared, threads: Mutex::new(Threads::default()) };
+        if wal.shared.cfg.mode == CommitMode::Thread {
+            // On an error, dropping `wal` closes it, which stops the threads already started.
+            let spare = wal.spawn("xdevice-wal-spare", |s| s.spares.run(&s.poison))?;
+            wal.threads.lock().expect("wal threads lock").spare = Some(spare);
+            let commit = wal.spawn("xdevice-wal", |s| s.commit_loop())?;
+            wal.threads.lock().expect("wal threads lock").commit = Some(commit);
+        }
+        Ok((wal, report))
+    }
+
+    fn spawn(&self, name: &str, body: fn(&Shared)) -> Result<JoinHandle<()>> {
+        let shared = self.shared.clone();
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || body(&shared))
+            .map_err(|e| StorageError::io("spawn WAL thread", name, e))
     }
 
     /// Queues `entries` (consecutive, starting at the log's next index). They are readable when
@@ -373,18 +401,22 @@ impl Wal {
         self.shared.lock().segs.iter().cloned().collect()
     }
 
-    /// Commits everything queued and stops the group-commit thread.
+    /// Commits everything queued and stops the WAL's threads.
     pub fn close(&self) -> Result<()> {
         self.shared.lock().shutdown = true;
         self.shared.work.notify_all();
-        let handle = self.thread.lock().expect("wal thread lock").take();
-        if let Some(handle) = handle {
-            if handle.join().is_err() {
-                return Err(StorageError::Invalid("WAL writer thread panicked".into()));
-            }
-        }
+        let mut threads = self.threads.lock().expect("wal threads lock");
+        let commit = join(threads.commit.take(), "writer");
         while self.shared.commit_next() {}
+        self.shared.spares.shutdown();
+        let spare = join(threads.spare.take(), "spare preparer");
+        commit.and(spare)?;
         self.shared.poison.check()
+    }
+
+    /// The prepared spare's name, if one is ready for the next rotation.
+    pub fn spare(&self) -> Option<String> {
+        self.shared.spares.ready().map(|(name, _)| name)
     }
 }
 
@@ -393,6 +425,14 @@ impl Drop for Wal {
         if let Err(e) = self.close() {
             tracing::warn!(error = %e, "WAL closed with an error");
         }
+    }
+}
+
+/// Joins a WAL thread, if it was started.
+fn join(handle: Option<JoinHandle<()>>, name: &str) -> Result<()> {
+    match handle.map(JoinHandle::join) {
+        Some(Err(_)) => Err(StorageError::Invalid(format!("WAL {name} thread panicked"))),
+        _ => Ok(()),
     }
 }
 
@@ -406,6 +446,8 @@ pub struct LogSummary {
     pub records: u64,
     pub tail: TailStop,
     pub discarded: Vec<String>,
+    /// Prepared spares (never part of the chain), by name.
+    pub spares: Vec<String>,
 }
 
 /// One live segment as `inspect` shows it.
@@ -440,7 +482,40 @@ pub fn inspect(store: &dyn SegmentStore, device_uuid: Uuid) -> Result<LogSummary
         records: rec.records,
         tail: rec.tail,
         discarded: rec.discarded,
+        spares: rec
+            .spares
+            .iter()
+            .map(|(place, h)| format!("{} (prepared for seq {})", place.name, h.seq))
+            .collect(),
     })
+}
+
+/// Keeps the spare prepared for `seq` (the next rotation's), if recovery found one, and removes
+/// every other: a spare is only ever used for the seq it was prepared for.
+fn keep_spare(
+    store: &dyn SegmentStore,
+    spares: Vec<(super::segment::SegmentPlace, super::segment::SpareHeader)>,
+    seq: u64,
+    report: &mut WalRecovery,
+) -> Result<Option<Spare>> {
+    let mut kept = None;
+    let mut released = false;
+    for (place, header) in spares {
+        if kept.is_none() && header.seq == seq {
+            report.spare = Some(place.name.clone());
+            kept = Some(Spare { place, seq });
+            continue;
+        }
+        report
+            .discarded
+            .push(format!("{} (spare for seq {}, not the next; removed)", place.name, header.seq));
+        store.release(&place)?;
+        released = true;
+    }
+    if released {
+        store.sync()?;
+    }
+    Ok(kept)
 }
 
 /// Removes leading segments that hold nothing above the purge point (an interrupted purge).
@@ -676,7 +751,7 @@ impl Shared {
             .map_err(|r| StorageError::corrupt("WAL record", at, r))
     }
 
-    fn commit_loop(self: Arc<Self>) {
+    fn commit_loop(&self) {
         loop {
             {
                 let mut st = self.lock();
@@ -703,9 +778,10 @@ impl Shared {
         };
         let result = match self.poison.check() {
             Err(e) => Err(e),
-            Ok(()) => {
-                writer.write_batch(&batch, || self.lock().segs.iter().map(|s| s.place.id).collect())
-            }
+            Ok(()) => writer.write_batch(&batch, |seq| {
+                let live = self.lock().segs.iter().map(|s| s.place.id).collect();
+                self.spares.take(seq, live)
+            }),
         };
         let batch_bytes: usize = batch.iter().map(PendingOp::disk_bytes).sum();
         let mut st = self.lock();
@@ -744,6 +820,10 @@ impl Shared {
         self.done.notify_all();
         for (cb, ok) in ready {
             cb(if ok { Ok(()) } else { self.poison.check() });
+        }
+        if self.cfg.mode == CommitMode::Inline {
+            // Between batches, with no lock held: the next rotation finds its spare ready.
+            self.spares.step(&self.poison);
         }
         true
     }

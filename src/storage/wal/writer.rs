@@ -1,16 +1,16 @@
 //! The WAL's physical writer: encodes a batch of records after the current write position,
-//! writes it with one aligned write followed by one data sync, and rotates to a new segment when
-//! a batch does not fit. Owned by exactly one committer at a time (the group-commit thread, or an
+//! writes it with one aligned write followed by one data sync, and rotates to a prepared spare
+//! segment when a batch does not fit (the spare's segment header goes out in the same write as
+//! its first batch). Owned by exactly one committer at a time (the group-commit thread, or an
 //! inline flusher holding the writer lock), so batches reach the disk in the order they were taken.
 
 use std::borrow::Cow;
-use std::collections::HashSet;
-use std::sync::Arc;
 
 use uuid::Uuid;
 
 use super::log::DiskLoc;
 use super::payload::Payload;
+use super::spare::Spare;
 use crate::storage::disk::{AlignedBuf, IO_ALIGN, SECTOR_BYTES};
 use crate::storage::error::{Result, StorageError};
 use crate::storage::le::now_us;
@@ -60,9 +60,11 @@ pub struct Rotated {
 /// Physical write state. Fields mirror what recovery would rebuild from disk.
 #[derive(Debug)]
 pub struct Writer {
-    pub store: Arc<dyn SegmentStore>,
     pub device_uuid: Uuid,
     pub active: ActiveSegment,
+    /// The active segment is a spare just rotated to: its place still holds the spare header,
+    /// and the segment header goes out with the first batch, in the same write and sync.
+    pub header_pending: bool,
     /// Where the next batch starts: a sector boundary.
     pub write_pos: u64,
     /// The IO_ALIGN block containing `write_pos`, as last written.
@@ -108,13 +110,13 @@ impl Writer {
         )
     }
 
-    /// Writes `ops` as one batch and syncs it. `live` gives the store ids of live segments in
-    /// case a rotation must allocate. Returns the placements of entry records and, if it
+    /// Writes `ops` as one batch and syncs it. `spare` hands over the prepared segment for a
+    /// seq, in case the batch must rotate. Returns the placements of entry records and, if it
     /// rotated, the new segment.
     pub fn write_batch(
         &mut self,
         ops: &[PendingOp],
-        live: impl FnOnce() -> HashSet<u64>,
+        spare: impl FnOnce(u64) -> Result<Spare>,
     ) -> Result<(Vec<Placed>, Option<Rotated>)> {
         let stored: Vec<Option<Vec<u8>>> = ops
             .iter()
@@ -137,9 +139,14 @@ impl Writer {
         let segment_bytes = self.active.header.segment_bytes;
         let mut rotated = None;
         if self.write_pos + records_bytes.next_multiple_of(SECTOR_BYTES as u64) > segment_bytes {
-            rotated = Some(self.rotate(live())?);
+            rotated = Some(self.rotate(spare(self.active.header.seq + 1)?)?);
         }
-        let start_block = self.write_pos - self.write_pos % IO_ALIGN as u64;
+        // The write starts at the block holding the write position, or at the segment's start
+        // when its header goes out with this batch.
+        let start_block = match self.header_pending {
+            true => 0,
+            false => self.write_pos - self.write_pos % IO_ALIGN as u64,
+        };
         let head = (self.write_pos - start_block) as usize;
         let end = (self.write_pos + records_bytes).next_multiple_of(SECTOR_BYTES as u64);
         if end > segment_bytes {
@@ -153,7 +160,10 @@ impl Writer {
             Some(buf) if buf.len() >= len => buf,
             _ => AlignedBuf::zeroed(len),
         };
-        buf[..head].copy_from_slice(&self.tail[..head]);
+        match self.header_pending {
+            true => buf[..head].copy_from_slice(&self.active.header.encode()),
+            false => buf[..head].copy_from_slice(&self.tail[..head]),
+        }
         let seed = record::salt_seed(self.active.header.salt);
         let now = now_us();
         let mut placed = Vec::new();
@@ -189,6 +199,7 @@ impl Writer {
         let written = disk.write_and_sync(start_block, &buf[..len]);
         let result = match written {
             Ok(()) => {
+                self.header_pending = false;
                 self.advance(ops, &buf[..len], start_block, end);
                 Ok((placed, rotated))
             }
@@ -227,17 +238,27 @@ impl Writer {
         }
     }
 
-    fn rotate(&mut self, live: HashSet<u64>) -> Result<Rotated> {
+    /// Switches to `spare`, the durable prepared place of the next segment. Nothing is written
+    /// here: the segment header (with a fresh salt, this seq's first index and the old segment's
+    /// sealed end) goes out with the first batch. Until that batch is synced the place still
+    /// reads as a spare, so recovery ends the chain at the old segment, which holds every
+    /// acknowledged record.
+    fn rotate(&mut self, spare: Spare) -> Result<Rotated> {
         let seq = self.active.header.seq + 1;
-        let place = self.store.allocate(seq, &live)?;
+        if spare.seq != seq {
+            return Err(StorageError::Invalid(format!(
+                "spare segment for seq {} handed over for seq {seq}",
+                spare.seq
+            )));
+        }
         let prev_sealed = self.seal_at.take().unwrap_or(self.write_pos);
         let header = self.next_header(seq, prev_sealed);
-        let active = Self::init_segment(&*self.store, place, header)?;
-        let rotated = Rotated { place: active.place.clone(), header: active.header };
-        self.active = active;
+        let rotated = Rotated { place: spare.place.clone(), header };
+        self.active = ActiveSegment { place: spare.place, header };
+        self.header_pending = true;
         self.write_pos = SEGMENT_HEADER_BYTES;
         self.tail.fill(0);
-        tracing::debug!(seq, first_index = header.first_index, "WAL rotated to a new segment");
+        tracing::debug!(seq, first_index = header.first_index, "WAL rotated to a spare segment");
         Ok(rotated)
     }
 }
