@@ -12,6 +12,7 @@
 //!
 //! Rotation switches to a spare segment prepared ahead, off the commit path (`spare`).
 
+mod deliver;
 mod log;
 mod payload;
 mod scan;
@@ -170,7 +171,10 @@ struct LogState {
     next_ticket: u64,
     durable_ticket: u64,
     callbacks: VecDeque<(u64, Callback)>,
+    /// Appends are refused; the committer commits what is queued and stops.
     shutdown: bool,
+    /// Nothing more will be committed: every callback left is delivered now.
+    closed: bool,
 }
 
 struct Shared {
@@ -194,11 +198,13 @@ pub struct Wal {
     threads: Mutex<Threads>,
 }
 
-/// The WAL's threads in `CommitMode::Thread`: the committer and the spare preparer.
+/// The WAL's threads in `CommitMode::Thread`: the committer, the spare preparer and the
+/// callback deliverer.
 #[derive(Default)]
 struct Threads {
     commit: Option<JoinHandle<()>>,
     spare: Option<JoinHandle<()>>,
+    deliver: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Wal {
@@ -289,6 +295,7 @@ impl Wal {
             durable_ticket: 0,
             callbacks: VecDeque::new(),
             shutdown: false,
+            closed: false,
         };
         let shared = Arc::new(Shared {
             cfg,
@@ -309,6 +316,8 @@ impl Wal {
             // On an error, dropping `wal` closes it, which stops the threads already started.
             let spare = wal.spawn("xdevice-wal-spare", |s| s.spares.run(&s.poison))?;
             wal.threads.lock().expect("wal threads lock").spare = Some(spare);
+            let deliver = wal.spawn("xdevice-wal-cb", |s| s.deliver_loop())?;
+            wal.threads.lock().expect("wal threads lock").deliver = Some(deliver);
             let commit = wal.spawn("xdevice-wal", |s| s.commit_loop())?;
             wal.threads.lock().expect("wal threads lock").commit = Some(commit);
         }
@@ -401,7 +410,7 @@ impl Wal {
         self.shared.lock().segs.iter().cloned().collect()
     }
 
-    /// Commits everything queued and stops the WAL's threads.
+    /// Commits everything queued, delivers every callback and stops the WAL's threads.
     pub fn close(&self) -> Result<()> {
         self.shared.lock().shutdown = true;
         self.shared.work.notify_all();
@@ -410,7 +419,13 @@ impl Wal {
         while self.shared.commit_next() {}
         self.shared.spares.shutdown();
         let spare = join(threads.spare.take(), "spare preparer");
-        commit.and(spare)?;
+        self.shared.lock().closed = true;
+        self.shared.done.notify_all();
+        let deliver = join(threads.deliver.take(), "callback");
+        // Inline (or if the delivery thread died): whatever is left is delivered here.
+        let left = self.shared.lock().take_all(self.shared.poison.check().is_err());
+        left.run(&self.shared);
+        commit.and(spare).and(deliver)?;
         self.shared.poison.check()
     }
 
@@ -613,9 +628,17 @@ impl Shared {
         }
         let ticket = st.next_ticket - 1;
         if let Some(cb) = callback {
-            if st.durable_ticket >= ticket {
+            if st.durable_ticket >= ticket && self.cfg.mode == CommitMode::Inline {
                 drop(st);
                 cb(Ok(()));
+                return Ok(ticket);
+            }
+            // With the delivery thread, even an already durable ticket's callback goes through
+            // it, so callbacks still run in ticket order.
+            if st.durable_ticket >= ticket {
+                st.callbacks.push_back((ticket, cb));
+                drop(st);
+                self.done.notify_all();
                 return Ok(ticket);
             }
             st.callbacks.push_back((ticket, cb));
@@ -786,7 +809,6 @@ impl Shared {
         let batch_bytes: usize = batch.iter().map(PendingOp::disk_bytes).sum();
         let mut st = self.lock();
         st.pending_bytes -= batch_bytes;
-        let mut ready = Vec::new();
         match result {
             Ok((placed, rotated)) => {
                 if let Some(r) = rotated {
@@ -804,24 +826,23 @@ impl Shared {
                 self.bytes.fetch_add(batch_bytes as u64, Ordering::Relaxed);
                 let stored: u64 = placed.iter().map(|p| u64::from(p.loc.len)).sum();
                 self.stored_bytes.fetch_add(stored, Ordering::Relaxed);
-                while st.callbacks.front().is_some_and(|(t, _)| *t <= st.durable_ticket) {
-                    ready.extend(st.callbacks.pop_front().map(|(_, cb)| (cb, true)));
-                }
             }
             Err(e) => {
                 if !matches!(e, StorageError::Poisoned { .. }) {
                     self.poison.set(&e);
                 }
-                ready.extend(st.callbacks.drain(..).map(|(_, cb)| (cb, false)));
             }
         }
+        // The delivery thread (woken by `done`) runs the callbacks; inline, this thread does.
+        let ready = match self.cfg.mode {
+            CommitMode::Thread => None,
+            CommitMode::Inline => Some(st.take_deliverable(self.poison.check().is_err())),
+        };
         drop(st);
         drop(writer);
         self.done.notify_all();
-        for (cb, ok) in ready {
-            cb(if ok { Ok(()) } else { self.poison.check() });
-        }
-        if self.cfg.mode == CommitMode::Inline {
+        if let Some(ready) = ready {
+            ready.run(self);
             // Between batches, with no lock held: the next rotation finds its spare ready.
             self.spares.step(&self.poison);
         }
