@@ -171,6 +171,9 @@ struct LogState {
     next_ticket: u64,
     durable_ticket: u64,
     callbacks: VecDeque<(u64, Callback)>,
+    /// The commit thread sleeps on `work`: only then does queueing an op wake it (a wake-up is
+    /// a futex system call, which every append made, the committer asleep or not).
+    committer_idle: bool,
     /// Appends are refused; the committer commits what is queued and stops.
     shutdown: bool,
     /// Nothing more will be committed: every callback left is delivered now.
@@ -294,6 +297,7 @@ impl Wal {
             next_ticket: 1,
             durable_ticket: 0,
             callbacks: VecDeque::new(),
+            committer_idle: false,
             shutdown: false,
             closed: false,
         };
@@ -643,9 +647,17 @@ impl Shared {
             }
             st.callbacks.push_back((ticket, cb));
         }
-        drop(st);
-        self.work.notify_one();
+        self.wake_committer(st);
         Ok(ticket)
+    }
+
+    /// Wakes the commit thread if it sleeps, after releasing the state lock.
+    fn wake_committer(&self, st: MutexGuard<'_, LogState>) {
+        let idle = st.committer_idle;
+        drop(st);
+        if idle {
+            self.work.notify_one();
+        }
     }
 
     /// Back-pressure: waits (or, inline, commits) while too many bytes are queued.
@@ -699,8 +711,7 @@ impl Shared {
         st.slots.truncate(keep);
         st.next = from;
         let ticket = st.push_op(RecordKind::Truncate, from, 0, Payload::default());
-        drop(st);
-        self.work.notify_one();
+        self.wake_committer(st);
         Ok(ticket)
     }
 
@@ -716,9 +727,11 @@ impl Shared {
             st.first = (upto.index + 1).max(st.first);
             st.next = st.next.max(st.first);
             st.purged = Some(upto);
-            st.push_op(RecordKind::Purge, upto.index, upto.term, marker_payload(upto.node))
+            let ticket =
+                st.push_op(RecordKind::Purge, upto.index, upto.term, marker_payload(upto.node));
+            self.wake_committer(st);
+            ticket
         };
-        self.work.notify_one();
         self.wait(ticket)?;
         let released: Vec<LiveSegment> = {
             let mut st = self.lock();
@@ -779,7 +792,9 @@ impl Shared {
             {
                 let mut st = self.lock();
                 while st.pending.is_empty() && !st.shutdown {
+                    st.committer_idle = true;
                     st = self.work.wait(st).expect("wal state lock");
+                    st.committer_idle = false;
                 }
                 if st.pending.is_empty() && st.shutdown {
                     return;
