@@ -249,3 +249,58 @@ fn append_three_kinds(
     engine.wal().flush().expect("flush");
     whole
 }
+
+/// With the commit thread, callbacks run once each, in ticket order, and only for durable entries,
+/// whether the committer runs a batch's few callbacks itself or hands many to the delivery
+/// thread: 16 writers make batches of both kinds.
+#[test]
+fn callbacks_run_once_in_ticket_order_after_their_sync() {
+    use std::sync::{Arc, Mutex};
+    use xdevice::storage::wal::{CommitMode, NewEntry};
+
+    let volume = formatted_volume();
+    let mut config = inline_config();
+    config.wal.mode = CommitMode::Thread;
+    let (engine, _) = Engine::open(&dir_location(&volume), config).expect("open");
+    let engine = Arc::new(engine);
+    let append_lock = Arc::new(Mutex::new(()));
+    // (ticket, index, durable_next seen by the callback, outcome), in the order callbacks ran.
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let writers: Vec<_> = (0..16u64)
+        .map(|w| {
+            let (engine, append_lock, seen) = (engine.clone(), append_lock.clone(), seen.clone());
+            std::thread::spawn(move || {
+                for n in 0..40u64 {
+                    let (tx, rx) = std::sync::mpsc::channel();
+                    {
+                        let _order = append_lock.lock().expect("append lock");
+                        let index = engine.wal().bounds().next;
+                        let payload = vec![(w * 40 + n) as u8; 512 + 64 * (n as usize % 8)];
+                        let entry = NewEntry { index, term: 1, payload: payload.into() };
+                        let (wal, seen) = (engine.clone(), seen.clone());
+                        let cb = Box::new(move |r: Result<(), xdevice::storage::StorageError>| {
+                            let durable = wal.wal().bounds().durable_next;
+                            seen.lock().expect("seen").push((index, durable, r.is_ok()));
+                            let _ = tx.send(());
+                        });
+                        engine.wal().append_with(vec![entry], cb).expect("append");
+                    }
+                    rx.recv().expect("callback ran");
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().expect("writer");
+    }
+    engine.wal().flush().expect("flush");
+    let seen = seen.lock().expect("seen").clone();
+    assert_eq!(seen.len(), 16 * 40, "every callback ran once");
+    for (i, &(index, durable, ok)) in seen.iter().enumerate() {
+        assert!(ok, "callback of entry {index} failed");
+        assert_eq!(index, i as u64, "callbacks out of ticket order at {i}");
+        assert!(durable > index, "callback of entry {index} ran before durable_next passed it");
+    }
+    let stats = engine.wal().stats();
+    assert!(stats.batches < stats.records, "no batch held more than one record: {stats:?}");
+}

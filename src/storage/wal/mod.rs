@@ -26,6 +26,7 @@ use std::thread::JoinHandle;
 
 use uuid::Uuid;
 
+use deliver::INLINE_CALLBACKS;
 pub use log::DiskLoc;
 pub use payload::Payload;
 pub use scan::{LiveSegment, TailStop};
@@ -178,6 +179,8 @@ struct LogState {
     shutdown: bool,
     /// Nothing more will be committed: every callback left is delivered now.
     closed: bool,
+    /// Callbacks are being run outside the lock; nobody takes more until they are done.
+    delivering: bool,
 }
 
 struct Shared {
@@ -187,6 +190,8 @@ struct Shared {
     state: Mutex<LogState>,
     work: Condvar,
     done: Condvar,
+    /// Wakes the delivery thread (`deliver.rs`).
+    deliver: Condvar,
     writer: Mutex<Writer>,
     spares: Spares,
     batches: AtomicU64,
@@ -300,6 +305,7 @@ impl Wal {
             committer_idle: false,
             shutdown: false,
             closed: false,
+            delivering: false,
         };
         let shared = Arc::new(Shared {
             cfg,
@@ -308,6 +314,7 @@ impl Wal {
             state: Mutex::new(state),
             work: Condvar::new(),
             done: Condvar::new(),
+            deliver: Condvar::new(),
             writer: Mutex::new(writer),
             spares,
             batches: AtomicU64::new(0),
@@ -424,7 +431,7 @@ impl Wal {
         self.shared.spares.shutdown();
         let spare = join(threads.spare.take(), "spare preparer");
         self.shared.lock().closed = true;
-        self.shared.done.notify_all();
+        self.shared.deliver.notify_all();
         let deliver = join(threads.deliver.take(), "callback");
         // Inline (or if the delivery thread died): whatever is left is delivered here.
         let left = self.shared.lock().take_all(self.shared.poison.check().is_err());
@@ -642,7 +649,7 @@ impl Shared {
             if st.durable_ticket >= ticket {
                 st.callbacks.push_back((ticket, cb));
                 drop(st);
-                self.done.notify_all();
+                self.deliver.notify_one();
                 return Ok(ticket);
             }
             st.callbacks.push_back((ticket, cb));
@@ -848,16 +855,24 @@ impl Shared {
                 }
             }
         }
-        // The delivery thread (woken by `done`) runs the callbacks; inline, this thread does.
-        let ready = match self.cfg.mode {
-            CommitMode::Thread => None,
-            CommitMode::Inline => Some(st.take_deliverable(self.poison.check().is_err())),
-        };
+        // A few callbacks run here; more go to the delivery thread (see `deliver.rs`).
+        let poisoned = self.poison.check().is_err();
+        let inline = self.cfg.mode == CommitMode::Inline
+            || (!st.delivering && st.deliverable(poisoned, INLINE_CALLBACKS) <= INLINE_CALLBACKS);
+        let ready = inline.then(|| st.take_deliverable(poisoned)).filter(|r| !r.is_empty());
+        st.delivering |= ready.is_some();
         drop(st);
         drop(writer);
         self.done.notify_all();
-        if let Some(ready) = ready {
-            ready.run(self);
+        match ready {
+            Some(ready) => {
+                ready.run(self);
+                self.finish_delivering();
+            }
+            None if !inline => self.deliver.notify_one(),
+            None => {}
+        }
+        if self.cfg.mode == CommitMode::Inline {
             // Between batches, with no lock held: the next rotation finds its spare ready.
             self.spares.step(&self.poison);
         }
