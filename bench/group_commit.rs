@@ -1,5 +1,6 @@
 //! `group-commit`: durable 8 KiB appends per second with 1, 4, 16 and 64 concurrent writers,
-//! against the fdatasyncs per second of the same disk (DESIGN.md §4: ≥ 10× at 64 writers).
+//! against the fdatasyncs per second of the same disk on a prewritten file (goal: ≥ 20× at 64
+//! writers; 64× is the limit, one batch per fdatasync). A fresh file's rate is reported beside it.
 //!
 //! The WAL takes consecutive indices, so writers share one append lock: each writer loops
 //! { lock; append one 8 KiB random entry with a completion callback; unlock; wait for its
@@ -34,7 +35,8 @@ use xdevice::storage::wal::{NewEntry, Wal};
 
 const BENCH: &str = "group-commit";
 const ENTRY_BYTES: usize = 8192;
-const GOAL: f64 = 10.0;
+/// Goal on appends/s at the most writers ÷ fio's fdatasyncs/s on a prewritten file.
+const GOAL: f64 = 20.0;
 /// Time each phase runs before its measured window opens.
 const WARMUP: Duration = Duration::from_millis(500);
 
@@ -222,14 +224,15 @@ fn main() -> Result<()> {
         .find(|(p, _)| *p == Phase::Engine { writers: top, ack: Ack::Callback })
         .map(|(_, l)| l.appends_per_s())
         .ok_or_else(|| anyhow!("no result at {top} writers"))?;
-    let ratio = headline / reference;
+    let ratio = headline / fio_pre.per_s();
     let report = Report {
         bench: BENCH.into(),
         metric: format!(
-            "durable 8 KiB appends/s with {top} writers ÷ fio fdatasyncs/s (8 KiB write + fdatasync)"
+            "durable 8 KiB appends/s with {top} writers ÷ fio fdatasyncs/s (8 KiB write + \
+             fdatasync, prewritten file)"
         ),
         xdevice: headline,
-        reference,
+        reference: fio_pre.per_s(),
         ratio,
         goal: format!("≥ {GOAL}"),
         met: ratio >= GOAL,
@@ -241,6 +244,7 @@ fn main() -> Result<()> {
             "compress": config.wal.compress,
             "max_batch_records": config.wal.max_batch_records,
             "levels": levels_json,
+            "ratio_vs_fresh_fio": common::finite(headline / reference),
             "fio": {
                 "command": fio.command,
                 "fdatasyncs_per_s": common::finite(reference),

@@ -1,5 +1,7 @@
 //! `wal-append`: latency of a durable 8 KiB append with one writer, against fio's 8 KiB write +
-//! fdatasync on the same file system (DESIGN.md §4: p50 ≤ 1.2×).
+//! fdatasync on the same file system. The goal is p50 ≤ 1.1× fio on a prewritten file (the fair
+//! reference: xdevice's segments are preallocated and filled); fio on a fresh file is reported
+//! beside it.
 //!
 //! One writer loops { append one entry of 8 KiB random bytes; wait until it is durable } on a
 //! freshly formatted store, timing each iteration. The reference is fio's sync-engine job with
@@ -30,7 +32,8 @@ use xdevice::storage::wal::NewEntry;
 
 const BENCH: &str = "wal-append";
 const ENTRY_BYTES: usize = 8192;
-const GOAL: f64 = 1.2;
+/// Goal on p50 ÷ fio's p50 on a prewritten file.
+const GOAL: f64 = 1.1;
 /// Untimed appends before each engine phase (thread ring creation, first touches).
 const WARMUP_APPENDS: usize = 200;
 
@@ -194,7 +197,7 @@ fn main() -> Result<()> {
     let ref_p50 = fio.p50();
     let pre_p50 = fio_pre.p50();
     let x_p50 = uring.samples.quantile_us(0.5);
-    let ratio = x_p50 / ref_p50;
+    let ratio = x_p50 / pre_p50;
     println!();
     println!("pooled over {rounds} rounds (latency in µs; fio rows are write + fdatasync):");
     let mut rows = Vec::new();
@@ -247,10 +250,11 @@ fn main() -> Result<()> {
 
     let report = Report {
         bench: BENCH.into(),
-        metric: "p50 durable 8 KiB append latency, µs (xdevice io_uring ÷ fio write p50 + fdatasync p50)"
+        metric: "p50 durable 8 KiB append latency, µs (xdevice io_uring ÷ fio write p50 + \
+                 fdatasync p50 on a prewritten file)"
             .into(),
         xdevice: x_p50,
-        reference: ref_p50,
+        reference: pre_p50,
         ratio,
         goal: format!("≤ {GOAL}"),
         met: ratio <= GOAL,
@@ -260,15 +264,21 @@ fn main() -> Result<()> {
             "rounds": rounds,
             "segment_bytes": format.segment_bytes,
             "compress": config.wal.compress,
-            "reference_definition": "fio write p50 + fio fdatasync p50, histograms pooled over rounds",
+            "reference_definition": "fio write p50 + fio fdatasync p50 on a prewritten file \
+                                     (--size=64m --overwrite=1), histograms pooled over rounds",
             "xdevice_uring": uring.summary(),
             "xdevice_file": file.summary(),
             "fio": fio.to_json(),
             "fio_prewritten": fio_pre.to_json(),
             "ratio_vs_prewritten_fio": common::finite(x_p50 / pre_p50),
-            "ratio_p99": common::finite(uring.samples.quantile_us(0.99) / fio.p99()),
-            "ratio_mean": common::finite(uring.samples.mean_us() / fio.mean()),
-            "ratio_file_backend": common::finite(file.samples.quantile_us(0.5) / ref_p50),
+            "ratio_vs_fresh_fio": common::finite(x_p50 / ref_p50),
+            "ratio_p99_vs_prewritten_fio": common::finite(
+                uring.samples.quantile_us(0.99) / fio_pre.p99()
+            ),
+            "ratio_mean_vs_prewritten_fio": common::finite(uring.samples.mean_us() / fio_pre.mean()),
+            "ratio_file_backend_vs_prewritten_fio": common::finite(
+                file.samples.quantile_us(0.5) / pre_p50
+            ),
         }),
     };
     report.finish(&machine)?;

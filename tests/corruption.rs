@@ -93,6 +93,27 @@ impl Store {
     }
 }
 
+/// The volume's WAL segment files in the chain's format, without prepared spares.
+fn segment_names(volume: &SimVolume) -> Vec<String> {
+    wal_files(volume, false)
+}
+
+/// The volume's prepared spare segment files (header magic "XDEVSPR1").
+fn spare_names(volume: &SimVolume) -> Vec<String> {
+    wal_files(volume, true)
+}
+
+fn wal_files(volume: &SimVolume, spares: bool) -> Vec<String> {
+    let mut names: Vec<String> = volume
+        .names()
+        .into_iter()
+        .filter(|n| n.contains("_log_"))
+        .filter(|n| (file_disk(volume, n).peek(0, 8).as_slice() == b"XDEVSPR1") == spares)
+        .collect();
+    names.sort();
+    names
+}
+
 fn file_disk(volume: &SimVolume, name: &str) -> Arc<SimDisk> {
     volume.disk(name).unwrap_or_else(|| panic!("{name} is missing: {:?}", volume.names()))
 }
@@ -576,7 +597,7 @@ fn damaged_record_before_a_later_intact_batch_is_refused() {
     let Store::Dir(volume) = &store else { unreachable!() };
     let records = records_in(&file_disk(volume, SEG_1));
     assert_eq!(records.len(), 12);
-    assert_eq!(volume.names().iter().filter(|n| n.contains("_log_")).count(), 1);
+    assert_eq!(segment_names(volume), [SEG_1]);
     // Every record of every batch but the last.
     for rec in &records[..9] {
         let damaged = store.clean();
@@ -739,6 +760,9 @@ fn newest_segment_without_a_valid_header_or_records_is_an_interrupted_creation()
     for header in [None, Some(&noise)] {
         let damaged = store.clean();
         let Store::Dir(v) = &damaged else { unreachable!() };
+        // The spare prepared for seq 2 is what an interrupted creation now interrupts.
+        assert_eq!(spare_names(v), [SEG_2]);
+        v.remove(SEG_2).expect("remove the spare");
         drop(v.create(SEG_2, 256 * 1024, false).expect("create"));
         if let Some(bytes) = header {
             file_disk(v, SEG_2).corrupt(0, bytes);
@@ -766,7 +790,7 @@ fn newest_segment_header_damage_loses_nothing(count: u64, segment: &str) {
     let payloads = store_with(&store, &block_batches(0, count, 8));
     let Store::Dir(v) = &store else { unreachable!() };
     assert!(v.disk(segment).is_some_and(|d| !records_in(&d).is_empty()));
-    let newest = v.names().into_iter().filter(|n| n.contains("_log_")).max();
+    let newest = segment_names(v).into_iter().max();
     assert_eq!(newest.as_deref(), Some(segment));
     file_disk(v, segment).corrupt(60, &[0x01]);
     match store.open() {

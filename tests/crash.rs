@@ -365,3 +365,128 @@ fn random_crash_points_lose_no_acknowledged_write() {
         failures.iter().take(20).cloned().collect::<Vec<_>>().join("\n")
     );
 }
+
+/// Where a crash point of the rotation scenario landed, from what the engine shows after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Landed {
+    /// Preparing the next spare: the batch of the failed flush is durable, the spare is not.
+    Preparing,
+    /// Writing or syncing the first batch of a segment just rotated to (its header with it).
+    Rotating,
+    /// The batch right after that first one.
+    AfterRotation,
+    Elsewhere,
+    /// The schedule finished before the crash point.
+    Completed,
+}
+
+/// Appends one 8 KiB entry and flushes it, `flushes` times, or until a flush fails. Returns the
+/// payloads acknowledged (flush returned Ok), every payload appended, and the number of live
+/// segments after each successful flush.
+fn rotation_schedule(engine: &Engine, flushes: u64) -> (Vec<Vec<u8>>, Vec<Vec<u8>>, Vec<usize>) {
+    let (mut acked, mut appended, mut segments) = (Vec::new(), Vec::new(), Vec::new());
+    for index in 0..flushes {
+        let mut rng = SmallRng::seed_from_u64(index);
+        let payload: Vec<u8> = (0..8192).map(|_| rng.gen()).collect();
+        appended.push(payload.clone());
+        let entry = NewEntry { index, term: 1, payload: payload.into() };
+        if engine.wal().append(vec![entry]).is_err() || engine.wal().flush().is_err() {
+            break;
+        }
+        acked.push(appended[index as usize].clone());
+        segments.push(engine.wal().segments().len());
+    }
+    (acked, appended, segments)
+}
+
+/// One crash point of the rotation scenario: crash after `ops` mutating operations, recover from
+/// three crash images, check every acknowledged entry and that the store takes new appends.
+fn rotation_crash(raw: bool, ops: u64, flushes: u64, dry: &[usize]) -> Result<Landed, String> {
+    let store = if raw {
+        Store::Raw(SimDisk::new("raw", 8 << 20))
+    } else {
+        Store::Dir(SimVolume::new("vol"))
+    };
+    Engine::format(&store.location(), &small_format()).map_err(|e| format!("format: {e}"))?;
+    let store = store.clean_image();
+    let (engine, _) =
+        Engine::open(&store.location(), inline_config()).map_err(|e| format!("open: {e}"))?;
+    store.crash_after(ops);
+    let (acked, appended, _) = rotation_schedule(&engine, flushes);
+    let bounds = engine.wal().bounds();
+    let failed = acked.len();
+    let landed = if failed as u64 == flushes {
+        Landed::Completed
+    } else if bounds.durable_next == bounds.next && engine.wal().spare().is_none() {
+        Landed::Preparing
+    } else if failed > 0 && dry.get(failed) > dry.get(failed - 1) {
+        Landed::Rotating
+    } else if failed > 1 && dry.get(failed - 1) > dry.get(failed - 2) {
+        Landed::AfterRotation
+    } else {
+        Landed::Elsewhere
+    };
+    store.crash_now();
+    drop(engine);
+    for (seed, keep, tear) in [(1, 0.0, 0.0), (2, 1.0, 0.0), (3, 0.5, 0.5)] {
+        let image = store.crash_image(seed, CrashPlan { keep, tear });
+        let (engine, report) = Engine::open(&image.location(), inline_config())
+            .map_err(|e| format!("recovery (plan {seed}) failed: {e}"))?;
+        let next = engine.wal().bounds().next;
+        if next < acked.len() as u64 || next > appended.len() as u64 {
+            return Err(format!(
+                "plan {seed}: recovered log ends at {next}, {} acked",
+                acked.len()
+            ));
+        }
+        for index in 0..next {
+            let got = engine.wal().read(index).map_err(|e| format!("read {index}: {e}"))?;
+            if got != appended[index as usize] {
+                return Err(format!("plan {seed}: entry {index} differs after recovery"));
+            }
+        }
+        if report.wal.segments == 0 {
+            return Err(format!("plan {seed}: no segment recovered"));
+        }
+        drop(engine);
+        still_usable(&image.clean_image()).map_err(|e| format!("plan {seed}: {e}"))?;
+    }
+    Ok(landed)
+}
+
+/// Every crash point of a schedule that rotates through spare segments several times: crashes
+/// while a spare is being prepared (allocated, its header written and synced, its directory
+/// entry synced), while the first batch of a segment rotated to is written (with the segment's
+/// header over the spare's), and right after that, lose no acknowledged entry and recover.
+#[test]
+fn crashes_around_spare_segments_lose_no_acknowledged_entry() {
+    const FLUSHES: u64 = 100;
+    for raw in [false, true] {
+        let mut landed = HashMap::new();
+        let mut dry = Vec::new();
+        for ops in 1.. {
+            if ops == 1 {
+                let store = if raw {
+                    Store::Raw(SimDisk::new("raw", 8 << 20))
+                } else {
+                    Store::Dir(SimVolume::new("vol"))
+                };
+                Engine::format(&store.location(), &small_format()).expect("format");
+                let store = store.clean_image();
+                let (engine, _) = Engine::open(&store.location(), inline_config()).expect("open");
+                dry = rotation_schedule(&engine, FLUSHES).2;
+                assert!(dry.last() >= Some(&4), "the schedule rotates at least three times");
+            }
+            let outcome = rotation_crash(raw, ops, FLUSHES, &dry)
+                .unwrap_or_else(|e| panic!("raw {raw}, crash after {ops} ops: {e}"));
+            if outcome == Landed::Completed {
+                break;
+            }
+            *landed.entry(outcome).or_insert(0u32) += 1;
+        }
+        println!("raw {raw}: crash points by place: {landed:?}");
+        for place in [Landed::Preparing, Landed::Rotating, Landed::AfterRotation] {
+            assert!(landed.get(&place).is_some_and(|&n| n >= 3), "raw {raw}: {place:?} {landed:?}");
+        }
+    }
+}

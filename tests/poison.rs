@@ -27,10 +27,11 @@ enum Scenario {
     StateWrite,
     /// EIO from the sync of a hard-state slot.
     StateSync,
-    /// ENOSPC creating the next segment when the WAL rotates.
-    RotationEnospc,
-    /// EIO from the directory sync that makes a rotated segment's creation durable.
-    RotationDirSync,
+    /// ENOSPC creating the next segment: the spare prepared, off the commit path, when the WAL
+    /// rotates to the one prepared before it.
+    SpareEnospc,
+    /// EIO from the directory sync that makes that spare's creation durable.
+    SpareDirSync,
     /// EIO from a block write of the image while applying committed entries.
     ApplyWrite,
 }
@@ -118,6 +119,24 @@ fn rotation_index(mode: CommitMode) -> u64 {
     panic!("no rotation within 180 entries");
 }
 
+/// Waits until the WAL holds a prepared spare (the preparing thread makes it after open).
+fn wait_for_spare(engine: &Engine) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while engine.wal().spare().is_none() {
+        assert!(std::time::Instant::now() < deadline, "no spare prepared within 10 s");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Waits until the engine is poisoned (a fault off the commit path, in the preparing thread).
+fn wait_for_poison(engine: &Engine) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while engine.poisoned().is_none() {
+        assert!(std::time::Instant::now() < deadline, "not poisoned within 10 s");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// An append whose callback outcome is observed. `registered` is false when `append_with`
 /// refused it (the engine was already poisoned): then the callback must never report Ok.
 struct Observed {
@@ -176,7 +195,7 @@ fn strike(
                 .update(|s| s.committed = committed(19))
                 .expect_err("hard-state update over a failed write")
         }
-        Scenario::RotationEnospc | Scenario::RotationDirSync => {
+        Scenario::SpareEnospc | Scenario::SpareDirSync => {
             let rotating = rotation_index(mode);
             for i in 20..rotating {
                 engine.wal().append(vec![entry(i)]).expect("append");
@@ -184,15 +203,27 @@ fn strike(
                 ack.entries = i + 1;
             }
             let before = engine.wal().segments().len();
-            if scenario == Scenario::RotationEnospc {
+            wait_for_spare(engine);
+            // Only preparing a spare creates a file or syncs the directory here (nothing is
+            // purged), so the fault strikes the preparation of the spare after this rotation's.
+            if scenario == Scenario::SpareEnospc {
                 volume.inject(FaultOp::Create, Fault::Enospc, 0);
             } else {
-                // Rotation syncs the new segment's header, then the directory: fail the second.
-                volume.inject(FaultOp::Sync, Fault::Eio, 1);
+                volume.inject(FaultOp::DirSync, Fault::Eio, 0);
             }
+            // The rotating batch goes to the prepared spare and may be acknowledged before the
+            // preparation after it fails; from that failure on, nothing is.
             engine.wal().append(vec![entry(rotating)]).expect("append");
-            let err = engine.wal().flush().expect_err("flush over a failed rotation");
-            assert_eq!(engine.wal().segments().len(), before, "{scenario:?}");
+            let err = match engine.wal().flush() {
+                Ok(()) => {
+                    ack.entries = rotating + 1;
+                    assert_eq!(engine.wal().segments().len(), before + 1, "{scenario:?}");
+                    wait_for_poison(engine);
+                    engine.wal().append(vec![entry(rotating + 1)]).expect_err("append after")
+                }
+                Err(err) => err,
+            };
+            assert!(engine.wal().spare().is_none(), "{scenario:?}: a failed spare is kept");
             err
         }
     };
@@ -304,7 +335,7 @@ fn run(mode: CommitMode, scenario: Scenario) {
     );
     let cause = engine.poisoned().unwrap_or_default();
     let expected_cause = match scenario {
-        Scenario::RotationEnospc => "No space left on device",
+        Scenario::SpareEnospc => "No space left on device",
         _ => "Input/output error",
     };
     assert!(cause.contains(expected_cause), "{why}: cause {cause:?}");
@@ -398,23 +429,23 @@ fn hard_state_sync_eio_thread() {
 }
 
 #[test]
-fn rotation_enospc_inline() {
-    run(CommitMode::Inline, Scenario::RotationEnospc);
+fn spare_enospc_inline() {
+    run(CommitMode::Inline, Scenario::SpareEnospc);
 }
 
 #[test]
-fn rotation_enospc_thread() {
-    run(CommitMode::Thread, Scenario::RotationEnospc);
+fn spare_enospc_thread() {
+    run(CommitMode::Thread, Scenario::SpareEnospc);
 }
 
 #[test]
-fn rotation_directory_sync_eio_inline() {
-    run(CommitMode::Inline, Scenario::RotationDirSync);
+fn spare_directory_sync_eio_inline() {
+    run(CommitMode::Inline, Scenario::SpareDirSync);
 }
 
 #[test]
-fn rotation_directory_sync_eio_thread() {
-    run(CommitMode::Thread, Scenario::RotationDirSync);
+fn spare_directory_sync_eio_thread() {
+    run(CommitMode::Thread, Scenario::SpareDirSync);
 }
 
 #[test]

@@ -122,6 +122,9 @@ impl fmt::Display for Report {
             )?;
         }
         writeln!(f, "wal tail     {} offset {}: {}", w.tail.segment, w.tail.offset, w.tail.reason)?;
+        for spare in &w.spares {
+            writeln!(f, "  spare      {spare}")?;
+        }
         for d in &w.discarded {
             writeln!(f, "  discarded  {d}")?;
         }

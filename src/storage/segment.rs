@@ -17,6 +17,22 @@
 //!  80    24   purged log id    term, node, index, at creation
 //! 104     4   crc32c of bytes 0..104
 //! ```
+//!
+//! A prepared spare (the next segment, made ready off the commit path and not yet part of the
+//! chain) has a header of the same layout, every other byte zero; rotation writes a segment
+//! header over it in the same write as the segment's first records:
+//!
+//! ```text
+//! spare header (first 4096 bytes of a prepared spare)
+//! offset size field
+//!   0     8   magic            "XDEVSPR1"
+//!   8     4   format_version
+//!  16    16   device_uuid
+//!  32     8   seq              the seq this spare is prepared for
+//!  56     8   segment_bytes
+//!  64     8   created_us
+//! 104     4   crc32c of bytes 0..104
+//! ```
 
 use std::collections::HashSet;
 use std::fmt;
@@ -33,6 +49,7 @@ use super::superblock::FORMAT_VERSION;
 /// Bytes reserved for the header at the start of each segment.
 pub const SEGMENT_HEADER_BYTES: u64 = IO_ALIGN as u64;
 const MAGIC: &[u8; 8] = b"XDEVSEG1";
+const SPARE_MAGIC: &[u8; 8] = b"XDEVSPR1";
 const CRC_AT: usize = 104;
 const _: () = assert!(CRC_AT + 4 <= SEGMENT_HEADER_BYTES as usize);
 
@@ -93,31 +110,23 @@ impl SegmentHeader {
         buf
     }
 
-    /// Decodes a header; `Ok(None)` for an all-zero (never written or released) header.
+    /// Decodes a header; `Ok(None)` for an all-zero (never written or released) header. A
+    /// spare's header is an error here: use `HeaderBlock::decode` where spares may appear.
     pub fn decode(buf: &[u8]) -> std::result::Result<Option<SegmentHeader>, String> {
-        if buf[..CRC_AT + 4].iter().all(|&b| b == 0) {
-            return Ok(None);
+        match HeaderBlock::decode(buf)? {
+            HeaderBlock::Blank => Ok(None),
+            HeaderBlock::Segment(h) => Ok(Some(h)),
+            HeaderBlock::Spare(s) => Err(format!("a prepared spare for seq {}", s.seq)),
         }
-        if &buf[0..8] != MAGIC {
-            return Err("bad segment magic".into());
-        }
-        if !sealed(buf, CRC_AT) {
-            return Err("segment header checksum mismatch".into());
-        }
-        let version = u32_at(buf, 8);
-        if version != FORMAT_VERSION {
-            return Err(format!(
-                "segment format version {version}, this build reads {FORMAT_VERSION}"
-            ));
-        }
+    }
+
+    fn decode_fields(buf: &[u8]) -> std::result::Result<SegmentHeader, String> {
         if buf[72] > 1 {
             return Err(format!("bad purged flag {}", buf[72]));
         }
-        let mut uuid = [0u8; 16];
-        uuid.copy_from_slice(&buf[16..32]);
-        Ok(Some(SegmentHeader {
+        Ok(SegmentHeader {
             salt: u32_at(buf, 12),
-            device_uuid: Uuid::from_bytes(uuid),
+            device_uuid: uuid_at(buf),
             seq: u64_at(buf, 32),
             first_index: u64_at(buf, 40),
             prev_sealed: u64_at(buf, 48),
@@ -128,8 +137,95 @@ impl SegmentHeader {
                 node: u64_at(buf, 88),
                 index: u64_at(buf, 96),
             }),
-        }))
+        })
     }
+}
+
+/// The header of a prepared spare: a segment file or slot allocated (and, in a directory,
+/// filled and named) for `seq`, durable, and not part of the chain until rotation writes a
+/// segment header over this one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct SpareHeader {
+    pub device_uuid: Uuid,
+    pub seq: u64,
+    pub segment_bytes: u64,
+    pub created_us: u64,
+}
+
+impl SpareHeader {
+    pub fn new(device_uuid: Uuid, seq: u64, segment_bytes: u64) -> SpareHeader {
+        SpareHeader { device_uuid, seq, segment_bytes, created_us: super::le::now_us() }
+    }
+
+    pub fn encode(&self) -> AlignedBuf {
+        let mut buf = AlignedBuf::zeroed(SEGMENT_HEADER_BYTES as usize);
+        buf[0..8].copy_from_slice(SPARE_MAGIC);
+        put_u32(&mut buf, 8, FORMAT_VERSION);
+        buf[16..32].copy_from_slice(self.device_uuid.as_bytes());
+        put_u64(&mut buf, 32, self.seq);
+        put_u64(&mut buf, 56, self.segment_bytes);
+        put_u64(&mut buf, 64, self.created_us);
+        seal(&mut buf, CRC_AT);
+        buf
+    }
+
+    fn decode_fields(buf: &[u8]) -> std::result::Result<SpareHeader, String> {
+        let unused = [12..16, 40..56, 72..104];
+        if unused.iter().any(|r| buf[r.clone()].iter().any(|&b| b != 0)) {
+            return Err("a spare header with fields set that a spare leaves zero".into());
+        }
+        Ok(SpareHeader {
+            device_uuid: uuid_at(buf),
+            seq: u64_at(buf, 32),
+            segment_bytes: u64_at(buf, 56),
+            created_us: u64_at(buf, 64),
+        })
+    }
+}
+
+/// What the first block of a segment place holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeaderBlock {
+    /// All zero: never written, or released.
+    Blank,
+    /// A segment of the chain (or a stale one).
+    Segment(SegmentHeader),
+    /// A prepared spare, never part of the chain.
+    Spare(SpareHeader),
+}
+
+impl HeaderBlock {
+    /// Decodes the header block; an error says why it is neither blank nor a valid header.
+    pub fn decode(buf: &[u8]) -> std::result::Result<HeaderBlock, String> {
+        if buf[..CRC_AT + 4].iter().all(|&b| b == 0) {
+            return Ok(HeaderBlock::Blank);
+        }
+        let spare = match &buf[0..8] {
+            m if m == MAGIC => false,
+            m if m == SPARE_MAGIC => true,
+            _ => return Err("bad segment magic".into()),
+        };
+        if !sealed(buf, CRC_AT) {
+            return Err("segment header checksum mismatch".into());
+        }
+        let version = u32_at(buf, 8);
+        if version != FORMAT_VERSION {
+            return Err(format!(
+                "segment format version {version}, this build reads {FORMAT_VERSION}"
+            ));
+        }
+        if spare {
+            SpareHeader::decode_fields(buf).map(HeaderBlock::Spare)
+        } else {
+            SegmentHeader::decode_fields(buf).map(HeaderBlock::Segment)
+        }
+    }
+}
+
+fn uuid_at(buf: &[u8]) -> Uuid {
+    let mut uuid = [0u8; 16];
+    uuid.copy_from_slice(&buf[16..32]);
+    Uuid::from_bytes(uuid)
 }
 
 /// A place that may hold a segment: its store id, a name for messages, and its disk.
@@ -300,11 +396,23 @@ mod tests {
 
     #[test]
     fn every_flipped_byte_is_rejected() {
-        let buf = sample().encode();
-        for i in 0..CRC_AT + 4 {
-            let mut bad = buf.clone();
-            bad[i] ^= 0x04;
-            assert!(SegmentHeader::decode(&bad).is_err(), "flip at {i} accepted");
+        let spare = SpareHeader::new(Uuid::from_u128(7), 4, 1 << 20);
+        for buf in [sample().encode(), spare.encode()] {
+            for i in 0..CRC_AT + 4 {
+                let mut bad = buf.clone();
+                bad[i] ^= 0x04;
+                assert!(HeaderBlock::decode(&bad).is_err(), "flip at {i} accepted");
+            }
         }
+    }
+
+    #[test]
+    fn spares_are_told_from_segments() {
+        let spare = SpareHeader::new(Uuid::from_u128(7), 4, 1 << 20);
+        assert_eq!(HeaderBlock::decode(&spare.encode()), Ok(HeaderBlock::Spare(spare)));
+        assert!(SegmentHeader::decode(&spare.encode()).is_err(), "a spare is not a segment");
+        let h = sample();
+        assert_eq!(HeaderBlock::decode(&h.encode()), Ok(HeaderBlock::Segment(h)));
+        assert_eq!(HeaderBlock::decode(&[0u8; 4096]), Ok(HeaderBlock::Blank));
     }
 }

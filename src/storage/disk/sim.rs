@@ -61,7 +61,7 @@ impl Fault {
 }
 
 /// The kind of operation a fault is injected into. `Sync` covers both `Disk::sync_data` and
-/// `Volume::sync`, since both are fsyncs that a real device can fail.
+/// `Volume::sync`, since both are fsyncs that a real device can fail; `DirSync` only the latter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FaultOp {
     /// `Disk::read_at`.
@@ -70,8 +70,17 @@ pub enum FaultOp {
     Write,
     /// `Disk::sync_data` and `Volume::sync`.
     Sync,
+    /// `Volume::sync` only (the directory fsync).
+    DirSync,
     /// `Volume::create`.
     Create,
+}
+
+impl FaultOp {
+    /// Whether a fault armed for `self` counts (and may fail) an operation of kind `op`.
+    fn covers(self, op: FaultOp) -> bool {
+        self == op || (self == FaultOp::Sync && op == FaultOp::DirSync)
+    }
 }
 
 /// Operations a `SimDisk` has completed successfully.
@@ -112,9 +121,9 @@ struct Control {
 impl Control {
     /// Counts one op of kind `op` against every armed fault of that kind and fires the first due.
     fn take_fault(&mut self, op: FaultOp) -> Option<Fault> {
-        let due = self.faults.iter().position(|armed| armed.op == op && armed.remaining == 0);
+        let due = self.faults.iter().position(|armed| armed.op.covers(op) && armed.remaining == 0);
         let fired = due.map(|index| self.faults.remove(index).fault);
-        for armed in self.faults.iter_mut().filter(|armed| armed.op == op) {
+        for armed in self.faults.iter_mut().filter(|armed| armed.op.covers(op)) {
             armed.remaining = armed.remaining.saturating_sub(1);
         }
         fired
@@ -667,7 +676,7 @@ impl Volume for SimVolume {
     }
 
     fn sync(&self) -> io::Result<()> {
-        let _gate = self.shared.admit(Some(FaultOp::Sync), true)?;
+        let _gate = self.shared.admit(Some(FaultOp::DirSync), true)?;
         let mut namespace = lock(&self.namespace);
         namespace.durable = namespace.live.clone();
         namespace.pending.clear();

@@ -9,10 +9,14 @@
 //! Truncation and purge are records in the same ordered stream (markers), so the log on disk is
 //! append-only and recovery replays them in order. Purge waits until its marker is durable, then
 //! removes whole segments that hold nothing above the purge point.
+//!
+//! Rotation switches to a spare segment prepared ahead, off the commit path (`spare`).
 
+mod deliver;
 mod log;
 mod payload;
 mod scan;
+mod spare;
 mod writer;
 
 use std::collections::{HashSet, VecDeque};
@@ -22,9 +26,11 @@ use std::thread::JoinHandle;
 
 use uuid::Uuid;
 
+use deliver::INLINE_CALLBACKS;
 pub use log::DiskLoc;
 pub use payload::Payload;
 pub use scan::{LiveSegment, TailStop};
+use spare::{Spare, Spares, Want};
 use writer::{marker_payload, PendingOp, Writer};
 
 use super::disk::{AlignedBuf, IO_ALIGN, SECTOR_BYTES};
@@ -144,6 +150,8 @@ pub struct WalRecovery {
     pub records: u64,
     pub tail: TailStop,
     pub discarded: Vec<String>,
+    /// The prepared spare kept for the next rotation, if recovery found one.
+    pub spare: Option<String>,
 }
 
 #[derive(Debug)]
@@ -164,7 +172,15 @@ struct LogState {
     next_ticket: u64,
     durable_ticket: u64,
     callbacks: VecDeque<(u64, Callback)>,
+    /// The commit thread sleeps on `work`: only then does queueing an op wake it (a wake-up is
+    /// a futex system call, which every append made, the committer asleep or not).
+    committer_idle: bool,
+    /// Appends are refused; the committer commits what is queued and stops.
     shutdown: bool,
+    /// Nothing more will be committed: every callback left is delivered now.
+    closed: bool,
+    /// Callbacks are being run outside the lock; nobody takes more until they are done.
+    delivering: bool,
 }
 
 struct Shared {
@@ -174,7 +190,10 @@ struct Shared {
     state: Mutex<LogState>,
     work: Condvar,
     done: Condvar,
+    /// Wakes the delivery thread (`deliver.rs`).
+    deliver: Condvar,
     writer: Mutex<Writer>,
+    spares: Spares,
     batches: AtomicU64,
     records: AtomicU64,
     bytes: AtomicU64,
@@ -184,7 +203,16 @@ struct Shared {
 /// The write-ahead log of one replica.
 pub struct Wal {
     shared: Arc<Shared>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    threads: Mutex<Threads>,
+}
+
+/// The WAL's threads in `CommitMode::Thread`: the committer, the spare preparer and the
+/// callback deliverer.
+#[derive(Default)]
+struct Threads {
+    commit: Option<JoinHandle<()>>,
+    spare: Option<JoinHandle<()>>,
+    deliver: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Wal {
@@ -218,20 +246,22 @@ impl Wal {
         // have been larger when they were written.
         let rec = scan::recover(&*store, device_uuid, MAX_STORED_BYTES, true)?;
         let mut segs: VecDeque<LiveSegment> = rec.segments.into();
-        let report = WalRecovery {
+        let mut report = WalRecovery {
             segments: segs.len(),
             records: rec.records,
             tail: rec.tail.clone(),
             discarded: rec.discarded,
+            spare: None,
         };
         let log = rec.log;
         finish_purge(&*store, &mut segs, log.purged)?;
         let tail =
             segs.back().cloned().ok_or_else(|| StorageError::Foreign("no WAL segment".into()))?;
+        let ready = keep_spare(&*store, rec.spares, tail.header.seq + 1, &mut report)?;
         let mut writer = Writer {
-            store: store.clone(),
             device_uuid,
             active: writer::ActiveSegment { place: tail.place.clone(), header: tail.header },
+            header_pending: false,
             write_pos: SEGMENT_HEADER_BYTES,
             tail: AlignedBuf::zeroed(IO_ALIGN),
             next_index: log.next,
@@ -254,6 +284,12 @@ impl Wal {
                 last.header = header;
             }
         }
+        let want = Want {
+            seq: writer.active.header.seq + 1,
+            live: segs.iter().map(|s| s.place.id).collect(),
+        };
+        let spares =
+            Spares::new(store.clone(), device_uuid, tail.header.segment_bytes, ready, want);
         let state = LogState {
             segs,
             first: log.first(),
@@ -266,7 +302,10 @@ impl Wal {
             next_ticket: 1,
             durable_ticket: 0,
             callbacks: VecDeque::new(),
+            committer_idle: false,
             shutdown: false,
+            closed: false,
+            delivering: false,
         };
         let shared = Arc::new(Shared {
             cfg,
@@ -275,24 +314,33 @@ impl Wal {
             state: Mutex::new(state),
             work: Condvar::new(),
             done: Condvar::new(),
+            deliver: Condvar::new(),
             writer: Mutex::new(writer),
+            spares,
             batches: AtomicU64::new(0),
             records: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             stored_bytes: AtomicU64::new(0),
         });
-        let thread = match shared.cfg.mode {
-            CommitMode::Thread => {
-                let s = shared.clone();
-                let handle = std::thread::Builder::new()
-                    .name("xdevice-wal".into())
-                    .spawn(move || s.commit_loop())
-                    .map_err(|e| StorageError::io("spawn WAL writer", "thread", e))?;
-                Some(handle)
-            }
-            CommitMode::Inline => None,
-        };
-        Ok((Wal { shared, thread: Mutex::new(thread) }, report))
+        let wal = Wal { shared, threads: Mutex::new(Threads::default()) };
+        if wal.shared.cfg.mode == CommitMode::Thread {
+            // On an error, dropping `wal` closes it, which stops the threads already started.
+            let spare = wal.spawn("xdevice-wal-spare", |s| s.spares.run(&s.poison))?;
+            wal.threads.lock().expect("wal threads lock").spare = Some(spare);
+            let deliver = wal.spawn("xdevice-wal-cb", |s| s.deliver_loop())?;
+            wal.threads.lock().expect("wal threads lock").deliver = Some(deliver);
+            let commit = wal.spawn("xdevice-wal", |s| s.commit_loop())?;
+            wal.threads.lock().expect("wal threads lock").commit = Some(commit);
+        }
+        Ok((wal, report))
+    }
+
+    fn spawn(&self, name: &str, body: fn(&Shared)) -> Result<JoinHandle<()>> {
+        let shared = self.shared.clone();
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || body(&shared))
+            .map_err(|e| StorageError::io("spawn WAL thread", name, e))
     }
 
     /// Queues `entries` (consecutive, starting at the log's next index). They are readable when
@@ -373,18 +421,28 @@ impl Wal {
         self.shared.lock().segs.iter().cloned().collect()
     }
 
-    /// Commits everything queued and stops the group-commit thread.
+    /// Commits everything queued, delivers every callback and stops the WAL's threads.
     pub fn close(&self) -> Result<()> {
         self.shared.lock().shutdown = true;
         self.shared.work.notify_all();
-        let handle = self.thread.lock().expect("wal thread lock").take();
-        if let Some(handle) = handle {
-            if handle.join().is_err() {
-                return Err(StorageError::Invalid("WAL writer thread panicked".into()));
-            }
-        }
+        let mut threads = self.threads.lock().expect("wal threads lock");
+        let commit = join(threads.commit.take(), "writer");
         while self.shared.commit_next() {}
+        self.shared.spares.shutdown();
+        let spare = join(threads.spare.take(), "spare preparer");
+        self.shared.lock().closed = true;
+        self.shared.deliver.notify_all();
+        let deliver = join(threads.deliver.take(), "callback");
+        // Inline (or if the delivery thread died): whatever is left is delivered here.
+        let left = self.shared.lock().take_all(self.shared.poison.check().is_err());
+        left.run(&self.shared);
+        commit.and(spare).and(deliver)?;
         self.shared.poison.check()
+    }
+
+    /// The prepared spare's name, if one is ready for the next rotation.
+    pub fn spare(&self) -> Option<String> {
+        self.shared.spares.ready().map(|(name, _)| name)
     }
 }
 
@@ -393,6 +451,14 @@ impl Drop for Wal {
         if let Err(e) = self.close() {
             tracing::warn!(error = %e, "WAL closed with an error");
         }
+    }
+}
+
+/// Joins a WAL thread, if it was started.
+fn join(handle: Option<JoinHandle<()>>, name: &str) -> Result<()> {
+    match handle.map(JoinHandle::join) {
+        Some(Err(_)) => Err(StorageError::Invalid(format!("WAL {name} thread panicked"))),
+        _ => Ok(()),
     }
 }
 
@@ -406,6 +472,8 @@ pub struct LogSummary {
     pub records: u64,
     pub tail: TailStop,
     pub discarded: Vec<String>,
+    /// Prepared spares (never part of the chain), by name.
+    pub spares: Vec<String>,
 }
 
 /// One live segment as `inspect` shows it.
@@ -440,7 +508,40 @@ pub fn inspect(store: &dyn SegmentStore, device_uuid: Uuid) -> Result<LogSummary
         records: rec.records,
         tail: rec.tail,
         discarded: rec.discarded,
+        spares: rec
+            .spares
+            .iter()
+            .map(|(place, h)| format!("{} (prepared for seq {})", place.name, h.seq))
+            .collect(),
     })
+}
+
+/// Keeps the spare prepared for `seq` (the next rotation's), if recovery found one, and removes
+/// every other: a spare is only ever used for the seq it was prepared for.
+fn keep_spare(
+    store: &dyn SegmentStore,
+    spares: Vec<(super::segment::SegmentPlace, super::segment::SpareHeader)>,
+    seq: u64,
+    report: &mut WalRecovery,
+) -> Result<Option<Spare>> {
+    let mut kept = None;
+    let mut released = false;
+    for (place, header) in spares {
+        if kept.is_none() && header.seq == seq {
+            report.spare = Some(place.name.clone());
+            kept = Some(Spare { place, seq });
+            continue;
+        }
+        report
+            .discarded
+            .push(format!("{} (spare for seq {}, not the next; removed)", place.name, header.seq));
+        store.release(&place)?;
+        released = true;
+    }
+    if released {
+        store.sync()?;
+    }
+    Ok(kept)
 }
 
 /// Removes leading segments that hold nothing above the purge point (an interrupted purge).
@@ -538,16 +639,32 @@ impl Shared {
         }
         let ticket = st.next_ticket - 1;
         if let Some(cb) = callback {
-            if st.durable_ticket >= ticket {
+            if st.durable_ticket >= ticket && self.cfg.mode == CommitMode::Inline {
                 drop(st);
                 cb(Ok(()));
                 return Ok(ticket);
             }
+            // With the delivery thread, even an already durable ticket's callback goes through
+            // it, so callbacks still run in ticket order.
+            if st.durable_ticket >= ticket {
+                st.callbacks.push_back((ticket, cb));
+                drop(st);
+                self.deliver.notify_one();
+                return Ok(ticket);
+            }
             st.callbacks.push_back((ticket, cb));
         }
-        drop(st);
-        self.work.notify_one();
+        self.wake_committer(st);
         Ok(ticket)
+    }
+
+    /// Wakes the commit thread if it sleeps, after releasing the state lock.
+    fn wake_committer(&self, st: MutexGuard<'_, LogState>) {
+        let idle = st.committer_idle;
+        drop(st);
+        if idle {
+            self.work.notify_one();
+        }
     }
 
     /// Back-pressure: waits (or, inline, commits) while too many bytes are queued.
@@ -601,8 +718,7 @@ impl Shared {
         st.slots.truncate(keep);
         st.next = from;
         let ticket = st.push_op(RecordKind::Truncate, from, 0, Payload::default());
-        drop(st);
-        self.work.notify_one();
+        self.wake_committer(st);
         Ok(ticket)
     }
 
@@ -618,9 +734,11 @@ impl Shared {
             st.first = (upto.index + 1).max(st.first);
             st.next = st.next.max(st.first);
             st.purged = Some(upto);
-            st.push_op(RecordKind::Purge, upto.index, upto.term, marker_payload(upto.node))
+            let ticket =
+                st.push_op(RecordKind::Purge, upto.index, upto.term, marker_payload(upto.node));
+            self.wake_committer(st);
+            ticket
         };
-        self.work.notify_one();
         self.wait(ticket)?;
         let released: Vec<LiveSegment> = {
             let mut st = self.lock();
@@ -676,12 +794,14 @@ impl Shared {
             .map_err(|r| StorageError::corrupt("WAL record", at, r))
     }
 
-    fn commit_loop(self: Arc<Self>) {
+    fn commit_loop(&self) {
         loop {
             {
                 let mut st = self.lock();
                 while st.pending.is_empty() && !st.shutdown {
+                    st.committer_idle = true;
                     st = self.work.wait(st).expect("wal state lock");
+                    st.committer_idle = false;
                 }
                 if st.pending.is_empty() && st.shutdown {
                     return;
@@ -703,14 +823,14 @@ impl Shared {
         };
         let result = match self.poison.check() {
             Err(e) => Err(e),
-            Ok(()) => {
-                writer.write_batch(&batch, || self.lock().segs.iter().map(|s| s.place.id).collect())
-            }
+            Ok(()) => writer.write_batch(&batch, |seq| {
+                let live = self.lock().segs.iter().map(|s| s.place.id).collect();
+                self.spares.take(seq, live)
+            }),
         };
         let batch_bytes: usize = batch.iter().map(PendingOp::disk_bytes).sum();
         let mut st = self.lock();
         st.pending_bytes -= batch_bytes;
-        let mut ready = Vec::new();
         match result {
             Ok((placed, rotated)) => {
                 if let Some(r) = rotated {
@@ -728,22 +848,33 @@ impl Shared {
                 self.bytes.fetch_add(batch_bytes as u64, Ordering::Relaxed);
                 let stored: u64 = placed.iter().map(|p| u64::from(p.loc.len)).sum();
                 self.stored_bytes.fetch_add(stored, Ordering::Relaxed);
-                while st.callbacks.front().is_some_and(|(t, _)| *t <= st.durable_ticket) {
-                    ready.extend(st.callbacks.pop_front().map(|(_, cb)| (cb, true)));
-                }
             }
             Err(e) => {
                 if !matches!(e, StorageError::Poisoned { .. }) {
                     self.poison.set(&e);
                 }
-                ready.extend(st.callbacks.drain(..).map(|(_, cb)| (cb, false)));
             }
         }
+        // A few callbacks run here; more go to the delivery thread (see `deliver.rs`).
+        let poisoned = self.poison.check().is_err();
+        let inline = self.cfg.mode == CommitMode::Inline
+            || (!st.delivering && st.deliverable(poisoned, INLINE_CALLBACKS) <= INLINE_CALLBACKS);
+        let ready = inline.then(|| st.take_deliverable(poisoned)).filter(|r| !r.is_empty());
+        st.delivering |= ready.is_some();
         drop(st);
         drop(writer);
         self.done.notify_all();
-        for (cb, ok) in ready {
-            cb(if ok { Ok(()) } else { self.poison.check() });
+        match ready {
+            Some(ready) => {
+                ready.run(self);
+                self.finish_delivering();
+            }
+            None if !inline => self.deliver.notify_one(),
+            None => {}
+        }
+        if self.cfg.mode == CommitMode::Inline {
+            // Between batches, with no lock held: the next rotation finds its spare ready.
+            self.spares.step(&self.poison);
         }
         true
     }

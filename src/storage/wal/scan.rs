@@ -6,6 +6,11 @@
 //! segment's sealed length is recorded in its successor's header. So damage in a sealed segment,
 //! or damage in the last segment followed by the start of a later intact batch, is damage to
 //! acknowledged data. Anything else is the in-flight batch.
+//!
+//! A prepared spare has a header of its own (`SpareHeader`) and is never part of the chain.
+//! Rotation writes a segment header over a spare's in the same write as the segment's first
+//! batch; a power loss leaves that header's sector whole, so a place still holding a spare header
+//! never held an acknowledged record, whatever bytes follow its header.
 
 use std::sync::Arc;
 
@@ -16,7 +21,9 @@ use crate::storage::disk::{AlignedBuf, Disk, IO_ALIGN, SECTOR_BYTES};
 use crate::storage::error::{Result, StorageError};
 use crate::storage::le::u64_at;
 use crate::storage::record::{self, Decoded, RecordKind, FLAG_BATCH_START, RECORD_HEADER_BYTES};
-use crate::storage::segment::{SegmentHeader, SegmentPlace, SegmentStore, SEGMENT_HEADER_BYTES};
+use crate::storage::segment::{
+    HeaderBlock, SegmentHeader, SegmentPlace, SegmentStore, SpareHeader, SEGMENT_HEADER_BYTES,
+};
 use crate::storage::state::LogId;
 
 /// A segment in the live chain.
@@ -46,6 +53,8 @@ pub struct Recovered {
     pub records: u64,
     /// Segments removed or ignored (interrupted creation or purge), for the report.
     pub discarded: Vec<String>,
+    /// Prepared spares: durable places never part of the chain (see `spare`).
+    pub spares: Vec<(SegmentPlace, SpareHeader)>,
 }
 
 const WINDOW_BYTES: usize = 4 << 20;
@@ -128,7 +137,8 @@ pub fn recover(
     repair: bool,
 ) -> Result<Recovered> {
     let mut discarded = Vec::new();
-    let chain = live_chain(store, device_uuid, &mut discarded, repair)?;
+    let mut spares = Vec::new();
+    let chain = live_chain(store, device_uuid, &mut discarded, &mut spares, repair)?;
     let first = &chain[0].header;
     let mut log = LogBuilder::new(first.first_index, first.purged);
     let mut segments = Vec::with_capacity(chain.len());
@@ -171,14 +181,16 @@ pub fn recover(
         offset: 0,
         reason: String::new(),
     });
-    Ok(Recovered { segments, log, tail, tail_has_records, records, discarded })
+    Ok(Recovered { segments, log, tail, tail_has_records, records, discarded, spares })
 }
 
-/// Finds the valid headers and the chain of consecutive seqs ending at the newest.
+/// Finds the valid headers and the chain of consecutive seqs ending at the newest. Spare headers
+/// go to `spares`: a spare is never in the chain, whatever its place holds after its header.
 fn live_chain(
     store: &dyn SegmentStore,
     device_uuid: Uuid,
     discarded: &mut Vec<String>,
+    spares: &mut Vec<(SegmentPlace, SpareHeader)>,
     repair: bool,
 ) -> Result<Vec<LiveSegment>> {
     let mut valid = Vec::new();
@@ -189,34 +201,25 @@ fn live_chain(
             .disk
             .read_at(0, &mut buf)
             .map_err(|e| StorageError::io("read segment header", &place.name, e))?;
-        match SegmentHeader::decode(&buf) {
-            Ok(Some(h)) => {
-                if h.device_uuid != device_uuid {
-                    return Err(StorageError::Foreign(format!(
-                        "{} belongs to device {}, not {device_uuid}",
-                        place.name, h.device_uuid
-                    )));
-                }
-                if place.named_seq.is_some_and(|s| s != h.seq)
-                    || h.segment_bytes != place.disk.len_bytes()
-                {
-                    return Err(StorageError::corrupt(
-                        "WAL segment header",
-                        &place.name,
-                        "seq or size disagrees with its file",
-                    ));
-                }
+        match HeaderBlock::decode(&buf) {
+            Ok(HeaderBlock::Segment(h)) => {
+                check_place(&place, device_uuid, h.device_uuid, h.seq, h.segment_bytes)?;
                 valid.push(LiveSegment { place, header: h, max_index: None });
             }
-            Ok(None) => invalid.push((place, "blank header".to_string(), true)),
+            Ok(HeaderBlock::Spare(h)) => {
+                check_place(&place, device_uuid, h.device_uuid, h.seq, h.segment_bytes)?;
+                spares.push((place, h));
+            }
+            Ok(HeaderBlock::Blank) => invalid.push((place, "blank header".to_string(), true)),
             Err(reason) => invalid.push((place, reason, false)),
         }
     }
     valid.sort_by_key(|s| s.header.seq);
     let newest = valid.last().map(|s| s.header.seq);
     for (place, reason, blank) in invalid {
-        // Records are written only after the header is durable, and the header's fields lie in
-        // its first sector, which a power loss leaves whole. So only a segment whose records
+        // Records are written only over a durable header (a segment's, or a spare's that the
+        // first batch replaces in the same write), and the header's fields lie in its first
+        // sector, which a power loss leaves whole. So only a segment whose records
         // area is untouched can be an interrupted creation; any other bad header is damage.
         let interrupted = match place.named_seq {
             Some(seq) => newest.is_none_or(|n| seq > n) && records_area_blank(&place)?,
@@ -259,6 +262,31 @@ fn live_chain(
         ));
     }
     Ok(valid)
+}
+
+/// Checks that a header belongs to this device and agrees with its place (a directory file
+/// names its seq; every place has the segment size).
+fn check_place(
+    place: &SegmentPlace,
+    device_uuid: Uuid,
+    owner: Uuid,
+    seq: u64,
+    segment_bytes: u64,
+) -> Result<()> {
+    if owner != device_uuid {
+        return Err(StorageError::Foreign(format!(
+            "{} belongs to device {owner}, not {device_uuid}",
+            place.name
+        )));
+    }
+    if place.named_seq.is_some_and(|s| s != seq) || segment_bytes != place.disk.len_bytes() {
+        return Err(StorageError::corrupt(
+            "WAL segment header",
+            &place.name,
+            "seq or size disagrees with its file",
+        ));
+    }
+    Ok(())
 }
 
 /// Whether the first block after a segment's header was never written.

@@ -1,16 +1,16 @@
 //! The WAL's physical writer: encodes a batch of records after the current write position,
-//! writes it with one aligned write followed by one data sync, and rotates to a new segment when
-//! a batch does not fit. Owned by exactly one committer at a time (the group-commit thread, or an
+//! writes it with one aligned write followed by one data sync, and rotates to a prepared spare
+//! segment when a batch does not fit (the spare's segment header goes out in the same write as
+//! its first batch). Owned by exactly one committer at a time (the group-commit thread, or an
 //! inline flusher holding the writer lock), so batches reach the disk in the order they were taken.
 
 use std::borrow::Cow;
-use std::collections::HashSet;
-use std::sync::Arc;
 
 use uuid::Uuid;
 
 use super::log::DiskLoc;
 use super::payload::Payload;
+use super::spare::Spare;
 use crate::storage::disk::{AlignedBuf, IO_ALIGN, SECTOR_BYTES};
 use crate::storage::error::{Result, StorageError};
 use crate::storage::le::now_us;
@@ -60,9 +60,11 @@ pub struct Rotated {
 /// Physical write state. Fields mirror what recovery would rebuild from disk.
 #[derive(Debug)]
 pub struct Writer {
-    pub store: Arc<dyn SegmentStore>,
     pub device_uuid: Uuid,
     pub active: ActiveSegment,
+    /// The active segment is a spare just rotated to: its place still holds the spare header,
+    /// and the segment header goes out with the first batch, in the same write and sync.
+    pub header_pending: bool,
     /// Where the next batch starts: a sector boundary.
     pub write_pos: u64,
     /// The IO_ALIGN block containing `write_pos`, as last written.
@@ -108,13 +110,13 @@ impl Writer {
         )
     }
 
-    /// Writes `ops` as one batch and syncs it. `live` gives the store ids of live segments in
-    /// case a rotation must allocate. Returns the placements of entry records and, if it
+    /// Writes `ops` as one batch and syncs it. `spare` hands over the prepared segment for a
+    /// seq, in case the batch must rotate. Returns the placements of entry records and, if it
     /// rotated, the new segment.
     pub fn write_batch(
         &mut self,
         ops: &[PendingOp],
-        live: impl FnOnce() -> HashSet<u64>,
+        spare: impl FnOnce(u64) -> Result<Spare>,
     ) -> Result<(Vec<Placed>, Option<Rotated>)> {
         let stored: Vec<Option<Vec<u8>>> = ops
             .iter()
@@ -137,9 +139,14 @@ impl Writer {
         let segment_bytes = self.active.header.segment_bytes;
         let mut rotated = None;
         if self.write_pos + records_bytes.next_multiple_of(SECTOR_BYTES as u64) > segment_bytes {
-            rotated = Some(self.rotate(live())?);
+            rotated = Some(self.rotate(spare(self.active.header.seq + 1)?)?);
         }
-        let start_block = self.write_pos - self.write_pos % IO_ALIGN as u64;
+        // The write starts at the block holding the write position, or at the segment's start
+        // when its header goes out with this batch.
+        let start_block = match self.header_pending {
+            true => 0,
+            false => self.write_pos - self.write_pos % IO_ALIGN as u64,
+        };
         let head = (self.write_pos - start_block) as usize;
         let end = (self.write_pos + records_bytes).next_multiple_of(SECTOR_BYTES as u64);
         if end > segment_bytes {
@@ -153,7 +160,10 @@ impl Writer {
             Some(buf) if buf.len() >= len => buf,
             _ => AlignedBuf::zeroed(len),
         };
-        buf[..head].copy_from_slice(&self.tail[..head]);
+        match self.header_pending {
+            true => buf[..head].copy_from_slice(&self.active.header.encode()),
+            false => buf[..head].copy_from_slice(&self.tail[..head]),
+        }
         let seed = record::salt_seed(self.active.header.salt);
         let now = now_us();
         let mut placed = Vec::new();
@@ -189,6 +199,7 @@ impl Writer {
         let written = disk.write_and_sync(start_block, &buf[..len]);
         let result = match written {
             Ok(()) => {
+                self.header_pending = false;
                 self.advance(ops, &buf[..len], start_block, end);
                 Ok((placed, rotated))
             }
@@ -227,46 +238,74 @@ impl Writer {
         }
     }
 
-    fn rotate(&mut self, live: HashSet<u64>) -> Result<Rotated> {
+    /// Switches to `spare`, the durable prepared place of the next segment. Nothing is written
+    /// here: the segment header (with a fresh salt, this seq's first index and the old segment's
+    /// sealed end) goes out with the first batch. Until that batch is synced the place still
+    /// reads as a spare, so recovery ends the chain at the old segment, which holds every
+    /// acknowledged record.
+    fn rotate(&mut self, spare: Spare) -> Result<Rotated> {
         let seq = self.active.header.seq + 1;
-        let place = self.store.allocate(seq, &live)?;
+        if spare.seq != seq {
+            return Err(StorageError::Invalid(format!(
+                "spare segment for seq {} handed over for seq {seq}",
+                spare.seq
+            )));
+        }
         let prev_sealed = self.seal_at.take().unwrap_or(self.write_pos);
         let header = self.next_header(seq, prev_sealed);
-        let active = Self::init_segment(&*self.store, place, header)?;
-        let rotated = Rotated { place: active.place.clone(), header: active.header };
-        self.active = active;
+        let rotated = Rotated { place: spare.place.clone(), header };
+        self.active = ActiveSegment { place: spare.place, header };
+        self.header_pending = true;
         self.write_pos = SEGMENT_HEADER_BYTES;
         self.tail.fill(0);
-        tracing::debug!(seq, first_index = header.first_index, "WAL rotated to a new segment");
+        tracing::debug!(seq, first_index = header.first_index, "WAL rotated to a spare segment");
         Ok(rotated)
     }
 }
 
-/// Payloads larger than this are first tried on a sample of this many bytes.
-const COMPRESS_SAMPLE_BYTES: usize = 64 << 10;
+/// Every entry payload is first tried on a sample of its first this many bytes (or on itself, if
+/// smaller). One 4 KiB block is enough to tell block data that compresses from block data that
+/// does not, and costs a fraction of an lz4 pass over an 8 KiB or 4 MiB payload.
+const COMPRESS_SAMPLE_BYTES: usize = 4 << 10;
 
-/// An entry payload compressed, if lz4 saves at least an eighth of it. A payload larger than
-/// `COMPRESS_SAMPLE_BYTES` is tried on its first `COMPRESS_SAMPLE_BYTES` first, and stored as is
-/// if those do not compress: block data is often random, encrypted or already compressed, and
-/// compressing a 4 MiB record of it whole costs milliseconds and two record-sized buffers (the
-/// joined payload and lz4's output) for nothing. The payload stays in its shared parts then.
+/// An entry payload compressed, if lz4 saves at least an eighth of it. The decision is taken on
+/// the payload's first `COMPRESS_SAMPLE_BYTES` at every size: block data is often random,
+/// encrypted or already compressed, and lz4 over it costs CPU on the commit path (for an 8 KiB
+/// write, as much as its checksum) and, for a 4 MiB record, two record-sized buffers (the joined
+/// payload and lz4's output) for nothing. A payload no larger than the sample is decided by its
+/// own compression, so it never goes through lz4 twice. A payload stored as is stays in its
+/// shared parts.
 fn pack(payload: &Payload) -> Option<Vec<u8>> {
-    if payload.len() > COMPRESS_SAMPLE_BYTES {
-        let mut sample = Vec::with_capacity(COMPRESS_SAMPLE_BYTES);
-        for part in payload.parts() {
-            let take = part.len().min(COMPRESS_SAMPLE_BYTES - sample.len());
-            sample.extend_from_slice(&part[..take]);
-            if sample.len() == COMPRESS_SAMPLE_BYTES {
-                break;
-            }
-        }
-        if !record::maybe_compress(&sample).1 {
-            return None;
-        }
+    if payload.len() > COMPRESS_SAMPLE_BYTES && !sample_compresses(payload) {
+        return None;
     }
     match record::maybe_compress(&payload.contiguous()) {
         (Cow::Owned(packed), true) => Some(packed),
         _ => None,
+    }
+}
+
+/// Whether the payload's first `COMPRESS_SAMPLE_BYTES` compress by the rule `maybe_compress`
+/// applies. The sample is borrowed when the first part holds it (the common case for one
+/// block-sized buffer) and copied from the parts otherwise.
+fn sample_compresses(payload: &Payload) -> bool {
+    match payload.parts().first() {
+        Some(first) if first.len() >= COMPRESS_SAMPLE_BYTES => {
+            record::maybe_compress(&first[..COMPRESS_SAMPLE_BYTES]).1
+        }
+        _ => {
+            let mut sample = [0u8; COMPRESS_SAMPLE_BYTES];
+            let mut filled = 0;
+            for part in payload.parts() {
+                let take = part.len().min(COMPRESS_SAMPLE_BYTES - filled);
+                sample[filled..filled + take].copy_from_slice(&part[..take]);
+                filled += take;
+                if filled == COMPRESS_SAMPLE_BYTES {
+                    break;
+                }
+            }
+            record::maybe_compress(&sample[..filled]).1
+        }
     }
 }
 
@@ -279,4 +318,57 @@ fn marker_node(payload: &[u8]) -> u64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(&payload[..8]);
     u64::from_le_bytes(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+
+    /// Bytes that lz4 cannot shorten (a xorshift stream).
+    fn random(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_sample_decides_at_every_size() {
+        for len in [512, COMPRESS_SAMPLE_BYTES, 8 << 10, 80 << 10] {
+            let zeros = Payload::from(vec![0u8; len]);
+            assert!(pack(&zeros).is_some_and(|p| p.len() < len / 8), "{len} zero bytes");
+            let noise = Payload::from(random(len, len as u64));
+            assert!(pack(&noise).is_none(), "{len} random bytes");
+        }
+        // Random in the sample, constant after: lz4 over the whole would save half of it, but
+        // the sample says no, so no lz4 pass over the whole is made.
+        let mixed = [random(COMPRESS_SAMPLE_BYTES, 3), vec![7u8; COMPRESS_SAMPLE_BYTES]].concat();
+        assert!(record::maybe_compress(&mixed).1, "the whole would compress");
+        assert!(pack(&Payload::from(mixed.clone())).is_none());
+        // Constant in the sample, random after: tried, and stored as is since it saves too little.
+        let tail_noise = [vec![0u8; 1024], random(7 << 10, 5)].concat();
+        assert!(pack(&Payload::from(tail_noise)).is_none());
+        // Constant in the sample and after: compressed.
+        let mostly = [vec![0u8; 6 << 10], random(1024, 9)].concat();
+        assert!(pack(&Payload::from(mostly)).is_some());
+    }
+
+    #[test]
+    fn the_sample_spans_parts() {
+        // A small header part, then data: the sample joins them.
+        let header = Bytes::from(vec![1u8; 40]);
+        let noise = Payload::from_parts(vec![header.clone(), Bytes::from(random(8 << 10, 11))]);
+        assert!(pack(&noise).is_none());
+        let zeros = Payload::from_parts(vec![header, Bytes::from(vec![0u8; 8 << 10])]);
+        assert!(pack(&zeros).is_some());
+        let parts: Vec<Bytes> = (0..16).map(|_| Bytes::from(vec![2u8; 512])).collect();
+        assert!(pack(&Payload::from_parts(parts)).is_some());
+    }
 }
