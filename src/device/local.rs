@@ -11,7 +11,7 @@ use super::readers::{ReaderPool, DEFAULT_READERS};
 use super::{BoxFuture, Cluster, Commit, ReadOutcome};
 use crate::replication::commits::Tag;
 use crate::replication::network::{LocalRouter, LocalTransport, Transport};
-use crate::replication::node::{applied_index, Node, RaftTuning};
+use crate::replication::node::{applied_index, wait_apply_lag, Node, RaftTuning};
 use crate::replication::open_replica;
 use crate::replication::types::{NodeId, Request};
 use crate::storage::disk::{Backend, DirVolume, Volume};
@@ -206,6 +206,8 @@ impl Cluster for Embedded {
                 Request::Blocks(ops, _) => Request::Blocks(ops, tag),
                 other => other,
             };
+            // Answered at commit: apply must not fall behind without bound.
+            wait_apply_lag(&node.raft, Duration::from_secs(1)).await?;
             let committed = node.commits.watch(tag);
             let rx = node.raft.client_write_ff(req).await.map_err(|e| e.to_string())?;
             let commit: Commit = Box::pin(async move {

@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::commits::{CommitWatch, LateAnswers, Tag};
 use super::election::ElectionGate;
 use super::network::{dispatch, BoxFuture, RaftRpc, Transport, TransportError};
-use super::node::applied_index;
+use super::node::{applied_index, wait_apply_lag};
 use super::snapshot::{ReceivePhase, ReceiveProgress, Shape};
 use super::types::{NodeId, Raft, Request};
 use crate::net::{ClientOptions, Handler, RpcClient, RpcError};
@@ -341,6 +341,11 @@ async fn propose_in_order(
         if raft.metrics().borrow().state != ServerState::Leader {
             let leader = raft.metrics().borrow().current_leader;
             let _ = done.send(Err(format!("{NOT_LEADER}; leader is {leader:?}")));
+            continue;
+        }
+        // Answered at commit: apply must not fall behind without bound.
+        if let Err(e) = wait_apply_lag(&raft, Duration::from_secs(1)).await {
+            let _ = done.send(Err(e));
             continue;
         }
         let tag = Tag::fresh();
