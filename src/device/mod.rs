@@ -324,7 +324,6 @@ impl Device {
 
     /// Writes `data` at byte `offset`. With `fua`, completes only once committed.
     pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DeviceError> {
-        self.check(offset, data.len() as u64)?;
         self.write_bytes(offset, Bytes::copy_from_slice(data), fua).await
     }
 
@@ -339,16 +338,12 @@ impl Device {
     }
 
     async fn write_bytes(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), DeviceError> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.submit_write(offset, data, fua, Box::new(move |r| drop(tx.send(r))));
-        rx.await.unwrap_or(Err(DeviceError::Closed))
+        completed(|done| self.submit_write(offset, data, fua, done)).await
     }
 
     /// Makes `[offset, +len)` read as zeros (discard and write-zeroes).
     pub async fn discard(&self, offset: u64, len: u64, fua: bool) -> Result<(), DeviceError> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.submit_discard(offset, len, fua, Box::new(move |r| drop(tx.send(r))));
-        rx.await.unwrap_or(Err(DeviceError::Closed))
+        completed(|done| self.submit_discard(offset, len, fua, done)).await
     }
 
     /// Completes once every write completed before it is committed on a majority.
@@ -357,9 +352,7 @@ impl Device {
     /// and commit means durable on a majority, so it only waits for that prefix to commit. With
     /// nothing unconfirmed it completes at once.
     pub async fn flush(&self) -> Result<(), DeviceError> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.submit_flush(Box::new(move |r| drop(tx.send(r))));
-        rx.await.unwrap_or(Err(DeviceError::Closed))
+        completed(|done| self.submit_flush(done)).await
     }
 
     /// Hands a write to the pipeline without waiting: `done` runs once the write completes
@@ -618,23 +611,20 @@ impl Device {
             BlockOp::Write { lba, data } => cache.unpin_write(seq, *lba, (data.len() / bs) as u64),
             BlockOp::Zero { lba, blocks } => cache.unpin_zero(seq, *lba, u64::from(*blocks)),
         };
-        let mut parked = Vec::new();
-        pipe.committed(
-            epoch,
-            seqs,
-            index,
-            &mut cache_unpin,
-            &mut |seq, op| parked.push((seq, op.clone())),
-            &mut ready,
-        );
-        for (seq, op) in &parked {
-            pin(cache, *seq, op);
-        }
+        pipe.committed(epoch, seqs, index, &mut cache_unpin, &mut ready);
+        pipe.admit(&mut |seq, op| pin(cache, seq, op));
         drop(inner);
         // Room for another proposal: what queued meanwhile goes as one.
         self.kick.notify_one();
         run(ready);
     }
+}
+
+/// Hands a request to `submit` with a completion that wakes this task, and waits for it.
+async fn completed(submit: impl FnOnce(Completion)) -> Result<(), DeviceError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    submit(Box::new(move |r| drop(tx.send(r))));
+    rx.await.unwrap_or(Err(DeviceError::Closed))
 }
 
 /// Pins an admitted write's blocks in the cache: reads see it from now on.

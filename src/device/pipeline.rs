@@ -216,8 +216,7 @@ impl<W> Pipeline<W> {
             return;
         }
         self.parked.push_back(Parked { parts: parts.into(), need, deadline, waiter });
-        self.admit_parked(admit);
-        self.check();
+        self.admit(admit);
     }
 
     /// A flush: completes once every admitted write is committed (at once if all are). Writes
@@ -232,8 +231,15 @@ impl<W> Pipeline<W> {
         }
     }
 
-    /// Admits parked writes, front first, while they fit.
-    fn admit_parked(&mut self, admit: &mut impl FnMut(u64, &BlockOp)) {
+    /// Admits parked writes, front first, while they fit, each part through `admit(seq, op)`
+    /// (the caller pins it in the cache). `write` does it; after `committed` freed room the
+    /// caller does.
+    pub fn admit(&mut self, admit: &mut impl FnMut(u64, &BlockOp)) {
+        self.admit_front(admit);
+        self.check();
+    }
+
+    fn admit_front(&mut self, admit: &mut impl FnMut(u64, &BlockOp)) {
         while let Some(front) = self.parked.front_mut() {
             while let Some(op) = front.parts.front() {
                 let bytes = op_bytes(op);
@@ -298,15 +304,14 @@ impl<W> Pipeline<W> {
     }
 
     /// A proposal of `epoch` holding `seqs` committed at log index `index`. Writes confirmed
-    /// by it (the committed prefix) go through `unpin(seq, op)`; parked writes that now fit
-    /// through `admit`.
+    /// by it (the committed prefix) go through `unpin(seq, op)`; the room they free is for
+    /// parked writes, which `admit` takes in next.
     pub fn committed(
         &mut self,
         epoch: u64,
         seqs: &[u64],
         index: u64,
         unpin: &mut impl FnMut(u64, &BlockOp),
-        admit: &mut impl FnMut(u64, &BlockOp),
         ready: &mut Ready<W>,
     ) {
         self.commit_floor = self.commit_floor.max(index);
@@ -330,7 +335,6 @@ impl<W> Pipeline<W> {
         }
         Self::release(&mut self.on_accepted, self.accepted, ready);
         Self::release(&mut self.on_confirmed, self.confirmed, ready);
-        self.admit_parked(admit);
         self.check();
     }
 
@@ -474,9 +478,9 @@ mod tests {
                 &prop.seqs,
                 index,
                 &mut |s, _| unpinned.push(s),
-                &mut |s, _| admitted.push(s),
                 &mut self.done,
             );
+            self.p.admit(&mut |s, _| admitted.push(s));
         }
 
         fn done_ids(&mut self) -> Vec<u32> {
