@@ -130,8 +130,7 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
             node.engine.clone(),
             receiving,
             node.gate.clone(),
-            node.commits.clone(),
-            node.late_answers.clone(),
+            node.proposer.clone(),
         );
         let server = RpcServer::start(listener, cluster_id, MAX_PAYLOAD, service)?;
         println!("node {} of cluster {cluster_id} listening on {}", args.id, server.local_addr());

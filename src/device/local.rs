@@ -9,9 +9,8 @@ use openraft::ServerState;
 
 use super::readers::{ReaderPool, DEFAULT_READERS};
 use super::{BoxFuture, Cluster, Commit, ReadOutcome};
-use crate::replication::commits::Tag;
 use crate::replication::network::{LocalRouter, LocalTransport, Transport};
-use crate::replication::node::{applied_index, wait_apply_lag, Node, RaftTuning};
+use crate::replication::node::{applied_index, Node, RaftTuning};
 use crate::replication::open_replica;
 use crate::replication::types::{NodeId, Request};
 use crate::storage::disk::{Backend, DirVolume, Volume};
@@ -201,42 +200,14 @@ impl Cluster for Embedded {
         let leader = self.leader();
         Box::pin(async move {
             let node = leader.ok_or_else(|| "no leader".to_string())?;
-            let tag = Tag::fresh();
-            let req = match req {
-                Request::Blocks(ops, _) => Request::Blocks(ops, tag),
-                other => other,
-            };
-            // Answered at commit: apply must not fall behind without bound.
-            wait_apply_lag(&node.raft, Duration::from_secs(1)).await?;
-            let committed = node.commits.watch(tag);
-            let rx = node.raft.client_write_ff(req).await.map_err(|e| e.to_string())?;
+            let mut committed = node.proposer.propose(req).await?;
             let commit: Commit = Box::pin(async move {
-                let (mut rx, mut committed) = (rx, committed);
                 loop {
-                    let step = tokio::select! {
-                        biased;
-                        c = &mut committed => Step::Committed(c),
-                        r = &mut rx => Step::Answered(r.map_err(|_| ())),
-                        _ = tokio::time::sleep(Duration::from_millis(10)) => Step::Tick,
-                    };
-                    match step {
-                        Step::Committed(c) => {
-                            // openraft answers after apply; keep the receiver until it does.
-                            node.late_answers.keep(rx);
-                            return c;
-                        }
-                        // The answer after apply: an error (not the leader after all), or a
-                        // success whose commit the watch has already reported.
-                        Step::Answered(r) => {
-                            return match r {
-                                Ok(Ok(resp)) => Ok(resp.log_id.index),
-                                Ok(Err(e)) => Err(e.to_string()),
-                                Err(()) => Err("leader dropped the proposal".to_string()),
-                            }
-                        }
+                    tokio::select! {
+                        c = &mut committed => return c,
                         // An isolated leader never hears that it was replaced: give up on it
                         // as soon as another replica leads with a higher term.
-                        Step::Tick => {
+                        _ = tokio::time::sleep(Duration::from_millis(10)) => {
                             if !self.still_leads(node.id) {
                                 return Err(format!("node {} lost the leadership", node.id));
                             }
@@ -353,8 +324,7 @@ impl Embedded {
             let mut watched = Vec::new();
             for n in self.leader().into_iter().chain(self.running()) {
                 let mut rx = n.raft.metrics();
-                rx.borrow_and_update();
-                if applied_index(&n.raft) >= index {
+                if rx.borrow_and_update().last_applied.map_or(0, |l| l.index) >= index {
                     return Ok(n);
                 }
                 watched.push(rx);
@@ -376,13 +346,6 @@ impl Embedded {
             let _ = tokio::time::timeout(wait, futures_select_any(changes)).await;
         }
     }
-}
-
-/// What a proposal's commit future saw first.
-enum Step<A> {
-    Committed(Result<u64, String>),
-    Answered(Result<A, ()>),
-    Tick,
 }
 
 /// Resolves when the first of `futures` does.

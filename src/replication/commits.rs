@@ -27,7 +27,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
+use std::time::Duration;
+
 use tokio::sync::oneshot;
+
+use super::network::BoxFuture;
+use super::node::wait_apply_lag;
+use super::types::{Raft, Request};
 
 /// A proposal's identity within this process (0: none). Never encoded; equal to every other
 /// tag, so it never makes two requests differ.
@@ -157,6 +163,70 @@ impl CommitWatch {
         for (at, (_, tx)) in done {
             let _ = tx.send(Ok(at));
         }
+    }
+}
+
+/// Proposes block changes to one replica (its leader's role) and resolves each at commit: the
+/// back-pressure on apply, the tag, the watch, and openraft's late answer, in one place for
+/// both proposers (the embedded cluster and a node's `WRITE`).
+#[derive(Clone)]
+pub struct Proposer {
+    raft: Raft,
+    commits: Arc<CommitWatch>,
+    late: LateAnswers,
+}
+
+impl std::fmt::Debug for Proposer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proposer").finish_non_exhaustive()
+    }
+}
+
+impl Proposer {
+    /// Proposes through `raft`, whose log store reports to `commits`; on the current runtime.
+    pub fn new(raft: Raft, commits: Arc<CommitWatch>) -> Proposer {
+        Proposer { raft, commits, late: LateAnswers::start() }
+    }
+
+    /// Waits until the log holds at most `MAX_APPLY_LAG_ENTRIES` unapplied entries (up to a
+    /// second: answered at commit, apply must not fall behind without bound), then hands `req`
+    /// to openraft. Resolves, once openraft took it, to a future of its entry's index at
+    /// commit, or of why it will not commit (refused, dropped, truncated, the replica stopped).
+    pub async fn propose(&self, req: Request) -> Result<BoxFuture<Result<u64, String>>, String> {
+        wait_apply_lag(&self.raft, Duration::from_secs(1)).await?;
+        let tag = Tag::fresh();
+        let req = match req {
+            Request::Blocks(ops, _) => Request::Blocks(ops, tag),
+            other => other,
+        };
+        let committed = self.commits.watch(tag);
+        let answer = self.raft.client_write_ff(req).await.map_err(|e| e.to_string())?;
+        let late = self.late.clone();
+        Ok(Box::pin(async move {
+            let (mut answer, mut committed) = (answer, committed);
+            let first = tokio::select! {
+                biased;
+                c = &mut committed => Ok(c),
+                // Only an error can come first: openraft answers after apply, which follows
+                // commit.
+                r = &mut answer => Err(r),
+            };
+            match first {
+                Ok(c) => {
+                    // openraft answers after apply; keep the receiver until it does.
+                    late.keep(answer);
+                    c
+                }
+                Err(Ok(Ok(r))) => Ok(r.log_id.index),
+                Err(Ok(Err(e))) => Err(e.to_string()),
+                Err(Err(_)) => Err("openraft dropped the proposal".to_string()),
+            }
+        }))
+    }
+
+    /// The replica stopped: every proposal still watched fails.
+    pub fn close(&self) {
+        self.commits.close();
     }
 }
 

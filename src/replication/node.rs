@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use openraft::{BasicNode, Config, SnapshotPolicy};
 
-use super::commits::{CommitWatch, LateAnswers};
+use super::commits::Proposer;
 use super::election::ElectionGate;
 use super::network::{NetworkFactory, Transport};
 use super::snapshot::record_bytes;
@@ -125,10 +125,8 @@ pub struct Node {
     pub engine: Arc<Engine>,
     /// Where the RPC server reports leader contact and answers pre-votes.
     pub gate: ElectionGate,
-    /// Where proposals made to this replica learn that their entry committed.
-    pub commits: Arc<CommitWatch>,
-    /// Where openraft's after-apply answers to those proposals are kept until sent.
-    pub late_answers: LateAnswers,
+    /// Proposes to this replica (as leader) and resolves proposals at commit.
+    pub proposer: Proposer,
     monitor: tokio::task::JoinHandle<()>,
     elections: tokio::task::JoinHandle<()>,
 }
@@ -157,8 +155,8 @@ impl Node {
         let monitor = tokio::spawn(snapshot_monitor(raft.clone(), engine.clone(), tuning.clone()));
         let gate = ElectionGate::new(id, raft.clone(), log, tuning.election_min);
         let elections = tokio::spawn(gate.clone().run(transport, tuning.heartbeat));
-        let late_answers = LateAnswers::start();
-        Ok(Node { id, raft, engine, gate, commits, late_answers, monitor, elections })
+        let proposer = Proposer::new(raft.clone(), commits);
+        Ok(Node { id, raft, engine, gate, proposer, monitor, elections })
     }
 
     /// Makes a new cluster of `members` (id, address) from this node. Only on a fresh node.
@@ -174,7 +172,7 @@ impl Node {
         self.monitor.abort();
         self.elections.abort();
         self.raft.shutdown().await.map_err(|e| anyhow::anyhow!("raft shutdown: {e}"))?;
-        self.commits.close();
+        self.proposer.close();
         let engine = self.engine.clone();
         tokio::task::spawn_blocking(move || engine.close()).await??;
         Ok(())

@@ -21,10 +21,10 @@ use openraft::{BasicNode, ChangeMembers, ServerState};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use super::commits::{CommitWatch, LateAnswers, Tag};
+use super::commits::Proposer;
 use super::election::ElectionGate;
 use super::network::{dispatch, BoxFuture, RaftRpc, Transport, TransportError};
-use super::node::{applied_index, wait_apply_lag};
+use super::node::applied_index;
 use super::snapshot::{ReceivePhase, ReceiveProgress, Shape};
 use super::types::{NodeId, Raft, Request};
 use crate::net::{ClientOptions, Handler, RpcClient, RpcError};
@@ -234,19 +234,18 @@ const DEMOTE_CONFIRM: Duration = Duration::from_secs(5);
 
 impl NodeService {
     /// `receiving`: the state machine's incoming snapshot progress
-    /// (`StateMachine::receive_progress`), shown in the status; `gate`, `commits` and
-    /// `late_answers`: the node's (`Node::gate`, `Node::commits`, `Node::late_answers`).
+    /// (`StateMachine::receive_progress`), shown in the status; `gate` and `proposer`: the
+    /// node's (`Node::gate`, `Node::proposer`).
     pub fn new(
         id: NodeId,
         raft: Raft,
         engine: Arc<Engine>,
         receiving: Arc<ReceiveProgress>,
         gate: ElectionGate,
-        commits: Arc<CommitWatch>,
-        late_answers: LateAnswers,
+        proposer: Proposer,
     ) -> Arc<NodeService> {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(propose_in_order(raft.clone(), commits, late_answers, rx));
+        tokio::spawn(propose_in_order(raft.clone(), proposer, rx));
         Arc::new(NodeService { id, raft, engine, receiving, gate, proposals: tx })
     }
 
@@ -328,13 +327,11 @@ async fn wait_matched(raft: &Raft, target: NodeId, index: u64, within: Duration)
     }
 }
 
-/// Hands client proposals to Raft in the order they arrived.
-/// Proposes block writes in arrival order. Each answer resolves when the entry commits (the
-/// replica's `CommitWatch`, before apply), or fails if openraft refuses or drops it.
+/// Hands client proposals to Raft in the order they arrived. Each answer resolves when the
+/// entry commits (`Proposer`, before apply), or fails if openraft refuses or drops it.
 async fn propose_in_order(
     raft: Raft,
-    commits: Arc<CommitWatch>,
-    late_answers: LateAnswers,
+    proposer: Proposer,
     mut rx: mpsc::UnboundedReceiver<Proposal>,
 ) {
     while let Some((req, done)) = rx.recv().await {
@@ -343,45 +340,8 @@ async fn propose_in_order(
             let _ = done.send(Err(format!("{NOT_LEADER}; leader is {leader:?}")));
             continue;
         }
-        // Answered at commit: apply must not fall behind without bound.
-        if let Err(e) = wait_apply_lag(&raft, Duration::from_secs(1)).await {
-            let _ = done.send(Err(e));
-            continue;
-        }
-        let tag = Tag::fresh();
-        let req = match req {
-            Request::Blocks(ops, _) => Request::Blocks(ops, tag),
-            other => other,
-        };
-        let committed = commits.watch(tag);
-        match raft.client_write_ff(req).await {
-            Ok(resp) => {
-                // The request's own task awaits the outcome: no task in between on the way back.
-                let late = late_answers.clone();
-                let _ = done.send(Ok(Box::pin(async move {
-                    let (mut resp, mut committed) = (resp, committed);
-                    let first = tokio::select! {
-                        biased;
-                        c = &mut committed => Ok(c),
-                        // Only an error can come first: the answer after apply follows commit.
-                        r = &mut resp => Err(r),
-                    };
-                    match first {
-                        Ok(c) => {
-                            // openraft answers after apply; keep the receiver until it does.
-                            late.keep(resp);
-                            c
-                        }
-                        Err(Ok(Ok(r))) => Ok(r.log_id.index),
-                        Err(Ok(Err(e))) => Err(e.to_string()),
-                        Err(Err(_)) => Err("proposal dropped".to_string()),
-                    }
-                })));
-            }
-            Err(e) => {
-                let _ = done.send(Err(e.to_string()));
-            }
-        }
+        // The request's own task awaits the outcome: no task in between on the way back.
+        let _ = done.send(proposer.propose(req).await);
     }
 }
 
