@@ -224,22 +224,10 @@ fn serve_queue(
         };
         if matches!(io, Io::Read { .. } | Io::Flush) {
             let len = if decoded.op == Op::Read { decoded.len as usize } else { 0 };
-            // SAFETY: the buffer belongs to `tag`, whose request is ours until committed, and
-            // the kernel does not touch it meanwhile; `decode` bounded `len` by its size.
-            let buf =
-                unsafe { std::slice::from_raw_parts_mut(bufs[usize::from(tag)].as_mut_ptr(), len) };
-            if let Some(result) = target.answer_now(&io, buf) {
+            if let Some(result) = target.answer_now(&io, tag_buf(&bufs, tag, len)) {
                 let res = match result {
                     Ok(()) => decoded.len as i32,
-                    Err(e) => {
-                        tracing::warn!(
-                            "ublk: {:?} at {} (+{}): {e}",
-                            decoded.op,
-                            decoded.offset,
-                            decoded.len
-                        );
-                        -e.errno()
-                    }
+                    Err(e) => failed(&decoded, &e),
                 };
                 commit(q, &bufs, tag, res);
                 return;
@@ -265,17 +253,9 @@ fn finish(
         return;
     };
     let res = match (decoded.op, result) {
-        (_, Err(e)) => {
-            tracing::warn!("ublk: {:?} at {} (+{}): {e}", decoded.op, decoded.offset, decoded.len);
-            -e.errno()
-        }
+        (_, Err(e)) => failed(&decoded, &e),
         (Op::Read, Ok(Reply::Data(data))) if data.len() == decoded.len as usize => {
-            // SAFETY: the buffer belongs to `tag`, whose request is ours until committed, and the
-            // kernel does not touch it meanwhile; `decode` bounded `len` by the buffer size.
-            let buf = unsafe {
-                std::slice::from_raw_parts_mut(bufs[usize::from(tag)].as_mut_ptr(), data.len())
-            };
-            buf.copy_from_slice(&data);
+            tag_buf(bufs, tag, data.len()).copy_from_slice(&data);
             decoded.len as i32
         }
         (Op::Read, Ok(reply)) => {
@@ -290,6 +270,22 @@ fn finish(
         (_, Ok(_)) => decoded.len as i32,
     };
     commit(q, bufs, tag, res);
+}
+
+/// The first `len` bytes of `tag`'s buffer, for a read's data. Only for a tag whose request is
+/// this thread's (taken from the kernel, not yet committed), with `len` bounded by `decode`.
+#[allow(clippy::mut_from_ref)]
+fn tag_buf(bufs: &[IoBuf<u8>], tag: u16, len: usize) -> &mut [u8] {
+    // SAFETY: the buffer belongs to `tag`, whose request is ours until committed, and the kernel
+    // does not touch it meanwhile; `decode` bounded `len` by the buffer size. Each caller holds
+    // the slice only while it fills it, before the commit, so no two exist at once.
+    unsafe { std::slice::from_raw_parts_mut(bufs[usize::from(tag)].as_mut_ptr(), len) }
+}
+
+/// A request that failed: logged, and answered with its errno.
+fn failed(decoded: &Decoded, e: &IoError) -> i32 {
+    tracing::warn!("ublk: {:?} at {} (+{}): {e}", decoded.op, decoded.offset, decoded.len);
+    -e.errno()
 }
 
 fn commit(q: &UblkQueue, bufs: &[IoBuf<u8>], tag: u16, res: i32) {
