@@ -7,6 +7,7 @@
 
 mod common;
 
+use openraft::async_runtime::WatchReceiver;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -327,7 +328,7 @@ fn flip_byte(dir: &std::path::Path, id: u64, lba: u64) {
 async fn all_applied(cluster: &Embedded) {
     use xdevice::replication::node::applied_index;
     for _ in 0..500 {
-        let last = cluster.leader().and_then(|l| l.raft.metrics().borrow().last_log_index);
+        let last = cluster.leader().and_then(|l| l.raft.metrics().borrow_watched().last_log_index);
         if cluster.running().iter().all(|n| Some(applied_index(&n.raft)) == last) {
             return;
         }

@@ -1,7 +1,9 @@
 //! openraft's own storage test suite, unmodified, against the WAL-backed log store and the
-//! image-backed state machine, on real files through both disk backends.
+//! image-backed state machine, on real files through both disk backends. (openraft 0.10's suite
+//! lives in `openraft::testing::log` and is async: it runs on a multi-threaded runtime, as the
+//! stores hand blocking work to tokio's blocking pool.)
 
-use openraft::testing::{StoreBuilder, Suite};
+use openraft::testing::log::{StoreBuilder, Suite};
 use xdevice::replication::log_store::{LogStore, DEFAULT_CACHE_BYTES};
 use xdevice::replication::open_replica;
 use xdevice::replication::state_machine::StateMachine;
@@ -37,14 +39,17 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
     }
 }
 
-#[test]
-fn openraft_suite_uring_backend() {
+#[tokio::test(flavor = "multi_thread")]
+async fn openraft_suite_uring_backend() {
     Suite::test_all(Builder { backend: Backend::Uring, cache_bytes: DEFAULT_CACHE_BYTES })
+        .await
         .expect("openraft storage suite");
 }
 
 /// With a one-byte entry cache every read goes to the WAL on disk.
-#[test]
-fn openraft_suite_file_backend_without_cache() {
-    Suite::test_all(Builder { backend: Backend::File, cache_bytes: 1 }).expect("openraft suite");
+#[tokio::test(flavor = "multi_thread")]
+async fn openraft_suite_file_backend_without_cache() {
+    Suite::test_all(Builder { backend: Backend::File, cache_bytes: 1 })
+        .await
+        .expect("openraft suite");
 }

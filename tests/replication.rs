@@ -5,6 +5,7 @@
 
 mod common;
 
+use openraft::async_runtime::WatchReceiver;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -174,7 +175,7 @@ fn an_isolated_follower_rejoins_without_an_election() {
         let dir = tempfile::tempdir().unwrap();
         let (cluster, dev, election) = writeback_cluster(dir.path()).await;
         let leader = cluster.wait_leader(Duration::from_secs(5)).await.unwrap();
-        let term = |n: &Node| n.raft.metrics().borrow().current_term;
+        let term = |n: &Node| n.raft.metrics().borrow_watched().current_term;
         let before = term(&leader);
         let follower = cluster.running().into_iter().find(|n| n.id != leader.id).unwrap();
         assert_eq!(term(&follower), before);
@@ -192,7 +193,7 @@ fn an_isolated_follower_rejoins_without_an_election() {
         }
         assert_eq!(term(&follower), before, "the isolated follower raised its term");
         assert!(
-            follower.raft.metrics().borrow().state != openraft::ServerState::Candidate,
+            follower.raft.metrics().borrow_watched().state != openraft::ServerState::Candidate,
             "the isolated follower is campaigning"
         );
 
@@ -301,8 +302,8 @@ async fn write_range(dev: &Device, lbas: std::ops::Range<u64>, version: u64, wan
 async fn wait_applied(node: &Node, index: u64, within: Duration) {
     let mut rx = node.raft.metrics();
     let deadline = Instant::now() + within;
-    while rx.borrow().last_applied.map(|l| l.index) < Some(index) {
-        let now = rx.borrow().last_applied;
+    while rx.borrow_watched().last_applied.as_ref().map(|l| l.index) < Some(index) {
+        let now = rx.borrow_watched().last_applied.clone();
         assert!(Instant::now() < deadline, "node {} applied only {now:?}, not {index}", node.id);
         tokio::time::timeout(Duration::from_millis(100), rx.changed()).await.ok();
     }
@@ -312,7 +313,7 @@ async fn wait_applied(node: &Node, index: u64, within: Duration) {
 /// before apply) is at or below it, and so is everything the replicas must apply to match.
 fn leader_log_end(cluster: &Embedded) -> u64 {
     let leader = cluster.leader().expect("a leader");
-    let last = leader.raft.metrics().borrow().last_log_index;
+    let last = leader.raft.metrics().borrow_watched().last_log_index;
     last.expect("the leader's log holds something")
 }
 
@@ -427,7 +428,7 @@ fn lagging_replica_catches_up_by_snapshot() {
         let follower = (1..=3).find(|&id| id != leader.id).unwrap();
         let node = cluster.node(follower).unwrap();
         wait_applied(&node, leader_log_end(&cluster), Duration::from_secs(10)).await;
-        let follower_last = node.raft.metrics().borrow().last_log_index.unwrap();
+        let follower_last = node.raft.metrics().borrow_watched().last_log_index.unwrap();
         drop(node);
         cluster.stop_replica(follower).await.unwrap();
 
@@ -469,7 +470,7 @@ fn lagging_replica_catches_up_by_snapshot() {
         dev.flush().await.unwrap();
         let node = cluster.node(follower).unwrap();
         wait_applied(&node, leader_log_end(&cluster), Duration::from_secs(15)).await;
-        let snap = node.raft.metrics().borrow().snapshot;
+        let snap = node.raft.metrics().borrow_watched().snapshot;
         let snap = snap.expect("the follower installed a snapshot");
         assert!(
             snap.index >= purged_past - 1,
@@ -487,7 +488,7 @@ fn lagging_replica_catches_up_by_snapshot() {
             "follower {follower} stopped at {follower_last}; leader log from {purged_past}; \
              follower snapshot at {}, {version} passes written, term {}",
             snap.index,
-            node.raft.metrics().borrow().current_term
+            node.raft.metrics().borrow_watched().current_term
         );
         check_image(&node, &want, blocks);
 
@@ -554,7 +555,6 @@ async fn stage_from(source: &Arc<Engine>, files: &SnapshotFiles) -> SnapshotMeta
     let meta = SnapshotMeta {
         last_log_id: applied.log_id.map(from_store_log_id),
         last_membership: Default::default(),
-        snapshot_id: "test".into(),
     };
     let mut data = SnapshotData::Live(LiveStream::new(source.clone(), &meta).unwrap());
     snapshot::stage(files, &mut data).await.unwrap();

@@ -129,7 +129,7 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
             node.raft.clone(),
             node.engine.clone(),
             receiving,
-            node.gate.clone(),
+            node.inbox.clone(),
             node.proposer.clone(),
         );
         let server = RpcServer::start(listener, cluster_id, MAX_PAYLOAD, service)?;

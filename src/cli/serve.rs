@@ -19,6 +19,7 @@
 //! `recover` on the same `DIR` re-attaches (after the replicas recover from their WALs), and
 //! the kernel reissues what the dead daemon held.
 
+use openraft::async_runtime::WatchReceiver;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -270,13 +271,13 @@ impl Served {
         let leader = self.embedded.leader();
         let matched: std::collections::BTreeMap<u64, Option<u64>> = leader
             .as_ref()
-            .and_then(|l| l.raft.metrics().borrow().replication.clone())
+            .and_then(|l| l.raft.metrics().borrow_watched().replication.clone())
             .map(|r| r.iter().map(|(id, l)| (*id, l.map(|l| l.index))).collect())
             .unwrap_or_default();
         let replicas = (1..=self.record.replicas)
             .map(|id| match self.embedded.node(id) {
                 Some(node) => {
-                    let m = node.raft.metrics().borrow().clone();
+                    let m = node.raft.metrics().borrow_watched().clone();
                     ReplicaStatus {
                         id,
                         role: format!("{:?}", m.state),

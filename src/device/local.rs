@@ -1,6 +1,7 @@
 //! The embedded mode: several replicas in this process, each with its own data directory,
 //! talking through in-process channels (`LocalRouter`), and a `Cluster` over them for the device.
 
+use openraft::async_runtime::WatchReceiver;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -115,7 +116,7 @@ impl Embedded {
         let transport: Arc<dyn Transport> =
             Arc::new(LocalTransport { router: self.router.clone(), me: id });
         let node = Arc::new(Node::start(id, replica, transport, &self.opts.tuning).await?);
-        self.router.register(id, node.raft.clone(), node.gate.clone());
+        self.router.register(id, node.raft.clone(), node.inbox.clone());
         self.nodes.lock().expect("nodes lock")[(id - 1) as usize] = Some(node);
         Ok(fresh)
     }
@@ -145,7 +146,7 @@ impl Embedded {
             .into_iter()
             .filter_map(|n| {
                 let m = n.raft.metrics();
-                let m = m.borrow();
+                let m = m.borrow_watched();
                 (m.state == ServerState::Leader && m.current_leader == Some(n.id))
                     .then_some((m.current_term, n.clone()))
             })
@@ -243,10 +244,14 @@ impl Cluster for Embedded {
                     let leader = self.wait_leader(Duration::from_secs(10)).await.map_err(|e| {
                         format!("no leader to confirm the recovered commit index: {e}")
                     })?;
-                    let read = leader.raft.ensure_linearizable().await.map_err(|e| {
-                        format!("confirming the recovered commit index failed: {e}")
-                    })?;
-                    Ok::<u64, String>(read.map_or(0, |l| l.index))
+                    let read = leader
+                        .raft
+                        .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
+                        .await
+                        .map_err(|e| {
+                            format!("confirming the recovered commit index failed: {e}")
+                        })?;
+                    Ok::<u64, String>(read.index())
                 })
                 .await?;
             let applied_at_least = applied_at_least.max(recovered);

@@ -200,7 +200,8 @@ impl Proposer {
             other => other,
         };
         let committed = self.commits.watch(tag);
-        let answer = self.raft.client_write_ff(req).await.map_err(|e| e.to_string())?;
+        let (responder, answer) = openraft::impls::ProgressResponder::complete_only();
+        self.raft.client_write_ff(req, Some(responder)).await.map_err(|e| e.to_string())?;
         let late = self.late.clone();
         Ok(Box::pin(async move {
             let (mut answer, mut committed) = (answer, committed);

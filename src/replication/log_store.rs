@@ -8,16 +8,17 @@
 
 use std::collections::VecDeque;
 use std::fmt::Debug;
+use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
-use openraft::{AnyError, ErrorSubject, ErrorVerb, RaftLogReader, StorageIOError};
+use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
+use openraft::RaftLogReader;
 
 use super::commits::CommitWatch;
 use super::types::{
     decode_entry, encode_entry, from_store_log_id, from_store_vote, to_store_log_id, to_store_vote,
-    Entry, LogId, Request, StorageError, TypeConfig, Vote,
+    Entry, LogId, Request, TypeConfig, Vote,
 };
 use crate::storage::engine::Engine;
 use crate::storage::state::LogId as StoreLogId;
@@ -109,17 +110,18 @@ pub struct LogStore {
     inner: Arc<Inner>,
 }
 
-fn io_err(subject: ErrorSubject<u64>, verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError {
-    StorageIOError::new(subject, verb, AnyError::error(e.to_string())).into()
+/// openraft 0.10's storage traits answer `io::Error`; openraft adds what was being done.
+fn io_err(what: &str, e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(format!("{what}: {e}"))
 }
 
-fn read_err(index: u64, e: impl std::fmt::Display) -> StorageError {
-    StorageIOError::read_log_at_index(index, AnyError::error(e.to_string())).into()
+fn read_err(index: u64, e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(format!("reading log entry {index}: {e}"))
 }
 
 impl LogStore {
     /// Wraps an opened engine; reads the last entry's id from the log.
-    pub fn new(engine: Arc<Engine>, cache_bytes: usize) -> Result<LogStore, StorageError> {
+    pub fn new(engine: Arc<Engine>, cache_bytes: usize) -> io::Result<LogStore> {
         let bounds = engine.wal().bounds();
         let last = if bounds.next > bounds.first {
             let index = bounds.next - 1;
@@ -142,7 +144,7 @@ impl LogStore {
     /// The last log id as openraft's log state reports it (the purge point on an empty log).
     pub fn last_log_id(&self) -> Option<LogId> {
         let purged = self.inner.engine.wal().bounds().purged.map(from_store_log_id);
-        let last = *self.inner.last.lock().expect("last lock");
+        let last = self.inner.last.lock().expect("last lock").clone();
         last.max(purged)
     }
 
@@ -159,7 +161,7 @@ impl LogStore {
         self.inner.cache.lock().expect("entry cache lock")
     }
 
-    fn entry(&self, index: u64) -> Result<Entry, StorageError> {
+    fn entry(&self, index: u64) -> io::Result<Entry> {
         if let Some(e) = self.cache().get(index) {
             return Ok(e.clone());
         }
@@ -169,16 +171,14 @@ impl LogStore {
     /// Runs blocking engine work (a sync) off the async worker threads.
     async fn blocking<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Engine) -> Result<T, StorageError> + Send + 'static,
-    ) -> Result<T, StorageError> {
+        f: impl FnOnce(&Engine) -> io::Result<T> + Send + 'static,
+    ) -> io::Result<T> {
         let engine = self.inner.engine.clone();
-        tokio::task::spawn_blocking(move || f(&engine))
-            .await
-            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?
+        tokio::task::spawn_blocking(move || f(&engine)).await.map_err(|e| io_err("log task", e))?
     }
 }
 
-fn read_from_wal(engine: &Engine, index: u64) -> Result<Entry, StorageError> {
+fn read_from_wal(engine: &Engine, index: u64) -> io::Result<Entry> {
     let term = engine.wal().term(index).map_err(|e| read_err(index, e))?;
     let bytes = engine.wal().read(index).map_err(|e| read_err(index, e))?;
     decode_entry(index, term, &bytes).map_err(|e| read_err(index, e))
@@ -188,7 +188,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
         &mut self,
         range: RB,
-    ) -> Result<Vec<Entry>, StorageError> {
+    ) -> io::Result<Vec<Entry>> {
         let bounds = self.inner.engine.wal().bounds();
         let start = match range.start_bound() {
             Bound::Included(&s) => s,
@@ -233,14 +233,18 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Ok(out)
         })
         .await
-        .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?
+        .map_err(|e| io_err("log read task", e))?
+    }
+
+    async fn read_vote(&mut self) -> io::Result<Option<Vote>> {
+        Ok(self.inner.engine.state().get().vote.map(from_store_vote))
     }
 }
 
 impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
-    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+    async fn get_log_state(&mut self) -> io::Result<LogState<TypeConfig>> {
         let purged = self.inner.engine.wal().bounds().purged.map(from_store_log_id);
         Ok(LogState { last_purged_log_id: purged, last_log_id: self.last_log_id() })
     }
@@ -249,25 +253,25 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.clone()
     }
 
-    async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
+    /// Durable before it returns (`StateStore::update` syncs), as openraft requires, and only
+    /// after every append queued before it is durable: openraft 0.10 submits appends without
+    /// awaiting them and requires log and vote I/O to complete in order (it counts a later
+    /// completion as covering earlier submissions). The vote lives in the hard state, not in
+    /// the WAL's queue, so the WAL is flushed first. Votes change rarely (a new term, a new
+    /// leader); the flush costs at most the appends in flight.
+    async fn save_vote(&mut self, vote: &Vote) -> io::Result<()> {
         let v = to_store_vote(vote);
         self.blocking(move |engine| {
-            engine
-                .state()
-                .update(|s| s.vote = Some(v))
-                .map_err(|e| io_err(ErrorSubject::Vote, ErrorVerb::Write, e))
+            engine.wal().flush().map_err(|e| io_err("flushing the log before a vote", e))?;
+            engine.state().update(|s| s.vote = Some(v)).map_err(|e| io_err("saving the vote", e))
         })
         .await
-    }
-
-    async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
-        Ok(self.inner.engine.state().get().vote.map(from_store_vote))
     }
 
     /// Kept in memory only: the committed index is persisted by each checkpoint (which covers
     /// everything applied), and openraft re-learns the rest from the leader. Persisting it here
     /// would add a second sync to every commit.
-    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+    async fn save_committed(&mut self, committed: Option<LogId>) -> io::Result<()> {
         if let Some(c) = committed {
             self.inner.engine.note_committed(to_store_log_id(&c));
             self.inner.commits.committed(c.index);
@@ -275,15 +279,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(())
     }
 
-    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+    async fn read_committed(&mut self) -> io::Result<Option<LogId>> {
         Ok(self.inner.engine.state().get().committed.map(from_store_log_id))
     }
 
-    async fn append<I>(
-        &mut self,
-        entries: I,
-        callback: LogFlushed<TypeConfig>,
-    ) -> Result<(), StorageError>
+    /// Returns once the entries are queued in the WAL and readable (from the entry cache, and
+    /// from the WAL's memory until written): openraft 0.10 replicates them to followers from
+    /// here, before they are durable. The callback runs from the WAL sync that covers them.
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> io::Result<()>
     where
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
@@ -296,7 +299,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let entries: Vec<Entry> =
             entries.into_iter().filter(|e| purged.is_none_or(|p| e.log_id.index > p)).collect();
         let Some(first) = entries.first() else {
-            callback.log_io_completed(Ok(()));
+            callback.io_completed(Ok(()));
             return Ok(());
         };
         if bounds.first == bounds.next && first.log_id.index > bounds.next {
@@ -304,7 +307,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             // recorded as purged, attributed to no leader (term 0), and never read.
             let gap = StoreLogId { term: 0, node: 0, index: first.log_id.index - 1 };
             self.blocking(move |engine| {
-                engine.wal().purge(gap).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))
+                engine.wal().purge(gap).map_err(|e| io_err("recording the log's start", e))
             })
             .await?;
             self.cache().clear();
@@ -318,7 +321,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             })
             .collect();
         let first_index = first.log_id.index;
-        let last = entries.last().map(|e| e.log_id);
+        let last = entries.last().map(|e| e.log_id.clone());
         self.inner.commits.appended(entries.iter().filter_map(|e| match &e.payload {
             openraft::EntryPayload::Normal(Request::Blocks(_, tag)) if tag.0 != 0 => {
                 Some((e.log_id.index, *tag))
@@ -332,19 +335,24 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
         }
         let done = Box::new(move |r: crate::storage::Result<()>| {
-            callback.log_io_completed(r.map_err(|e| std::io::Error::other(e.to_string())));
+            callback.io_completed(r.map_err(|e| io::Error::other(e.to_string())));
         });
         if let Err(e) = wal.append_with(records, done) {
             self.inner.commits.truncated(first_index);
             self.cache().truncate(first_index);
-            return Err(io_err(ErrorSubject::Logs, ErrorVerb::Write, e));
+            return Err(io_err("appending to the log", e));
         }
         *self.inner.last.lock().expect("last lock") = last;
         Ok(())
     }
 
-    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        let from = log_id.index;
+    /// Removes the entries after `last` (all of them for None), durably before it returns.
+    async fn truncate_after(&mut self, last: Option<LogId>) -> io::Result<()> {
+        let from = last.as_ref().map_or(0, |l| l.index + 1);
+        if from >= self.inner.engine.wal().bounds().next {
+            // Nothing after `last`: openraft 0.10 may ask for a truncation that removes nothing.
+            return Ok(());
+        }
         self.inner.commits.truncated(from);
         self.cache().truncate(from);
         let new_last = {
@@ -356,23 +364,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
         };
         self.blocking(move |engine| {
-            let ticket = engine
-                .wal()
-                .truncate(from)
-                .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
-            engine.wal().wait(ticket).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))
+            let ticket =
+                engine.wal().truncate(from).map_err(|e| io_err("truncating the log", e))?;
+            engine.wal().wait(ticket).map_err(|e| io_err("truncating the log", e))
         })
         .await?;
         *self.inner.last.lock().expect("last lock") = new_last;
         Ok(())
     }
 
-    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+    async fn purge(&mut self, log_id: LogId) -> io::Result<()> {
         self.inner.commits.purged(log_id.index);
         self.cache().purge(log_id.index);
         let upto = to_store_log_id(&log_id);
         self.blocking(move |engine| {
-            engine.wal().purge(upto).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))
+            engine.wal().purge(upto).map_err(|e| io_err("purging the log", e))
         })
         .await?;
         let mut last = self.inner.last.lock().expect("last lock");

@@ -6,14 +6,12 @@
 //! - `snapshot`: the checksummed snapshot stream, staging, verification and install.
 //! - `commits`: commit notification for proposals made in this process.
 //! - `network`: Raft RPCs over a `Transport` (in-process or `tcp`), answered by `dispatch`.
-//! - `election`: pre-vote, which decides when openraft may campaign.
-//! - `node`: one running replica (openraft, its snapshot monitor and election gate).
+//! - `node`: one running replica (openraft, its configuration and snapshot monitor).
 
-// openraft's traits fix `StorageError` (over 200 bytes) as the error type.
+// openraft's error types (RaftError, RPCError, StorageError) are large.
 #![allow(clippy::result_large_err)]
 
 pub mod commits;
-pub mod election;
 pub mod log_store;
 pub mod network;
 pub mod node;

@@ -2,6 +2,7 @@
 //! `RaftRpc` through a `Transport`: `LocalRouter` (replicas in one process, the embedded mode) or
 //! TCP between processes (`tcp`). The receiving side answers with `dispatch`.
 
+use openraft::async_runtime::WatchReceiver;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
@@ -9,36 +10,50 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use openraft::error::{
-    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
-    Unreachable,
+    NetworkError, RPCError, RaftError, ReplicationClosed, StreamingError, Unreachable,
 };
-use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::network::{Backoff, RPCOption, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
 };
-use openraft::{AnyError, BasicNode};
+use openraft::{BasicNode, RaftNetworkV2};
 use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::election::{ElectionGate, PreVoteReply, PreVoteRequest};
-use super::types::{NodeId, Raft, TypeConfig};
+use super::snapshot::SnapshotData;
+use super::state_machine::StateMachine;
+use super::types::{LogId, NodeId, Raft, Snapshot, SnapshotMeta, TypeConfig, Vote};
 
 /// A Raft RPC on the wire.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum RaftRpc {
     Append(AppendEntriesRequest<TypeConfig>),
-    Vote(VoteRequest<NodeId>),
-    Snapshot(InstallSnapshotRequest<TypeConfig>),
-    PreVote(PreVoteRequest),
+    Vote(VoteRequest<TypeConfig>),
+    /// openraft 0.10's pre-vote: "would you vote for me", without raising any term.
+    PreVote(VoteRequest<TypeConfig>),
+    Snapshot(SnapshotChunk),
 }
 
 /// Its answer, with the remote Raft's own error when it refused.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum RaftReply {
-    Append(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
-    Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
-    Snapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
-    PreVote(PreVoteReply),
+    Append(Result<AppendEntriesResponse<TypeConfig>, RaftError<TypeConfig>>),
+    Vote(Result<VoteResponse<TypeConfig>, RaftError<TypeConfig>>),
+    PreVote(Result<VoteResponse<TypeConfig>, RaftError<TypeConfig>>),
+    /// The receiver's vote (a higher one ends the transfer), or why the chunk was refused.
+    Snapshot(Result<SnapshotResponse<TypeConfig>, String>),
+}
+
+/// One record of a snapshot stream (`snapshot`), sent in order from offset 0; the last one
+/// (`done`) has the receiver install the whole staged stream through openraft.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SnapshotChunk {
+    pub vote: Vote,
+    pub meta: SnapshotMeta,
+    pub offset: u64,
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+    pub done: bool,
 }
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -68,29 +83,87 @@ pub trait Transport: Send + Sync + 'static {
     ) -> BoxFuture<Result<RaftReply, TransportError>>;
 }
 
-/// Answers an RPC with the local Raft; `gate` is that replica's (see `election`): accepted
-/// AppendEntries and snapshot chunks count as hearing from the leader, and pre-votes are
-/// answered there.
-pub async fn dispatch(raft: &Raft, gate: &ElectionGate, rpc: RaftRpc) -> RaftReply {
+/// The receiving side of snapshot transfers for one replica. openraft 0.10 leaves sending a
+/// snapshot to the application (`RaftNetworkV2::full_snapshot`) and installs it only once it is
+/// whole (`Raft::install_full_snapshot`): chunks are staged here, in order, into the state
+/// machine's staging file, and the last one hands the staged stream to openraft, which installs
+/// it through `StateMachine::install_snapshot` (verified whole, then installed under a durable
+/// intent). Only one snapshot is received at a time; a chunk at offset 0 starts over.
+pub struct SnapshotInbox {
+    sm: StateMachine,
+    incoming: tokio::sync::Mutex<Option<Incoming>>,
+}
+
+struct Incoming {
+    vote: Vote,
+    last_log_id: Option<LogId>,
+    next: u64,
+    data: SnapshotData,
+}
+
+impl std::fmt::Debug for SnapshotInbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotInbox").finish_non_exhaustive()
+    }
+}
+
+impl SnapshotInbox {
+    /// `sm` is a handle on the replica's state machine (the one given to openraft).
+    pub fn new(sm: StateMachine) -> Arc<SnapshotInbox> {
+        Arc::new(SnapshotInbox { sm, incoming: tokio::sync::Mutex::new(None) })
+    }
+
+    /// Stages one chunk; the last one installs the snapshot through `raft`.
+    pub async fn receive(
+        &self,
+        raft: &Raft,
+        chunk: SnapshotChunk,
+    ) -> Result<SnapshotResponse<TypeConfig>, String> {
+        // A sender whose vote is below ours is not our leader: answer our vote, which ends its
+        // transfer (openraft sees the higher vote). openraft checks again at install.
+        let mine = raft.metrics().borrow_watched().vote.clone();
+        if chunk.vote < mine {
+            return Ok(SnapshotResponse::new(mine));
+        }
+        let mut incoming = self.incoming.lock().await;
+        if chunk.offset == 0 {
+            let data = self.sm.begin_receiving().await.map_err(|e| e.to_string())?;
+            *incoming = Some(Incoming {
+                vote: chunk.vote.clone(),
+                last_log_id: chunk.meta.last_log_id.clone(),
+                next: 0,
+                data,
+            });
+        }
+        let Some(inc) = incoming.as_mut() else {
+            return Err(format!("snapshot chunk at {} without its start", chunk.offset));
+        };
+        if inc.vote != chunk.vote || inc.last_log_id != chunk.meta.last_log_id {
+            return Err("snapshot chunk of another transfer than the one being received".into());
+        }
+        if chunk.offset != inc.next {
+            return Err(format!("snapshot chunk at {}, expected {}", chunk.offset, inc.next));
+        }
+        inc.data.write_all(&chunk.data).await.map_err(|e| format!("staging a snapshot: {e}"))?;
+        inc.next += chunk.data.len() as u64;
+        if !chunk.done {
+            return Ok(SnapshotResponse::new(mine));
+        }
+        let Some(inc) = incoming.take() else {
+            return Err("snapshot transfer vanished".into());
+        };
+        let snapshot = Snapshot { meta: chunk.meta, snapshot: inc.data };
+        raft.install_full_snapshot(chunk.vote, snapshot).await.map_err(|e| e.to_string())
+    }
+}
+
+/// Answers an RPC with the local Raft; snapshot chunks go through the replica's `inbox`.
+pub async fn dispatch(raft: &Raft, inbox: &SnapshotInbox, rpc: RaftRpc) -> RaftReply {
     match rpc {
-        RaftRpc::Append(r) => {
-            let reply = raft.append_entries(r).await;
-            // Anything but a higher vote: the sender is the leader this replica follows.
-            if reply.as_ref().is_ok_and(|r| !matches!(r, AppendEntriesResponse::HigherVote(_))) {
-                gate.heard_leader();
-            }
-            RaftReply::Append(reply)
-        }
+        RaftRpc::Append(r) => RaftReply::Append(raft.append_entries(r).await),
         RaftRpc::Vote(r) => RaftReply::Vote(raft.vote(r).await),
-        RaftRpc::Snapshot(r) => {
-            let vote = r.vote;
-            let mut receiving = gate.receiving();
-            let reply = raft.install_snapshot(r).await;
-            // Accepted: this replica's vote is not above the sender's.
-            receiving.accepted = reply.as_ref().is_ok_and(|resp| resp.vote <= vote);
-            RaftReply::Snapshot(reply)
-        }
-        RaftRpc::PreVote(r) => RaftReply::PreVote(gate.answer(&r)),
+        RaftRpc::PreVote(r) => RaftReply::PreVote(raft.pre_vote(r).await),
+        RaftRpc::Snapshot(c) => RaftReply::Snapshot(inbox.receive(raft, c).await),
     }
 }
 
@@ -117,10 +190,10 @@ impl NetworkFactory {
 const PROBE_ABOVE_BYTES: usize = 1 << 20;
 
 /// The most entry bytes one AppendEntries carries when it has more than one entry: one of the
-/// device's largest proposals. openraft 0.9 gives every AppendEntries the heartbeat interval to
-/// complete, and a follower answers only once the entries are durable, so a request must be
-/// small enough to transfer and sync within it; three 4 MiB entries at once timed out at 30 ms
-/// on every retry, and the follower never caught up.
+/// device's largest proposals. openraft gives every AppendEntries the heartbeat interval to
+/// complete (0.10 as 0.9: the interval is the RPC's TTL), and a follower answers only once the
+/// entries are durable, so a request must be small enough to transfer and sync within it; three
+/// 4 MiB entries at once timed out at 30 ms on every retry, and the follower never caught up.
 const APPEND_BUDGET_BYTES: usize = 4 << 20;
 
 /// The link to one peer.
@@ -129,7 +202,7 @@ pub struct PeerNetwork {
     node: BasicNode,
     transport: Arc<dyn Transport>,
     /// The newest log id this peer answered it holds (None: unknown, or it conflicted).
-    matched: Option<openraft::LogId<NodeId>>,
+    matched: Option<LogId>,
 }
 
 impl std::fmt::Debug for PeerNetwork {
@@ -146,57 +219,123 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 }
 
 /// An entry's block data bytes (what makes an AppendEntries large).
-fn entry_bytes(e: &openraft::Entry<TypeConfig>) -> usize {
+fn entry_bytes(e: &super::types::Entry) -> usize {
     match &e.payload {
         openraft::EntryPayload::Normal(r) => r.payload_len(),
         _ => 0,
     }
 }
 
-type RpcResult<T, E = openraft::error::Infallible> =
-    Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
+/// How many of `entries` fit within `budget` bytes of entry data: the longest prefix, at least
+/// one entry.
+fn fitting(entries: &[super::types::Entry], budget: usize) -> usize {
+    let mut sum = 0;
+    let mut fit = 0;
+    for e in entries {
+        sum += entry_bytes(e);
+        if sum > budget {
+            break;
+        }
+        fit += 1;
+    }
+    fit.max(1)
+}
+
+type RpcResult<T> = Result<T, RPCError<TypeConfig>>;
 
 impl PeerNetwork {
     async fn call(&self, rpc: RaftRpc, option: &RPCOption) -> Result<RaftReply, TransportError> {
         self.transport.call(self.target, &self.node, rpc, option.hard_ttl()).await
     }
 
-    fn lift<E: std::error::Error>(
-        &self,
-        e: TransportError,
-    ) -> RPCError<NodeId, BasicNode, RaftError<NodeId, E>> {
+    fn lift<E: std::error::Error>(&self, e: TransportError) -> RPCError<TypeConfig, E> {
         match e {
-            TransportError::Unreachable(..) => {
-                RPCError::Unreachable(Unreachable::new(&AnyError::error(e.to_string())))
-            }
+            TransportError::Unreachable(..) => RPCError::Unreachable(Unreachable::new(&e)),
             TransportError::Failed(..) | TransportError::TooLarge(..) => {
-                RPCError::Network(NetworkError::new(&AnyError::error(e.to_string())))
+                RPCError::Network(NetworkError::new(&e))
             }
         }
     }
 
-    fn remote<E: std::error::Error>(
-        &self,
-        e: RaftError<NodeId, E>,
-    ) -> RPCError<NodeId, BasicNode, RaftError<NodeId, E>> {
-        RPCError::RemoteError(RemoteError::new_with_node(self.target, self.node.clone(), e))
+    /// The peer's Raft refused with an error of its own: it stopped (openraft 0.10's network
+    /// errors carry no remote error for these RPCs). It is treated as unreachable, so
+    /// replication backs off.
+    fn remote(&self, e: RaftError<TypeConfig>) -> RPCError<TypeConfig> {
+        RPCError::Unreachable(Unreachable::from_string(format!("node {}: {e}", self.target)))
     }
 
-    fn mismatch<E: std::error::Error>(&self) -> RPCError<NodeId, BasicNode, RaftError<NodeId, E>> {
-        RPCError::Network(NetworkError::new(&AnyError::error(format!(
+    fn mismatch<E: std::error::Error>(&self) -> RPCError<TypeConfig, E> {
+        RPCError::Network(NetworkError::from_string(format!(
             "node {} answered with a reply of the wrong kind",
             self.target
-        ))))
+        )))
+    }
+
+    /// Sends a snapshot record by record (`snapshot::record_bytes`), in order; the receiver
+    /// (`SnapshotInbox`) installs it after the last. A higher vote answered ends it early.
+    async fn send_snapshot(
+        &self,
+        vote: Vote,
+        snapshot: Snapshot,
+        option: &RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let Snapshot { meta, snapshot: mut data } = snapshot;
+        let (record, total) = data.geometry().map_err(|e| {
+            StreamingError::Network(NetworkError::from_string(format!("snapshot to send: {e}")))
+        })?;
+        let mut offset = 0u64;
+        loop {
+            let len = record.min(total - offset) as usize;
+            let mut buf = vec![0u8; len];
+            data.read_exact(&mut buf).await.map_err(|e| {
+                StreamingError::Network(NetworkError::from_string(format!(
+                    "reading the snapshot at {offset}: {e}"
+                )))
+            })?;
+            let done = offset + len as u64 >= total;
+            let chunk =
+                SnapshotChunk { vote: vote.clone(), meta: meta.clone(), offset, data: buf, done };
+            let resp = match self.call(RaftRpc::Snapshot(chunk), option).await {
+                Ok(RaftReply::Snapshot(Ok(resp))) => resp,
+                Ok(RaftReply::Snapshot(Err(e))) => {
+                    return Err(StreamingError::Network(NetworkError::from_string(format!(
+                        "node {} refused a snapshot chunk: {e}",
+                        self.target
+                    ))))
+                }
+                Ok(_) => {
+                    return Err(StreamingError::Network(NetworkError::from_string(format!(
+                        "node {} answered with a reply of the wrong kind",
+                        self.target
+                    ))))
+                }
+                Err(e @ TransportError::Unreachable(..)) => {
+                    return Err(StreamingError::Unreachable(Unreachable::new(&e)))
+                }
+                Err(e) => return Err(StreamingError::Network(NetworkError::new(&e))),
+            };
+            if done || resp.vote > vote {
+                return Ok(resp);
+            }
+            offset += len as u64;
+        }
     }
 }
 
-impl RaftNetwork<TypeConfig> for PeerNetwork {
+impl RaftNetworkV2<TypeConfig> for PeerNetwork {
+    type SnapshotData = SnapshotData;
+
+    /// Sends at most `APPEND_BUDGET_BYTES` of entry data per request when there are several
+    /// entries: a longer request is cut to the prefix that fits and answered as a partial
+    /// success, and openraft sends the rest next.
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
-    ) -> RpcResult<AppendEntriesResponse<NodeId>> {
-        let entries = rpc.entries.len() as u64;
+    ) -> RpcResult<AppendEntriesResponse<TypeConfig>> {
+        let fit = fitting(&rpc.entries, APPEND_BUDGET_BYTES);
+        let cut = fit < rpc.entries.len();
+        rpc.entries.truncate(fit);
         // openraft finds where a follower's log matches by sending AppendEntries with entries
         // attached, and with large entries such a probe (to a new learner, say) can be too big
         // to transfer within the heartbeat-long timeout, for ever: then the follower never
@@ -204,34 +343,18 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         // peer not known to hold `prev_log_id` first goes without entries. Whether the peer
         // holds `prev_log_id` decides conflict alone, so a conflict (or a higher vote) answers
         // the real request too; success means the entries are worth sending.
-        let last = rpc.entries.last().map(|e| e.log_id).or(rpc.prev_log_id);
         let bytes: usize = rpc.entries.iter().map(entry_bytes).sum();
-        if entries > 1 && bytes > APPEND_BUDGET_BYTES {
-            // openraft resends at once with at most this many entries (for its next few
-            // requests): the longest prefix within the budget, at least one entry.
-            let mut fit = 0u64;
-            let mut sum = 0;
-            for e in &rpc.entries {
-                sum += entry_bytes(e);
-                if sum > APPEND_BUDGET_BYTES {
-                    break;
-                }
-                fit += 1;
-            }
-            let hint = fit.clamp(1, entries - 1);
-            return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(hint)));
-        }
         if bytes > PROBE_ABOVE_BYTES && rpc.prev_log_id.is_some() && self.matched != rpc.prev_log_id
         {
             let probe = AppendEntriesRequest {
-                vote: rpc.vote,
-                prev_log_id: rpc.prev_log_id,
-                leader_commit: rpc.leader_commit,
+                vote: rpc.vote.clone(),
+                prev_log_id: rpc.prev_log_id.clone(),
+                leader_commit: rpc.leader_commit.clone(),
                 entries: Vec::new(),
             };
             match self.call(RaftRpc::Append(probe), &option).await.map_err(|e| self.lift(e))? {
                 RaftReply::Append(Ok(AppendEntriesResponse::Success)) => {
-                    self.matched = rpc.prev_log_id;
+                    self.matched = rpc.prev_log_id.clone();
                 }
                 RaftReply::Append(Ok(other)) => {
                     self.matched = None;
@@ -241,69 +364,96 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
                 _ => return Err(self.mismatch()),
             }
         }
-        let reply = match self.call(RaftRpc::Append(rpc), &option).await {
-            // Too many large entries for one message (a follower far behind on 4 MiB writes):
-            // openraft retries at once with at most the hinted number. Without this the same
-            // batch would be refused forever and the follower never catch up.
-            Err(TransportError::TooLarge(_, bytes, limit)) if entries > 1 => {
-                let fit = entries * limit as u64 / (bytes as u64).max(1);
-                let hint = fit.clamp(1, entries - 1);
-                return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(hint)));
+        let mut cut = cut;
+        let reply = loop {
+            let last = rpc.entries.last().map(|e| e.log_id.clone()).or(rpc.prev_log_id.clone());
+            let entries = rpc.entries.len();
+            match self.call(RaftRpc::Append(rpc.clone()), &option).await {
+                // Too many large entries for one message (a follower far behind on 4 MiB
+                // writes): send the share that fits. Refused as an ordinary error instead, the
+                // same batch would be rebuilt and refused for ever.
+                Err(TransportError::TooLarge(_, bytes, limit)) if entries > 1 => {
+                    let fit = (entries as u64 * limit as u64 / (bytes as u64).max(1)) as usize;
+                    rpc.entries.truncate(fit.clamp(1, entries - 1));
+                    cut = true;
+                }
+                r => {
+                    let reply = match r.map_err(|e| self.lift(e))? {
+                        RaftReply::Append(r) => r.map_err(|e| self.remote(e))?,
+                        _ => return Err(self.mismatch()),
+                    };
+                    break match reply {
+                        AppendEntriesResponse::Success if cut => {
+                            AppendEntriesResponse::PartialSuccess(last)
+                        }
+                        other => other,
+                    };
+                }
             }
-            r => r.map_err(|e| self.lift(e))?,
-        };
-        let reply = match reply {
-            RaftReply::Append(r) => r.map_err(|e| self.remote(e))?,
-            _ => return Err(self.mismatch()),
         };
         self.matched = match &reply {
-            AppendEntriesResponse::Success => last,
-            AppendEntriesResponse::PartialSuccess(upto) => *upto,
+            AppendEntriesResponse::Success => {
+                rpc.entries.last().map(|e| e.log_id.clone()).or(rpc.prev_log_id.clone())
+            }
+            AppendEntriesResponse::PartialSuccess(upto) => upto.clone(),
             _ => None,
         };
         Ok(reply)
     }
 
-    async fn install_snapshot(
-        &mut self,
-        rpc: InstallSnapshotRequest<TypeConfig>,
-        option: RPCOption,
-    ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
-        match self.call(RaftRpc::Snapshot(rpc), &option).await.map_err(|e| self.lift(e))? {
-            RaftReply::Snapshot(r) => r.map_err(|e| self.remote(e)),
-            _ => Err(self.mismatch()),
-        }
-    }
-
     async fn vote(
         &mut self,
-        rpc: VoteRequest<NodeId>,
+        rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
-    ) -> RpcResult<VoteResponse<NodeId>> {
+    ) -> RpcResult<VoteResponse<TypeConfig>> {
         match self.call(RaftRpc::Vote(rpc), &option).await.map_err(|e| self.lift(e))? {
             RaftReply::Vote(r) => r.map_err(|e| self.remote(e)),
             _ => Err(self.mismatch()),
         }
     }
 
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<VoteResponse<TypeConfig>> {
+        match self.call(RaftRpc::PreVote(rpc), &option).await.map_err(|e| self.lift(e))? {
+            RaftReply::PreVote(r) => r.map_err(|e| self.remote(e)),
+            _ => Err(self.mismatch()),
+        }
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        tokio::select! {
+            r = self.send_snapshot(vote, snapshot, &option) => r,
+            closed = cancel => Err(StreamingError::Closed(closed)),
+        }
+    }
+
     /// How long replication to an unreachable peer pauses between attempts. openraft's default
-    /// is a flat 500 ms, so a peer back from a partition or a restart would wait up to that long
+    /// starts at 200 ms, so a peer back from a partition or a restart would wait that long
     /// before it is sent what it missed, and a stale peer is a poor candidate if the leader fails
     /// again meanwhile. Start at 10 ms and double to 200 ms: a returning peer catches up within
     /// a few heartbeats, and a peer that stays down costs at most five attempts a second (the
     /// TCP transport paces its reconnects on its own besides).
-    fn backoff(&self) -> Backoff {
-        Backoff::new(
+    fn backoff(&self) -> Option<Backoff> {
+        Some(Backoff::new(
             std::iter::successors(Some(Duration::from_millis(10)), |d| Some(*d * 2))
                 .map(|d| d.min(Duration::from_millis(200))),
-        )
+        ))
     }
 }
 
 /// In-process delivery between replicas of one process. Links can be cut, to test partitions.
 #[derive(Default)]
 pub struct LocalRouter {
-    nodes: RwLock<HashMap<NodeId, (Raft, ElectionGate)>>,
+    nodes: RwLock<HashMap<NodeId, (Raft, Arc<SnapshotInbox>)>>,
     isolated: Mutex<HashSet<NodeId>>,
 }
 
@@ -314,8 +464,8 @@ impl std::fmt::Debug for LocalRouter {
 }
 
 impl LocalRouter {
-    pub fn register(&self, id: NodeId, raft: Raft, gate: ElectionGate) {
-        self.nodes.write().expect("router lock").insert(id, (raft, gate));
+    pub fn register(&self, id: NodeId, raft: Raft, inbox: Arc<SnapshotInbox>) {
+        self.nodes.write().expect("router lock").insert(id, (raft, inbox));
     }
     pub fn unregister(&self, id: NodeId) {
         self.nodes.write().expect("router lock").remove(&id);
@@ -356,10 +506,10 @@ impl Transport for LocalTransport {
                 return Err(TransportError::Unreachable(target, "link cut".into()));
             }
             let node = router.nodes.read().expect("router lock").get(&target).cloned();
-            let Some((raft, gate)) = node else {
+            let Some((raft, inbox)) = node else {
                 return Err(TransportError::Unreachable(target, "not running".into()));
             };
-            match tokio::time::timeout(timeout, dispatch(&raft, &gate, rpc)).await {
+            match tokio::time::timeout(timeout, dispatch(&raft, &inbox, rpc)).await {
                 Ok(reply) => Ok(reply),
                 Err(_) => {
                     Err(TransportError::Failed(target, format!("timed out after {timeout:?}")))
@@ -371,30 +521,34 @@ impl Transport for LocalTransport {
 
 #[cfg(test)]
 mod tests {
-    use openraft::{Entry, EntryPayload, LogId, Vote};
+    use openraft::EntryPayload;
 
     use super::*;
+    use crate::replication::types::{log_id, Entry};
 
-    /// Refuses every request as too large for one message, as TCP does past `MAX_PAYLOAD`.
-    struct Small;
+    /// Refuses every request as too large for one message, as TCP does past `MAX_PAYLOAD`,
+    /// recording how many entries each request carried.
+    #[derive(Default)]
+    struct Small {
+        seen: Mutex<Vec<usize>>,
+    }
 
-    impl Transport for Small {
+    impl Transport for Arc<Small> {
         fn call(
             &self,
             target: NodeId,
             _node: &BasicNode,
-            _rpc: RaftRpc,
+            rpc: RaftRpc,
             _timeout: Duration,
         ) -> BoxFuture<Result<RaftReply, TransportError>> {
+            let RaftRpc::Append(req) = rpc else { panic!("not an append") };
+            self.seen.lock().expect("seen").push(req.entries.len());
             Box::pin(async move { Err(TransportError::TooLarge(target, 40 << 20, 16 << 20)) })
         }
     }
 
     fn append(entries: u64) -> AppendEntriesRequest<TypeConfig> {
-        let entry = |i| Entry::<TypeConfig> {
-            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), i),
-            payload: EntryPayload::Blank,
-        };
+        let entry = |i| Entry { log_id: log_id(1, 1, i), payload: EntryPayload::Blank };
         AppendEntriesRequest {
             vote: Vote::new_committed(1, 1),
             prev_log_id: None,
@@ -404,24 +558,23 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn too_many_entries_for_one_message_ask_openraft_for_fewer() {
+    async fn too_many_entries_for_one_message_are_sent_in_fewer() {
+        let small = Arc::new(Small::default());
         let mut peer = PeerNetwork {
             target: 2,
             node: BasicNode::new("x"),
-            transport: Arc::new(Small),
+            transport: Arc::new(small.clone()),
             matched: None,
         };
         let option = RPCOption::new(Duration::from_secs(1));
-        // 10 entries in 40 MiB through 16 MiB messages: 4 fit.
-        match peer.append_entries(append(10), option.clone()).await {
-            Err(RPCError::PayloadTooLarge(p)) => assert_eq!(p.entries_hint(), 4),
-            other => panic!("{other:?}"),
-        }
-        // One entry cannot be split: an ordinary network error, not an endless retry.
-        match peer.append_entries(append(1), option).await {
+        // 10 entries in 40 MiB through 16 MiB messages: 4 fit, then 1 (the transport refuses
+        // everything here); one entry cannot be split: an ordinary network error, not an
+        // endless retry.
+        match RaftNetworkV2::append_entries(&mut peer, append(10), option).await {
             Err(RPCError::Network(e)) => assert!(e.to_string().contains("message limit"), "{e}"),
             other => panic!("{other:?}"),
         }
+        assert_eq!(*small.seen.lock().expect("seen"), vec![10, 4, 1]);
     }
 
     /// Answers AppendEntries like a follower holding the log up to `holds`, recording how many
@@ -458,9 +611,8 @@ mod tests {
     fn big_append(prev: u64, entries: u64) -> AppendEntriesRequest<TypeConfig> {
         use crate::entry::BlockOp;
         use crate::replication::types::Request;
-        let id = |i| LogId::new(openraft::CommittedLeaderId::new(1, 1), i);
-        let entry = |i| Entry::<TypeConfig> {
-            log_id: id(i),
+        let entry = |i| Entry {
+            log_id: log_id(1, 1, i),
             payload: EntryPayload::Normal(Request::blocks(vec![BlockOp::Write {
                 lba: 0,
                 data: vec![1; 3 << 19].into(),
@@ -468,7 +620,7 @@ mod tests {
         };
         AppendEntriesRequest {
             vote: Vote::new_committed(1, 1),
-            prev_log_id: Some(id(prev)),
+            prev_log_id: Some(log_id(1, 1, prev)),
             leader_commit: None,
             entries: (prev + 1..=prev + entries).map(entry).collect(),
         }
@@ -484,24 +636,26 @@ mod tests {
             matched: None,
         };
         let option = RPCOption::new(Duration::from_secs(1));
+        let mut send = async |req| {
+            RaftNetworkV2::append_entries(&mut peer, req, option.clone()).await.expect("append")
+        };
         // The peer lacks index 5: the probe's conflict answers, the entries never travel.
-        let r = peer.append_entries(big_append(5, 2), option.clone()).await.expect("append");
-        assert_eq!(r, AppendEntriesResponse::Conflict);
+        assert_eq!(send(big_append(5, 2)).await, AppendEntriesResponse::Conflict);
         assert_eq!(*follower.seen.lock().expect("seen"), vec![0]);
         // It holds index 3: probe, then the entries.
-        let r = peer.append_entries(big_append(3, 2), option.clone()).await.expect("append");
-        assert_eq!(r, AppendEntriesResponse::Success);
+        assert_eq!(send(big_append(3, 2)).await, AppendEntriesResponse::Success);
         assert_eq!(*follower.seen.lock().expect("seen"), vec![0, 0, 2]);
         // Matched at 5 now: the next request goes straight away.
-        let r = peer.append_entries(big_append(5, 2), option.clone()).await.expect("append");
-        assert_eq!(r, AppendEntriesResponse::Success);
+        assert_eq!(send(big_append(5, 2)).await, AppendEntriesResponse::Success);
         assert_eq!(*follower.seen.lock().expect("seen"), vec![0, 0, 2, 2]);
         assert_eq!(*follower.holds.lock().expect("holds"), 7);
-        // Three 1.5 MiB entries exceed one request's 4 MiB: openraft is asked for two.
-        match peer.append_entries(big_append(7, 3), option).await {
-            Err(RPCError::PayloadTooLarge(p)) => assert_eq!(p.entries_hint(), 2),
-            other => panic!("{other:?}"),
-        }
-        assert_eq!(follower.seen.lock().expect("seen").len(), 4, "nothing sent");
+        // Three 1.5 MiB entries exceed one request's 4 MiB: two go, as a partial success up to
+        // the second, and openraft sends the third next.
+        assert_eq!(
+            send(big_append(7, 3)).await,
+            AppendEntriesResponse::PartialSuccess(Some(log_id(1, 1, 9)))
+        );
+        assert_eq!(*follower.seen.lock().expect("seen"), vec![0, 0, 2, 2, 2]);
+        assert_eq!(*follower.holds.lock().expect("holds"), 9);
     }
 }

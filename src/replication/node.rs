@@ -1,30 +1,30 @@
 //! One running replica: its engine, its openraft instance, and the task that turns WAL growth
 //! into snapshots (checkpoints) so the log prefix can be purged.
 
+use openraft::async_runtime::WatchReceiver;
 use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::{BasicNode, Config, SnapshotPolicy};
 
 use super::commits::Proposer;
-use super::election::ElectionGate;
-use super::network::{NetworkFactory, Transport};
-use super::snapshot::record_bytes;
+use super::network::{NetworkFactory, SnapshotInbox, Transport};
 use super::types::{NodeId, Raft};
 use super::Replica;
 use crate::storage::engine::Engine;
 
 /// Raft timing and log retention.
 ///
-/// openraft 0.9 reads the election timeout through a leader lease: a follower that has heard
-/// from a leader stands for election only once `election_max` (the lease) plus its own random
-/// timeout in `[election_min, election_max)` have passed since, checked on a tick of 1.5
-/// heartbeats; it also refuses votes while that lease holds. With the defaults (heartbeat 50 ms,
-/// election timeout 150-300 ms) a failed leader is replaced 450-675 ms after its last heartbeat.
-/// openraft 0.9 also gives every AppendEntries the heartbeat interval to complete (a follower
-/// answers once the entries are durable): at 30 ms a 4 MiB entry to a loaded follower timed out
-/// and was retried often enough that the follower, hearing nothing between backoffs, campaigned
-/// and made the leader step down (`cluster_membership`, about one run in four).
+/// openraft (0.9 and 0.10 alike) reads the election timeout through a leader lease: a follower
+/// that has heard from a leader stands for election only once `election_max` (the lease) plus
+/// its own random timeout in `[election_min, election_max)` have passed since; it also refuses
+/// votes and pre-votes while that lease holds. With the defaults (heartbeat 50 ms, election
+/// timeout 150-300 ms) a failed leader is replaced 450-675 ms after its last heartbeat, plus
+/// the pre-vote round trip. openraft also gives every AppendEntries the heartbeat interval as
+/// its TTL (a follower answers once the entries are durable): at 30 ms a 4 MiB entry to a
+/// loaded follower timed out and was retried often enough that the follower, hearing nothing
+/// between backoffs, campaigned and made the leader step down (`cluster_membership`, about one
+/// run in four, under 0.9).
 #[derive(Clone, Debug)]
 pub struct RaftTuning {
     pub heartbeat: Duration,
@@ -56,7 +56,7 @@ impl RaftTuning {
         (self.snapshot_segments / 2).max(1)
     }
 
-    fn config(&self, block_bytes: u32, cluster: &str) -> anyhow::Result<Config> {
+    fn config(&self, cluster: &str) -> anyhow::Result<Config> {
         let cfg = Config {
             cluster_name: cluster.to_string(),
             heartbeat_interval: self.heartbeat.as_millis() as u64,
@@ -65,15 +65,29 @@ impl RaftTuning {
             // Snapshots are triggered by WAL size (`snapshot_segments`), not entry counts.
             snapshot_policy: SnapshotPolicy::Never,
             max_in_snapshot_log_to_keep: self.keep_entries,
-            // Snapshot chunks are whole stream records (see `snapshot`).
-            snapshot_max_chunk_size: record_bytes(block_bytes),
+            // Each snapshot record sent (`network::PeerNetwork::full_snapshot`) gets this long,
+            // the last one (verified whole and installed on the receiver) included.
             install_snapshot_timeout: 10_000,
             // Entries per AppendEntries: up to 4 MiB each, so 8 bound a request to 32 MiB of
             // memory on both sides. 256 let a follower far behind be sent 1 GiB at once (read
             // back from the WAL and decoded), which the embedded mode held twice over.
             max_payload_entries: 8,
-            // `ElectionGate` turns elections on only while a pre-vote would win.
-            enable_elect: false,
+            // openraft 0.10's pre-vote: a follower whose election timer fires first asks the
+            // voters whether they would vote for it, without raising its term; a voter grants
+            // only if its own leader lease has expired and the candidate's log is not behind its
+            // own. A voter that cannot win (restarted behind the purge point, back from a
+            // partition) never raises the term and never deposes a working leader. It replaces
+            // the pre-vote gate written around 0.9 (`election.rs`, removed).
+            enable_pre_vote: Some(true),
+            // The committed index is persisted only by checkpoints and apply does not sync, so a
+            // restarted leader must not resume leadership without an election (0.10 allows it
+            // by default): its image may lack entries it had applied (openraft's docs on
+            // `enable_leader_restore`). As under 0.9, it is re-elected and re-learns the commit.
+            enable_leader_restore: Some(false),
+            // Replication reads the entries `append` has queued as soon as it returns, instead
+            // of after the core's next round: the follower's write starts while the leader's
+            // own is in flight.
+            broadcast_submitted_on_append: Some(true),
             ..Default::default()
         };
         Ok(cfg.validate()?)
@@ -82,7 +96,7 @@ impl RaftTuning {
 
 /// A replica's applied log index (0 before anything was applied).
 pub fn applied_index(raft: &Raft) -> u64 {
-    raft.metrics().borrow().last_applied.map_or(0, |l| l.index)
+    raft.metrics().borrow_watched().last_applied.as_ref().map_or(0, |l| l.index)
 }
 
 /// Entries a leader may hold committed (or proposed) but not yet applied before it takes a new
@@ -103,7 +117,7 @@ pub async fn wait_apply_lag(raft: &Raft, within: Duration) -> Result<(), String>
         let lag = {
             let m = rx.borrow_and_update();
             let last = m.last_log_index.unwrap_or(0);
-            last.saturating_sub(m.last_applied.map_or(0, |l| l.index))
+            last.saturating_sub(m.last_applied.as_ref().map_or(0, |l| l.index))
         };
         if lag <= MAX_APPLY_LAG_ENTRIES {
             return Ok(());
@@ -123,12 +137,11 @@ pub struct Node {
     pub id: NodeId,
     pub raft: Raft,
     pub engine: Arc<Engine>,
-    /// Where the RPC server reports leader contact and answers pre-votes.
-    pub gate: ElectionGate,
+    /// Where snapshot chunks sent to this replica are staged and installed.
+    pub inbox: Arc<SnapshotInbox>,
     /// Proposes to this replica (as leader) and resolves proposals at commit.
     pub proposer: Proposer,
     monitor: tokio::task::JoinHandle<()>,
-    elections: tokio::task::JoinHandle<()>,
 }
 
 impl std::fmt::Debug for Node {
@@ -146,17 +159,15 @@ impl Node {
         tuning: &RaftTuning,
     ) -> anyhow::Result<Node> {
         let sb = replica.engine.superblock();
-        let config = Arc::new(tuning.config(sb.block_bytes, &sb.cluster_id.to_string())?);
+        let config = Arc::new(tuning.config(&sb.cluster_id.to_string())?);
         let engine = replica.engine.clone();
-        let log = replica.log.clone();
-        let commits = log.commits();
-        let network = NetworkFactory::new(transport.clone());
+        let commits = replica.log.commits();
+        let inbox = SnapshotInbox::new(replica.sm.clone());
+        let network = NetworkFactory::new(transport);
         let raft = Raft::new(id, config, network, replica.log, replica.sm).await?;
         let monitor = tokio::spawn(snapshot_monitor(raft.clone(), engine.clone(), tuning.clone()));
-        let gate = ElectionGate::new(id, raft.clone(), log, tuning.election_min);
-        let elections = tokio::spawn(gate.clone().run(transport, tuning.heartbeat));
         let proposer = Proposer::new(raft.clone(), commits);
-        Ok(Node { id, raft, engine, gate, proposer, monitor, elections })
+        Ok(Node { id, raft, engine, inbox, proposer, monitor })
     }
 
     /// Makes a new cluster of `members` (id, address) from this node. Only on a fresh node.
@@ -170,7 +181,6 @@ impl Node {
     /// Stops Raft, then commits what the WAL has queued and stops its writer.
     pub async fn shutdown(&self) -> anyhow::Result<()> {
         self.monitor.abort();
-        self.elections.abort();
         self.raft.shutdown().await.map_err(|e| anyhow::anyhow!("raft shutdown: {e}"))?;
         self.proposer.close();
         let engine = self.engine.clone();
@@ -179,7 +189,7 @@ impl Node {
     }
 
     pub fn leader(&self) -> Option<NodeId> {
-        self.raft.metrics().borrow().current_leader
+        self.raft.metrics().borrow_watched().current_leader
     }
 }
 
@@ -200,8 +210,8 @@ async fn snapshot_monitor(raft: Raft, engine: Arc<Engine>, tuning: RaftTuning) {
             engine.wal().segments().iter().map(|s| s.max_index).collect();
         let (snapshot, purged) = {
             let m = raft.metrics();
-            let m = m.borrow();
-            (m.snapshot.map(|l| l.index), m.purged.map(|l| l.index))
+            let m = m.borrow_watched();
+            (m.snapshot.as_ref().map(|l| l.index), m.purged.as_ref().map(|l| l.index))
         };
         if let Some(upto) = snapshot.and_then(|s| purge_target(&segments, s, purged, retain)) {
             if raft.trigger().purge_log(upto).await.is_err() {

@@ -17,8 +17,8 @@
 //! it was built at, and each record is read with applies excluded, so it holds every block as of
 //! some index at or after that one. Installing it and then applying the log from that index on
 //! yields the same image, because applying block writes in order is idempotent: each block ends
-//! at its last write. openraft sends records whole (its chunk size is set to the record size),
-//! so a chunk resent after a dropped connection replaces a record, never half of one.
+//! at its last write. Records are sent whole and in order (`network::PeerNetwork`), and the
+//! receiver stages them in order (`network::SnapshotInbox`); a transfer that fails starts over.
 
 use std::io::{self, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -196,6 +196,19 @@ fn parse_chunk(rec: &[u8], shape: Shape, n: u64) -> Result<Chunk<'_>, String> {
 pub enum SnapshotData {
     Live(LiveStream),
     File(Staging),
+}
+
+impl SnapshotData {
+    /// The record size and the whole stream's length of a snapshot to send (a live stream; a
+    /// staging file is only ever received).
+    pub fn geometry(&self) -> io::Result<(u64, u64)> {
+        match self {
+            SnapshotData::Live(s) => Ok((s.shape.record(), s.shape.stream_bytes())),
+            SnapshotData::File(_) => {
+                Err(io::Error::other("a received snapshot is not sent on (a live one is)"))
+            }
+        }
+    }
 }
 
 /// What a replica's incoming snapshot is doing, for `NodeStatus`.

@@ -2,32 +2,38 @@
 //! is a checkpoint of the image (which also lets the log prefix it covers be purged), sent as a
 //! stream of the live image (see `snapshot`).
 
+use std::io;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use openraft::storage::{RaftStateMachine, Snapshot};
-use openraft::{AnyError, RaftSnapshotBuilder, StorageIOError};
+use futures_util::{FutureExt, Stream, StreamExt};
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::RaftSnapshotBuilder;
 
 use super::snapshot::{
     self, LiveStream, ReceiveProgress, Shape, SnapshotData, SnapshotFiles, Staging,
 };
 use super::types::{
-    decode_membership, from_store_log_id, into_entry_body, to_store_log_id, Entry, LogId, Response,
-    SnapshotMeta, StorageError, StoredMembership, TypeConfig,
+    decode_membership, from_store_log_id, into_entry_body, to_store_log_id, LogId, Response,
+    Snapshot, SnapshotMeta, StoredMembership, TypeConfig,
 };
 use crate::storage::engine::Engine;
 use crate::storage::image::Applied;
 
-fn sm_err(e: impl std::fmt::Display) -> StorageError {
-    StorageIOError::write_state_machine(AnyError::error(e.to_string())).into()
+/// Entries applied in one image write batch at most: openraft 0.10 hands `apply` a stream, read
+/// from the log as it is consumed, so a long backlog is applied in bounded batches (at most 8
+/// entries of up to 4 MiB in memory), not read into memory at once.
+const APPLY_BATCH_ENTRIES: usize = 8;
+
+fn sm_err(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(format!("state machine: {e}"))
 }
 
-fn snap_err(e: impl std::fmt::Display) -> StorageError {
-    StorageIOError::write_snapshot(None, AnyError::error(e.to_string())).into()
+fn snap_err(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(format!("snapshot: {e}"))
 }
 
 /// The applied state in openraft's terms.
-fn stored_membership(applied: &Applied) -> Result<StoredMembership, StorageError> {
+fn stored_membership(applied: &Applied) -> io::Result<StoredMembership> {
     match &applied.membership {
         None => Ok(StoredMembership::default()),
         Some((id, bytes)) => {
@@ -37,13 +43,11 @@ fn stored_membership(applied: &Applied) -> Result<StoredMembership, StorageError
     }
 }
 
-fn meta_of(applied: &Applied) -> Result<Option<SnapshotMeta>, StorageError> {
+fn meta_of(applied: &Applied) -> io::Result<Option<SnapshotMeta>> {
     let Some(id) = applied.log_id else { return Ok(None) };
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros());
     Ok(Some(SnapshotMeta {
         last_log_id: Some(from_store_log_id(id)),
         last_membership: stored_membership(applied)?,
-        snapshot_id: format!("{}-{}-{}-{now}", id.term, id.node, id.index),
     }))
 }
 
@@ -59,7 +63,7 @@ pub struct StateMachine {
 impl StateMachine {
     /// Wraps an opened engine, first finishing a snapshot install a crash interrupted. The
     /// current snapshot is the image's last checkpoint.
-    pub fn new(engine: Arc<Engine>, files: SnapshotFiles) -> Result<StateMachine, StorageError> {
+    pub fn new(engine: Arc<Engine>, files: SnapshotFiles) -> io::Result<StateMachine> {
         if files.installing().exists() {
             tracing::warn!(path = %files.installing().display(), "redoing an interrupted snapshot install");
             snapshot::install(&engine, &files).map_err(snap_err)?;
@@ -78,12 +82,8 @@ impl StateMachine {
     }
 
     /// Stages (if it is not staged yet), verifies and installs a received snapshot.
-    async fn install(
-        &mut self,
-        meta: &SnapshotMeta,
-        mut snapshot: Box<SnapshotData>,
-    ) -> Result<(), StorageError> {
-        match &mut *snapshot {
+    async fn install(&mut self, meta: &SnapshotMeta, mut snapshot: SnapshotData) -> io::Result<()> {
+        match &mut snapshot {
             SnapshotData::File(f) => f.sync_all().await.map_err(snap_err)?,
             live @ SnapshotData::Live(_) => {
                 snapshot::stage(&self.files, live).await.map_err(snap_err)?
@@ -118,6 +118,15 @@ impl StateMachine {
         self.receiving.clone()
     }
 
+    /// Starts receiving a snapshot into the staging file (replacing any earlier, abandoned
+    /// one). openraft 0.10 leaves the transfer to the application (`network::SnapshotInbox`),
+    /// which hands the staged stream to `Raft::install_full_snapshot` once complete.
+    pub async fn begin_receiving(&self) -> io::Result<SnapshotData> {
+        let file = tokio::fs::File::create(self.files.staging()).await.map_err(snap_err)?;
+        self.receiving.begin();
+        Ok(SnapshotData::File(Staging::new(file, self.receiving.clone())))
+    }
+
     fn set_current(&self, meta: SnapshotMeta) {
         *self.current.lock().expect("snapshot lock") = Some(meta);
     }
@@ -130,7 +139,9 @@ pub struct SnapshotBuilder {
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
-    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+    type SnapshotData = SnapshotData;
+
+    async fn build_snapshot(&mut self) -> io::Result<Snapshot> {
         let engine = self.sm.engine.clone();
         let applied = tokio::task::spawn_blocking(move || engine.checkpoint())
             .await
@@ -138,76 +149,96 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             .map_err(snap_err)?;
         let meta = match meta_of(&applied)? {
             Some(meta) => meta,
-            None => SnapshotMeta {
-                last_log_id: None,
-                last_membership: StoredMembership::default(),
-                snapshot_id: "empty".into(),
-            },
+            None => {
+                SnapshotMeta { last_log_id: None, last_membership: StoredMembership::default() }
+            }
         };
         tracing::info!(last_log_id = ?meta.last_log_id, "snapshot built (image checkpointed)");
         self.sm.set_current(meta.clone());
         let stream = LiveStream::new(self.sm.engine.clone(), &meta).map_err(snap_err)?;
-        Ok(Snapshot { meta, snapshot: Box::new(SnapshotData::Live(stream)) })
+        Ok(Snapshot { meta, snapshot: SnapshotData::Live(stream) })
     }
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = SnapshotData;
     type SnapshotBuilder = SnapshotBuilder;
 
-    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+    async fn applied_state(&mut self) -> io::Result<(Option<LogId>, StoredMembership)> {
         let applied = self.engine.applied();
         Ok((applied.log_id.map(from_store_log_id), stored_membership(&applied)?))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    /// Applies in batches of what the stream has ready (at most `APPLY_BATCH_ENTRIES`), each
+    /// one image write on the blocking pool, answering each entry once its batch is written.
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> io::Result<()>
     where
-        I: IntoIterator<Item = Entry> + Send,
-        I::IntoIter: Send,
+        Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + Send,
     {
-        let mut replies = Vec::new();
-        let mut bodies = Vec::new();
-        for e in entries {
-            replies.push(Response { index: e.log_id.index });
-            bodies.push((to_store_log_id(&e.log_id), into_entry_body(e)));
+        while let Some(first) = entries.next().await {
+            let mut batch = vec![first];
+            while batch.len() < APPLY_BATCH_ENTRIES {
+                match entries.next().now_or_never() {
+                    Some(Some(item)) => batch.push(item),
+                    _ => break,
+                }
+            }
+            let mut failed = None;
+            let mut bodies = Vec::with_capacity(batch.len());
+            let mut answers = Vec::with_capacity(batch.len());
+            for item in batch {
+                match item {
+                    Ok((entry, responder)) => {
+                        answers.push((entry.log_id.index, responder));
+                        bodies.push((to_store_log_id(&entry.log_id), into_entry_body(entry)));
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            // Image writes block: keep them off the runtime's workers, where they would stall
+            // the heartbeats and RPCs sharing the worker.
+            let engine = self.engine.clone();
+            tokio::task::spawn_blocking(move || {
+                engine.apply_entries(bodies.iter().map(|(id, body)| (*id, body)))
+            })
+            .await
+            .map_err(sm_err)?
+            .map_err(sm_err)?;
+            for (index, responder) in answers {
+                if let Some(r) = responder {
+                    r.send(Response { index });
+                }
+            }
+            if let Some(e) = failed {
+                return Err(e);
+            }
         }
-        // Image writes block: keep them off the runtime's workers, where they would stall the
-        // heartbeats and RPCs sharing the worker.
-        let engine = self.engine.clone();
-        tokio::task::spawn_blocking(move || {
-            engine.apply_entries(bodies.iter().map(|(id, body)| (*id, body)))
-        })
-        .await
-        .map_err(sm_err)?
-        .map_err(sm_err)?;
-        Ok(replies)
+        Ok(())
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         SnapshotBuilder { sm: self.clone() }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotData>, StorageError> {
-        let file = tokio::fs::File::create(self.files.staging()).await.map_err(snap_err)?;
-        self.receiving.begin();
-        Ok(Box::new(SnapshotData::File(Staging::new(file, self.receiving.clone()))))
-    }
-
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta,
-        snapshot: Box<SnapshotData>,
-    ) -> Result<(), StorageError> {
+        snapshot: SnapshotData,
+    ) -> io::Result<()> {
         self.receiving.installing();
         let r = self.install(meta, snapshot).await;
         self.receiving.finished(r.is_ok());
         r
     }
 
-    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+    async fn get_current_snapshot(&mut self) -> io::Result<Option<Snapshot>> {
         let Some(meta) = self.current.lock().expect("snapshot lock").clone() else {
             return Ok(None);
         };
         let stream = LiveStream::new(self.engine.clone(), &meta).map_err(snap_err)?;
-        Ok(Some(Snapshot { meta, snapshot: Box::new(SnapshotData::Live(stream)) }))
+        Ok(Some(Snapshot { meta, snapshot: SnapshotData::Live(stream) }))
     }
 }

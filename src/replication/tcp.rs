@@ -12,6 +12,7 @@
 //! leadership check) and sends a good copy back to the leader with `REPAIR`, which rewrites the
 //! block only if the copy is what the leader's own checksum table already says it holds.
 
+use openraft::async_runtime::WatchReceiver;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -22,8 +23,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use super::commits::Proposer;
-use super::election::ElectionGate;
-use super::network::{dispatch, BoxFuture, RaftRpc, Transport, TransportError};
+use super::network::{dispatch, BoxFuture, RaftRpc, SnapshotInbox, Transport, TransportError};
 use super::node::applied_index;
 use super::snapshot::{ReceivePhase, ReceiveProgress, Shape};
 use super::types::{NodeId, Raft, Request};
@@ -173,7 +173,7 @@ pub fn status_of(
     receiving: &ReceiveProgress,
     stream_bytes: u64,
 ) -> NodeStatus {
-    let m = raft.metrics().borrow().clone();
+    let m = raft.metrics().borrow_watched().clone();
     let membership = m.membership_config.membership();
     let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
     NodeStatus {
@@ -182,15 +182,15 @@ pub fn status_of(
         term: m.current_term,
         leader: m.current_leader,
         last_log_index: m.last_log_index,
-        last_applied: m.last_applied.map(|l| l.index),
-        snapshot: m.snapshot.map(|l| l.index),
-        purged: m.purged.map(|l| l.index),
+        last_applied: m.last_applied.as_ref().map(|l| l.index),
+        snapshot: m.snapshot.as_ref().map(|l| l.index),
+        purged: m.purged.as_ref().map(|l| l.index),
         voters: voters.iter().copied().collect(),
         learners: membership.learner_ids().collect(),
         nodes: membership.nodes().map(|(id, n)| (*id, n.addr.clone())).collect(),
         replication: m
             .replication
-            .map(|r| r.iter().map(|(id, l)| (*id, l.map(|l| l.index))).collect())
+            .map(|r| r.iter().map(|(id, l)| (*id, l.as_ref().map(|l| l.index))).collect())
             .unwrap_or_default(),
         snapshot_in: receiving.current().map(|(phase, received)| SnapshotTransfer {
             phase,
@@ -219,7 +219,7 @@ pub struct NodeService {
     raft: Raft,
     engine: Arc<Engine>,
     receiving: Arc<ReceiveProgress>,
-    gate: ElectionGate,
+    inbox: Arc<SnapshotInbox>,
     proposals: mpsc::UnboundedSender<Proposal>,
 }
 
@@ -234,19 +234,19 @@ const DEMOTE_CONFIRM: Duration = Duration::from_secs(5);
 
 impl NodeService {
     /// `receiving`: the state machine's incoming snapshot progress
-    /// (`StateMachine::receive_progress`), shown in the status; `gate` and `proposer`: the
-    /// node's (`Node::gate`, `Node::proposer`).
+    /// (`StateMachine::receive_progress`), shown in the status; `inbox` and `proposer`: the
+    /// node's (`Node::inbox`, `Node::proposer`).
     pub fn new(
         id: NodeId,
         raft: Raft,
         engine: Arc<Engine>,
         receiving: Arc<ReceiveProgress>,
-        gate: ElectionGate,
+        inbox: Arc<SnapshotInbox>,
         proposer: Proposer,
     ) -> Arc<NodeService> {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(propose_in_order(raft.clone(), proposer, rx));
-        Arc::new(NodeService { id, raft, engine, receiving, gate, proposals: tx })
+        Arc::new(NodeService { id, raft, engine, receiving, inbox, proposals: tx })
     }
 
     fn status(&self) -> NodeStatus {
@@ -273,12 +273,12 @@ impl NodeService {
                 raft.change_membership(set, true).await.map_err(|e| e.to_string())?;
             }
             Admin::Remove(nid) => {
-                if nid == id && raft.metrics().borrow().state == ServerState::Leader {
+                if nid == id && raft.metrics().borrow_watched().state == ServerState::Leader {
                     return Err(format!(
                         "node {nid} is the leader: move leadership to another node first"
                     ));
                 }
-                let m = raft.metrics().borrow().membership_config.membership().clone();
+                let m = raft.metrics().borrow_watched().membership_config.membership().clone();
                 if m.voter_ids().any(|v| v == nid) {
                     // Demote, keeping it a learner so the leader still replicates the new
                     // configuration to it. Dropped straight away, it would keep the joint
@@ -300,7 +300,8 @@ impl NodeService {
                     .await
                     .map_err(|e| e.to_string())?;
             }
-            Admin::Campaign => raft.trigger().elect().await.map_err(|e| e.to_string())?,
+            // A forced election, without pre-vote: voters whose lease holds still refuse it.
+            Admin::Campaign => raft.trigger().elect(false).await.map_err(|e| e.to_string())?,
             Admin::Status => return Err("status is answered by `call`".to_string()),
         }
         Ok(AdminReply::Done)
@@ -313,10 +314,10 @@ async fn wait_matched(raft: &Raft, target: NodeId, index: u64, within: Duration)
     let deadline = tokio::time::Instant::now() + within;
     loop {
         let matched = rx
-            .borrow()
+            .borrow_watched()
             .replication
             .as_ref()
-            .and_then(|r| r.get(&target).copied().flatten())
+            .and_then(|r| r.get(&target).cloned().flatten())
             .map(|l| l.index);
         if matched >= Some(index) {
             return true;
@@ -335,8 +336,8 @@ async fn propose_in_order(
     mut rx: mpsc::UnboundedReceiver<Proposal>,
 ) {
     while let Some((req, done)) = rx.recv().await {
-        if raft.metrics().borrow().state != ServerState::Leader {
-            let leader = raft.metrics().borrow().current_leader;
+        if raft.metrics().borrow_watched().state != ServerState::Leader {
+            let leader = raft.metrics().borrow_watched().current_leader;
             let _ = done.send(Err(format!("{NOT_LEADER}; leader is {leader:?}")));
             continue;
         }
@@ -354,10 +355,10 @@ impl Handler for NodeService {
         let raft = self.raft.clone();
         match kind {
             KIND_RAFT => {
-                let gate = self.gate.clone();
+                let inbox = self.inbox.clone();
                 Box::pin(async move {
                     let rpc: RaftRpc = decode(&payload, "Raft RPC")?;
-                    encode(&dispatch(&raft, &gate, rpc).await)
+                    encode(&dispatch(&raft, &inbox, rpc).await)
                 })
             }
             KIND_WRITE => {
@@ -385,10 +386,12 @@ impl Handler for NodeService {
                 let (engine, id) = (self.engine.clone(), self.id);
                 Box::pin(async move {
                     let (lba, blocks): (u64, u64) = decode(&payload, "read")?;
-                    if raft.metrics().borrow().state != ServerState::Leader {
+                    if raft.metrics().borrow_watched().state != ServerState::Leader {
                         return Err(NOT_LEADER.to_string());
                     }
-                    raft.ensure_linearizable().await.map_err(|e| e.to_string())?;
+                    raft.ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
+                        .await
+                        .map_err(|e| e.to_string())?;
                     let applied = applied_index(&raft);
                     encode(&read_verified(engine, id, "read", lba, blocks, applied).await?)
                 })

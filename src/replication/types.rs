@@ -1,7 +1,7 @@
 //! The openraft type configuration and the conversions between openraft's entries and the
 //! storage engine's log records. Pure: no I/O.
 
-use openraft::{BasicNode, EntryPayload as RaftPayload, Membership};
+use openraft::{BasicNode, EntryPayload as RaftPayload};
 use serde::{Deserialize, Serialize};
 
 use crate::entry::{encode_shared, encoded_len, BlockOp, BodyRef, EntryBody, EntryPayload};
@@ -9,7 +9,6 @@ use crate::storage::state::{LogId as StoreLogId, Vote as StoreVote};
 use crate::storage::wal::Payload;
 
 use super::commits::Tag;
-use super::snapshot::SnapshotData;
 
 /// What a client proposes: block changes, or a flush barrier.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,6 +35,18 @@ impl Request {
     }
 }
 
+/// openraft 0.10 logs requests through `Display`: the kind and size, never the data.
+impl std::fmt::Display for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Request::Blocks(ops, _) => {
+                write!(f, "blocks({} ops, {} bytes)", ops.len(), self.payload_len())
+            }
+            Request::Flush => write!(f, "flush"),
+        }
+    }
+}
+
 /// What applying an entry answers: the index it was applied at.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Response {
@@ -43,31 +54,39 @@ pub struct Response {
 }
 
 openraft::declare_raft_types!(
-    /// xdevice's Raft: node ids are u64, nodes carry their RPC address.
+    /// xdevice's Raft: node ids and terms are u64, nodes carry their RPC address; leader ids,
+    /// votes and entries are openraft's defaults (a leader id is a term and a node id, as in
+    /// 0.9, so log ids and memberships encode as they did).
     pub TypeConfig:
         D = Request,
         R = Response,
         NodeId = u64,
         Node = BasicNode,
-        Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = SnapshotData,
 );
 
 pub type NodeId = u64;
-pub type Entry = openraft::Entry<TypeConfig>;
-pub type LogId = openraft::LogId<NodeId>;
-pub type Vote = openraft::Vote<NodeId>;
-pub type StoredMembership = openraft::StoredMembership<NodeId, BasicNode>;
-pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, BasicNode>;
-pub type StorageError = openraft::StorageError<NodeId>;
-pub type Raft = openraft::Raft<TypeConfig>;
+pub type LeaderId = openraft::impls::leader_id_adv::LeaderId<u64, NodeId>;
+pub type Entry = openraft::type_config::alias::EntryOf<TypeConfig>;
+pub type LogId = openraft::LogId<LeaderId>;
+pub type Vote = openraft::impls::Vote<LeaderId>;
+pub type Membership = openraft::Membership<NodeId, BasicNode>;
+pub type StoredMembership = openraft::StoredMembership<LeaderId, NodeId, BasicNode>;
+pub type SnapshotMeta = openraft::SnapshotMeta<LeaderId, NodeId, BasicNode>;
+pub type Snapshot = openraft::Snapshot<LeaderId, NodeId, BasicNode, super::snapshot::SnapshotData>;
+pub type StorageError = openraft::StorageError<TypeConfig>;
+pub type Raft = openraft::Raft<TypeConfig, super::state_machine::StateMachine>;
+
+/// A log id from its parts.
+pub fn log_id(term: u64, node: NodeId, index: u64) -> LogId {
+    openraft::LogId::new(LeaderId { term, node_id: node }, index)
+}
 
 pub fn to_store_log_id(id: &LogId) -> StoreLogId {
     StoreLogId { term: id.leader_id.term, node: id.leader_id.node_id, index: id.index }
 }
 
 pub fn from_store_log_id(id: StoreLogId) -> LogId {
-    openraft::LogId::new(openraft::CommittedLeaderId::new(id.term, id.node), id.index)
+    log_id(id.term, id.node, id.index)
 }
 
 pub fn to_store_vote(v: &Vote) -> StoreVote {
@@ -81,13 +100,13 @@ pub fn from_store_vote(v: StoreVote) -> Vote {
 }
 
 /// Encodes a membership for the log and the image header.
-pub fn encode_membership(m: &Membership<NodeId, BasicNode>) -> Vec<u8> {
+pub fn encode_membership(m: &Membership) -> Vec<u8> {
     // Serializing plain in-memory collections into a Vec cannot fail.
     postcard::to_allocvec(m).unwrap_or_default()
 }
 
 /// Decodes a membership written by `encode_membership`.
-pub fn decode_membership(bytes: &[u8]) -> Result<Membership<NodeId, BasicNode>, String> {
+pub fn decode_membership(bytes: &[u8]) -> Result<Membership, String> {
     postcard::from_bytes(bytes).map_err(|e| format!("undecodable membership: {e}"))
 }
 
@@ -136,7 +155,7 @@ mod tests {
     use super::*;
 
     fn id(term: u64, node: u64, index: u64) -> LogId {
-        openraft::LogId::new(openraft::CommittedLeaderId::new(term, node), index)
+        log_id(term, node, index)
     }
 
     #[test]
@@ -144,7 +163,7 @@ mod tests {
         let nodes: BTreeMap<u64, BasicNode> =
             (1..=3).map(|n| (n, BasicNode::new(format!("127.0.0.{n}:7000")))).collect();
         let members: BTreeSet<u64> = nodes.keys().copied().collect();
-        let membership = Membership::new(vec![members], nodes);
+        let membership = Membership::new(vec![members], nodes).expect("membership");
         let entries = [
             Entry { log_id: id(1, 2, 0), payload: RaftPayload::Blank },
             Entry { log_id: id(1, 2, 1), payload: RaftPayload::Membership(membership) },
@@ -171,6 +190,38 @@ mod tests {
         let bytes = encode_parts(1, BodyRef::Membership(&[0xff; 9]));
         let err = decode_entry(4, 1, &bytes).expect_err("garbage membership");
         assert!(err.contains("membership"), "{err}");
+    }
+
+    /// The bytes openraft 0.9.25 wrote for a membership (WAL membership entries, the image
+    /// header, the hard state) and a snapshot meta (the snapshot stream's header, and so a
+    /// staged or interrupted install on disk), derived from 0.9.25's field order
+    /// (`Membership { configs, nodes }`, `StoredMembership { log_id, membership }`,
+    /// `LogId { leader_id: { term, node_id }, index }`, `SnapshotMeta { last_log_id,
+    /// last_membership, snapshot_id }`): 0.10 must read and write the same, so that no on-disk
+    /// format changes with the upgrade.
+    #[test]
+    fn memberships_and_snapshot_metas_encode_as_under_openraft_0_9() {
+        let nodes: BTreeMap<u64, BasicNode> =
+            [(1, BasicNode::new("a")), (2, BasicNode::new("b"))].into();
+        let membership = Membership::new(vec![[1, 2].into()], nodes).expect("membership");
+        let m_bytes = [1, 2, 1, 2, 2, 1, 1, b'a', 2, 1, b'b'];
+        assert_eq!(encode_membership(&membership), m_bytes);
+        assert_eq!(decode_membership(&m_bytes).expect("decode"), membership);
+
+        let meta = SnapshotMeta {
+            last_log_id: Some(id(4, 2, 99)),
+            last_membership: StoredMembership::new(Some(id(1, 2, 3)), membership),
+        };
+        let mut meta_bytes = vec![1, 4, 2, 99, 1, 1, 2, 3];
+        meta_bytes.extend_from_slice(&m_bytes);
+        // 0.10 writes the former `snapshot_id` as an empty string...
+        let mut written = meta_bytes.clone();
+        written.push(0);
+        assert_eq!(postcard::to_allocvec(&meta).expect("encode"), written);
+        // ...and reads (and ignores) the one 0.9 wrote.
+        let mut from_09 = meta_bytes;
+        from_09.extend_from_slice(&[4, b'4', b'-', b'2', b'-']);
+        assert_eq!(postcard::from_bytes::<SnapshotMeta>(&from_09).expect("decode"), meta);
     }
 
     #[test]
