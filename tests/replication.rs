@@ -303,7 +303,7 @@ async fn wait_applied(node: &Node, index: u64, within: Duration) {
     let mut rx = node.raft.metrics();
     let deadline = Instant::now() + within;
     while rx.borrow_watched().last_applied.as_ref().map(|l| l.index) < Some(index) {
-        let now = rx.borrow_watched().last_applied.clone();
+        let now = rx.borrow_watched().last_applied;
         assert!(Instant::now() < deadline, "node {} applied only {now:?}, not {index}", node.id);
         tokio::time::timeout(Duration::from_millis(100), rx.changed()).await.ok();
     }

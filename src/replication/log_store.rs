@@ -144,7 +144,7 @@ impl LogStore {
     /// The last log id as openraft's log state reports it (the purge point on an empty log).
     pub fn last_log_id(&self) -> Option<LogId> {
         let purged = self.inner.engine.wal().bounds().purged.map(from_store_log_id);
-        let last = self.inner.last.lock().expect("last lock").clone();
+        let last = *self.inner.last.lock().expect("last lock");
         last.max(purged)
     }
 
@@ -321,7 +321,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             })
             .collect();
         let first_index = first.log_id.index;
-        let last = entries.last().map(|e| e.log_id.clone());
+        let last = entries.last().map(|e| e.log_id);
         self.inner.commits.appended(entries.iter().filter_map(|e| match &e.payload {
             openraft::EntryPayload::Normal(Request::Blocks(_, tag)) if tag.0 != 0 => {
                 Some((e.log_id.index, *tag))

@@ -121,7 +121,7 @@ impl SnapshotInbox {
     ) -> Result<SnapshotResponse<TypeConfig>, String> {
         // A sender whose vote is below ours is not our leader: answer our vote, which ends its
         // transfer (openraft sees the higher vote). openraft checks again at install.
-        let mine = raft.metrics().borrow_watched().vote.clone();
+        let mine = raft.metrics().borrow_watched().vote;
         if chunk.vote < mine {
             return Ok(SnapshotResponse::new(mine));
         }
@@ -129,8 +129,8 @@ impl SnapshotInbox {
         if chunk.offset == 0 {
             let data = self.sm.begin_receiving().await.map_err(|e| e.to_string())?;
             *incoming = Some(Incoming {
-                vote: chunk.vote.clone(),
-                last_log_id: chunk.meta.last_log_id.clone(),
+                vote: chunk.vote,
+                last_log_id: chunk.meta.last_log_id,
                 next: 0,
                 data,
             });
@@ -293,8 +293,7 @@ impl PeerNetwork {
                 )))
             })?;
             let done = offset + len as u64 >= total;
-            let chunk =
-                SnapshotChunk { vote: vote.clone(), meta: meta.clone(), offset, data: buf, done };
+            let chunk = SnapshotChunk { vote, meta: meta.clone(), offset, data: buf, done };
             let resp = match self.call(RaftRpc::Snapshot(chunk), option).await {
                 Ok(RaftReply::Snapshot(Ok(resp))) => resp,
                 Ok(RaftReply::Snapshot(Err(e))) => {
@@ -347,14 +346,14 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
         if bytes > PROBE_ABOVE_BYTES && rpc.prev_log_id.is_some() && self.matched != rpc.prev_log_id
         {
             let probe = AppendEntriesRequest {
-                vote: rpc.vote.clone(),
-                prev_log_id: rpc.prev_log_id.clone(),
-                leader_commit: rpc.leader_commit.clone(),
+                vote: rpc.vote,
+                prev_log_id: rpc.prev_log_id,
+                leader_commit: rpc.leader_commit,
                 entries: Vec::new(),
             };
             match self.call(RaftRpc::Append(probe), &option).await.map_err(|e| self.lift(e))? {
                 RaftReply::Append(Ok(AppendEntriesResponse::Success)) => {
-                    self.matched = rpc.prev_log_id.clone();
+                    self.matched = rpc.prev_log_id;
                 }
                 RaftReply::Append(Ok(other)) => {
                     self.matched = None;
@@ -366,7 +365,7 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
         }
         let mut cut = cut;
         let reply = loop {
-            let last = rpc.entries.last().map(|e| e.log_id.clone()).or(rpc.prev_log_id.clone());
+            let last = rpc.entries.last().map(|e| e.log_id).or(rpc.prev_log_id);
             let entries = rpc.entries.len();
             match self.call(RaftRpc::Append(rpc.clone()), &option).await {
                 // Too many large entries for one message (a follower far behind on 4 MiB
@@ -393,9 +392,9 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
         };
         self.matched = match &reply {
             AppendEntriesResponse::Success => {
-                rpc.entries.last().map(|e| e.log_id.clone()).or(rpc.prev_log_id.clone())
+                rpc.entries.last().map(|e| e.log_id).or(rpc.prev_log_id)
             }
-            AppendEntriesResponse::PartialSuccess(upto) => upto.clone(),
+            AppendEntriesResponse::PartialSuccess(upto) => *upto,
             _ => None,
         };
         Ok(reply)
