@@ -656,3 +656,126 @@ fn a_write_larger_than_a_proposal_is_split_and_reads_back() {
         cluster.shutdown().await.unwrap();
     });
 }
+
+/// Three replicas on simulated disks whose syncs can be held back, as a slow device would: a
+/// write's commit, which completes it, is never reported before a majority holds it durably,
+/// and the leader counts in that majority only once its own flush is done, although openraft
+/// 0.10 sends the entry to the followers before the leader's sync (the two overlap).
+#[test]
+fn a_write_commits_only_once_a_majority_holds_it_durably_the_leader_after_its_own_flush() {
+    use xdevice::replication::network::{LocalRouter, LocalTransport, Transport};
+    use xdevice::replication::node::RaftTuning;
+    use xdevice::replication::types::Request;
+    use xdevice::storage::disk::SimVolume;
+
+    runtime().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let router = Arc::new(LocalRouter::default());
+        let tuning = RaftTuning::default();
+        let format = FormatOptions {
+            device_name: "xdb0".into(),
+            device_bytes: Some(16 << 20),
+            segment_bytes: 8 << 20,
+            ..FormatOptions::default()
+        };
+        let mut nodes = Vec::new();
+        let mut volumes = Vec::new();
+        for id in 1..=3u64 {
+            let volume = SimVolume::new(&format!("replica-{id}"));
+            let location = Location::Directory {
+                volume: volume.clone() as Arc<dyn Volume>,
+                name: "xdb0".into(),
+            };
+            let mut format = format.clone();
+            format.device_uuid = uuid::Uuid::new_v4();
+            Engine::format(&location, &format).unwrap();
+            let snapshots = dir.path().join(format!("replica-{id}"));
+            std::fs::create_dir_all(&snapshots).unwrap();
+            let replica =
+                open_replica(&location, EngineConfig::default(), &snapshots, DEFAULT_CACHE_BYTES)
+                    .unwrap();
+            let transport: Arc<dyn Transport> =
+                Arc::new(LocalTransport { router: router.clone(), me: id });
+            let node = Node::start(id, replica, transport, &tuning).await.unwrap();
+            router.register(id, node.raft.clone(), node.inbox.clone());
+            nodes.push(node);
+            volumes.push(volume);
+        }
+        // Released whatever happens: a failed assertion must not leave WAL threads waiting.
+        struct Release(Vec<Arc<SimVolume>>);
+        impl Drop for Release {
+            fn drop(&mut self) {
+                for v in &self.0 {
+                    v.hold_syncs(false);
+                }
+            }
+        }
+        let _release = Release(volumes.clone());
+        let members: Vec<(u64, String)> = (1..=3).map(|id| (id, format!("local:{id}"))).collect();
+        nodes[0].bootstrap(&members).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let leader = loop {
+            let leading = nodes.iter().position(|n| {
+                let m = n.raft.metrics();
+                let m = m.borrow_watched();
+                m.state == openraft::ServerState::Leader && m.current_leader == Some(n.id)
+            });
+            if let Some(i) = leading {
+                break i;
+            }
+            assert!(Instant::now() < deadline, "no leader elected");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let (f1, f2) = ((leader + 1) % 3, (leader + 2) % 3);
+        let wal = |i: usize| nodes[i].engine.wal().bounds();
+        let write =
+            |lba: u64| Request::blocks(vec![BlockOp::Write { lba, data: block(lba, 1).into() }]);
+        let settle = Duration::from_millis(500);
+        let within = Duration::from_secs(10);
+
+        // One follower slow: the leader and the other follower are a majority.
+        volumes[f1].hold_syncs(true);
+        let commit = nodes[leader].proposer.propose(write(1)).await.unwrap();
+        let at = tokio::time::timeout(within, commit).await.expect("committed").unwrap();
+        assert!(wal(leader).durable_next > at && wal(f2).durable_next > at);
+        volumes[f1].hold_syncs(false);
+
+        // Both followers slow: the leader's own durable copy is not a majority.
+        volumes[f1].hold_syncs(true);
+        volumes[f2].hold_syncs(true);
+        let index = wal(leader).next;
+        let mut commit = nodes[leader].proposer.propose(write(2)).await.unwrap();
+        assert!(tokio::time::timeout(settle, &mut commit).await.is_err(), "committed on one copy");
+        assert!(wal(leader).durable_next > index, "the leader's own sync was not held");
+        volumes[f2].hold_syncs(false);
+        let at = tokio::time::timeout(within, commit).await.expect("committed").unwrap();
+        assert_eq!(at, index);
+        volumes[f1].hold_syncs(false);
+
+        // The leader and one follower slow: the entry reaches the other follower, durably,
+        // while the leader's sync is still held (replication does not wait for it), and that
+        // follower alone is not a majority: the leader is counted only after its flush.
+        volumes[leader].hold_syncs(true);
+        volumes[f1].hold_syncs(true);
+        let index = wal(leader).next;
+        let mut commit = nodes[leader].proposer.propose(write(3)).await.unwrap();
+        let deadline = Instant::now() + within;
+        while wal(f2).durable_next <= index {
+            assert!(Instant::now() < deadline, "the entry never reached node {}", f2 + 1);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(wal(leader).durable_next <= index, "the leader's sync was not held");
+        assert!(
+            tokio::time::timeout(settle, &mut commit).await.is_err(),
+            "committed before the leader's own flush"
+        );
+        volumes[leader].hold_syncs(false);
+        let at = tokio::time::timeout(within, commit).await.expect("committed").unwrap();
+        assert_eq!(at, index);
+        volumes[f1].hold_syncs(false);
+
+        for node in &nodes {
+            node.shutdown().await.unwrap();
+        }
+    });
+}

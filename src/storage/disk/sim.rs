@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -134,9 +134,28 @@ impl Control {
 #[derive(Debug, Default)]
 struct Shared {
     control: Mutex<Control>,
+    /// While true, data syncs wait (a device slow to flush); see `hold_syncs`.
+    held: Mutex<bool>,
+    released: Condvar,
 }
 
 impl Shared {
+    /// Holds back (or releases) data syncs: a sync started while held waits for the release.
+    fn hold_syncs(&self, hold: bool) {
+        *lock(&self.held) = hold;
+        if !hold {
+            self.released.notify_all();
+        }
+    }
+
+    /// Waits while syncs are held.
+    fn wait_released(&self) {
+        let mut held = lock(&self.held);
+        while *held {
+            held = self.released.wait(held).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
     /// Lets one operation through or fails it. The caller holds the returned guard while the
     /// operation applies, so a crash triggered by another thread cannot land halfway through it.
     fn admit(&self, op: Option<FaultOp>, mutating: bool) -> io::Result<MutexGuard<'_, Control>> {
@@ -374,6 +393,12 @@ impl SimDisk {
         self.shared.inject(op, fault, after);
     }
 
+    /// Holds back every data sync (`sync_data`, and so `write_and_sync`) until released: the
+    /// sync waits, its writes stay pending. On a disk of a volume this holds the whole volume.
+    pub fn hold_syncs(&self, hold: bool) {
+        self.shared.hold_syncs(hold);
+    }
+
     /// A new, powered disk holding what a power loss now could leave (see `CrashPlan`).
     pub fn crash_image(&self, seed: u64, plan: CrashPlan) -> Arc<SimDisk> {
         let mut rng = SmallRng::seed_from_u64(seed);
@@ -452,6 +477,7 @@ impl Disk for SimDisk {
     }
 
     fn sync_data(&self) -> io::Result<()> {
+        self.shared.wait_released();
         let _gate = self.shared.admit(Some(FaultOp::Sync), true)?;
         lock(&self.state).sync();
         self.syncs.fetch_add(1, Ordering::Relaxed);
@@ -585,6 +611,11 @@ impl SimVolume {
         self.shared.crashed()
     }
 
+    /// Holds back (or releases) every data sync on any of its disks (`SimDisk::hold_syncs`).
+    pub fn hold_syncs(&self, hold: bool) {
+        self.shared.hold_syncs(hold);
+    }
+
     /// Fails the `(after + 1)`-th next operation of kind `op`, on any of its disks, once.
     pub fn inject(&self, op: FaultOp, fault: Fault, after: u64) {
         self.shared.inject(op, fault, after);
@@ -695,6 +726,26 @@ mod tests {
         let mut buf = AlignedBuf::zeroed(len);
         buf.fill(byte);
         buf
+    }
+
+    #[test]
+    fn a_held_sync_waits_for_the_release_and_its_writes_stay_pending() -> io::Result<()> {
+        let volume = SimVolume::new("v");
+        let disk = volume.create("a", BLOCK, true)?;
+        volume.sync()?;
+        disk.write_at(0, &filled(7, IO_ALIGN))?;
+        volume.hold_syncs(true);
+        let syncing = {
+            let disk = disk.clone();
+            std::thread::spawn(move || disk.sync_data())
+        };
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!syncing.is_finished(), "the sync did not wait");
+        assert_eq!(volume.clean_image().disk("a").map(|d| d.peek(0, 1)), Some(vec![0]));
+        volume.hold_syncs(false);
+        syncing.join().expect("sync thread")?;
+        assert_eq!(volume.clean_image().disk("a").map(|d| d.peek(0, 1)), Some(vec![7]));
+        Ok(())
     }
 
     fn read(disk: &dyn Disk, offset: u64, len: usize) -> io::Result<Vec<u8>> {
