@@ -101,10 +101,12 @@ pub fn applied_index(raft: &Raft) -> u64 {
 
 /// Entries a leader may hold committed (or proposed) but not yet applied before it takes a new
 /// proposal. Proposals are answered at commit, before apply; without a bound a sustained writer
-/// outruns apply, and openraft 0.9 then reads every committed entry not yet applied into
-/// memory at once to apply them (a 10 GiB stream through the embedded default peaked at
-/// 1.9 GiB resident). Eight entries of at most 4 MiB each keep that under 32 MiB, above the
-/// device's few proposals in flight.
+/// outruns apply, and openraft 0.9 then read every committed entry not yet applied into memory
+/// at once to apply them (a 10 GiB stream through the embedded default peaked at 1.9 GiB
+/// resident). openraft 0.10 streams them to `apply` (taken 8 at a time), but the bound stays:
+/// it also keeps the image, and so reads that wait for apply, close behind what the device
+/// confirmed. Eight entries of at most 4 MiB each keep that under 32 MiB, above the device's
+/// few proposals in flight.
 pub const MAX_APPLY_LAG_ENTRIES: u64 = 8;
 
 /// Waits, up to `within`, until this replica's log holds at most `MAX_APPLY_LAG_ENTRIES`
