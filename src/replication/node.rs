@@ -103,8 +103,9 @@ pub fn applied_index(raft: &Raft) -> u64 {
 /// proposal. Proposals are answered at commit, before apply; without a bound a sustained writer
 /// outruns apply, and openraft 0.9 then read every committed entry not yet applied into memory
 /// at once to apply them (a 10 GiB stream through the embedded default peaked at 1.9 GiB
-/// resident). openraft 0.10 streams them to `apply` (taken 8 at a time), but the bound stays:
-/// it also keeps the image, and so reads that wait for apply, close behind what the device
+/// resident). openraft 0.10 hands `apply` a stream, but its default log reader builds that
+/// stream from one read of the whole range, so the bound is still what limits the memory; it
+/// also keeps the image, and so reads that wait for apply, close behind what the device
 /// confirmed. Eight entries of at most 4 MiB each keep that under 32 MiB, above the device's
 /// few proposals in flight.
 pub const MAX_APPLY_LAG_ENTRIES: u64 = 8;

@@ -19,9 +19,10 @@ use super::types::{
 use crate::storage::engine::Engine;
 use crate::storage::image::Applied;
 
-/// Entries applied in one image write batch at most: openraft 0.10 hands `apply` a stream, read
-/// from the log as it is consumed, so a long backlog is applied in bounded batches (at most 8
-/// entries of up to 4 MiB in memory), not read into memory at once.
+/// Entries written to the image in one blocking task at most. openraft 0.10 hands `apply` a
+/// stream, but builds it (the log reader's default `entries_stream`) from one
+/// `try_get_log_entries` of the whole range to apply: what bounds the memory that takes is the
+/// apply-lag bound (`node::MAX_APPLY_LAG_ENTRIES`), not this.
 const APPLY_BATCH_ENTRIES: usize = 8;
 
 fn sm_err(e: impl std::fmt::Display) -> io::Error {
