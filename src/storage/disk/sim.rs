@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -134,6 +134,9 @@ impl Control {
 #[derive(Debug, Default)]
 struct Shared {
     control: Mutex<Control>,
+    /// While true, every data sync waits (a slow disk's flush), without holding `control`.
+    syncs_held: Mutex<bool>,
+    syncs_released: Condvar,
 }
 
 impl Shared {
@@ -174,6 +177,21 @@ impl Shared {
 
     fn inject(&self, op: FaultOp, fault: Fault, after: u64) {
         lock(&self.control).faults.push(ArmedFault { op, fault, remaining: after });
+    }
+
+    fn hold_syncs(&self, held: bool) {
+        *lock(&self.syncs_held) = held;
+        if !held {
+            self.syncs_released.notify_all();
+        }
+    }
+
+    /// Blocks the calling thread while syncs are held.
+    fn wait_syncs_released(&self) {
+        let mut held = lock(&self.syncs_held);
+        while *held {
+            held = self.syncs_released.wait(held).expect("sim sync hold");
+        }
     }
 }
 
@@ -374,6 +392,13 @@ impl SimDisk {
         self.shared.inject(op, fault, after);
     }
 
+    /// Holds back (`true`) or lets through (`false`) every `sync_data`: a held sync blocks its
+    /// caller until released, as a slow device's flush does, and then completes normally. On a
+    /// disk of a volume this holds every disk of the volume.
+    pub fn hold_syncs(&self, held: bool) {
+        self.shared.hold_syncs(held);
+    }
+
     /// A new, powered disk holding what a power loss now could leave (see `CrashPlan`).
     pub fn crash_image(&self, seed: u64, plan: CrashPlan) -> Arc<SimDisk> {
         let mut rng = SmallRng::seed_from_u64(seed);
@@ -452,6 +477,7 @@ impl Disk for SimDisk {
     }
 
     fn sync_data(&self) -> io::Result<()> {
+        self.shared.wait_syncs_released();
         let _gate = self.shared.admit(Some(FaultOp::Sync), true)?;
         lock(&self.state).sync();
         self.syncs.fetch_add(1, Ordering::Relaxed);
@@ -588,6 +614,12 @@ impl SimVolume {
     /// Fails the `(after + 1)`-th next operation of kind `op`, on any of its disks, once.
     pub fn inject(&self, op: FaultOp, fault: Fault, after: u64) {
         self.shared.inject(op, fault, after);
+    }
+
+    /// Holds back (`true`) or lets through (`false`) the data syncs of every disk of the volume
+    /// (`SimDisk::hold_syncs`). Directory syncs are not held.
+    pub fn hold_syncs(&self, held: bool) {
+        self.shared.hold_syncs(held);
     }
 
     /// The file currently visible as `name`, bypassing power and fault checks.
@@ -955,6 +987,36 @@ mod tests {
         assert!(!image.crashed());
         assert_eq!(read(&*image.open("a")?, 0, IO_ALIGN)?, vec![1; IO_ALIGN]);
         assert_eq!(read(&*image.open("b")?, 0, IO_ALIGN)?, vec![0; IO_ALIGN]);
+        Ok(())
+    }
+
+    #[test]
+    fn held_syncs_wait_for_release_and_keep_data_pending() -> io::Result<()> {
+        let volume = SimVolume::new("v");
+        let disk = volume.create("a", BLOCK, false)?;
+        volume.sync()?;
+        disk.write_at(0, &filled(7, IO_ALIGN))?;
+        volume.hold_syncs(true);
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let syncer = {
+            let disk = Arc::clone(&disk);
+            std::thread::spawn(move || {
+                let result = disk.sync_data();
+                done_tx.send(()).ok();
+                result
+            })
+        };
+        let waited = done_rx.recv_timeout(std::time::Duration::from_millis(100));
+        assert!(waited.is_err(), "a held sync returned before its release");
+        let image = volume.clean_image();
+        assert_eq!(read(&*image.open("a")?, 0, IO_ALIGN)?, vec![0; IO_ALIGN]);
+        volume.hold_syncs(false);
+        done_rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .map_err(|_| io::Error::other("a released sync did not return"))?;
+        syncer.join().map_err(|_| io::Error::other("syncer panicked"))??;
+        let image = volume.clean_image();
+        assert_eq!(read(&*image.open("a")?, 0, IO_ALIGN)?, vec![7; IO_ALIGN]);
         Ok(())
     }
 }
