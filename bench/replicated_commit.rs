@@ -56,7 +56,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 
-use common::{Histogram, Machine, Report, Samples};
+use common::{FioSide, LatencySide, Machine, Report, Samples};
 use xdevice::device::remote::RemoteCluster;
 use xdevice::device::{CacheMode, Device, DeviceConfig};
 use xdevice::net::{ClientOptions, Handler, RpcClient, RpcServer};
@@ -87,105 +87,6 @@ enum Phase {
     RpcRtt,
     Latency,
     Throughput,
-}
-
-/// Pooled fio figures of one variant.
-#[derive(Debug, Default)]
-struct FioSide {
-    write: Histogram,
-    sync: Histogram,
-    seconds: f64,
-    ios: f64,
-    command: Option<String>,
-    rounds: Vec<Value>,
-}
-
-impl FioSide {
-    fn add(&mut self, run: &common::FioRun) -> Result<(f64, f64)> {
-        // With the sync engine there is no submission latency: clat is the write's latency.
-        let write = run.hist("/write/clat_ns")?;
-        let sync = run.hist("/sync/lat_ns")?;
-        let p50 = write.quantile_us(0.5) + sync.quantile_us(0.5);
-        let iops = run.num("/write/iops")?;
-        let runtime_s = run.num("/write/runtime")? / 1000.0;
-        self.rounds.push(json!({
-            "p50_us": common::finite(p50),
-            "fdatasyncs_per_s": common::finite(iops),
-        }));
-        self.write.merge(&write);
-        self.sync.merge(&sync);
-        self.seconds += runtime_s;
-        self.ios += iops * runtime_s;
-        self.command.get_or_insert_with(|| run.command.clone());
-        Ok((p50, iops))
-    }
-    fn p50(&self) -> f64 {
-        self.write.quantile_us(0.5) + self.sync.quantile_us(0.5)
-    }
-    fn p99(&self) -> f64 {
-        self.write.quantile_us(0.99) + self.sync.quantile_us(0.99)
-    }
-    fn mean(&self) -> f64 {
-        self.write.mean_us() + self.sync.mean_us()
-    }
-    fn per_s(&self) -> f64 {
-        self.ios / self.seconds.max(f64::MIN_POSITIVE)
-    }
-    fn to_json(&self) -> Value {
-        json!({
-            "command": self.command,
-            "ios": self.write.count(),
-            "write_p50_us": common::finite(self.write.quantile_us(0.5)),
-            "sync_p50_us": common::finite(self.sync.quantile_us(0.5)),
-            "p50_us": common::finite(self.p50()),
-            "p99_us": common::finite(self.p99()),
-            "mean_us": common::finite(self.mean()),
-            "fdatasyncs_per_s": common::finite(self.per_s()),
-            "rounds": self.rounds,
-        })
-    }
-}
-
-/// Pooled latency samples of one measured loop (round trips or write + flush pairs).
-#[derive(Debug, Default)]
-struct LatencySide {
-    samples: Samples,
-    rounds: Vec<Value>,
-}
-
-impl LatencySide {
-    fn add(&mut self, mut samples: Samples, extra: Value) -> f64 {
-        let p50 = samples.quantile_us(0.5);
-        let mut round = json!({
-            "samples": samples.len(),
-            "p50_us": common::finite(p50),
-            "p99_us": common::finite(samples.quantile_us(0.99)),
-        });
-        if let (Some(r), Some(e)) = (round.as_object_mut(), extra.as_object()) {
-            r.extend(e.clone());
-        }
-        self.rounds.push(round);
-        self.samples.extend(&samples);
-        p50
-    }
-    fn p50(&mut self) -> f64 {
-        self.samples.quantile_us(0.5)
-    }
-    fn p99(&mut self) -> f64 {
-        self.samples.quantile_us(0.99)
-    }
-    fn summary(&mut self) -> Value {
-        json!({
-            "samples": self.samples.len(),
-            "p50_us": common::finite(self.samples.quantile_us(0.5)),
-            "p90_us": common::finite(self.samples.quantile_us(0.9)),
-            "p99_us": common::finite(self.samples.quantile_us(0.99)),
-            "p999_us": common::finite(self.samples.quantile_us(0.999)),
-            "max_us": common::finite(self.samples.quantile_us(1.0)),
-            "mean_us": common::finite(self.samples.mean_us()),
-            "rounds": self.rounds,
-        })
-    }
 }
 
 /// Pooled figures of the 64-writer phase.

@@ -426,6 +426,108 @@ pub fn dir_bytes(dir: &Path) -> u64 {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Pooled sides of the commit benchmarks
+
+/// Pooled fio figures of one variant.
+#[derive(Debug, Default)]
+pub struct FioSide {
+    pub write: Histogram,
+    pub sync: Histogram,
+    seconds: f64,
+    ios: f64,
+    pub command: Option<String>,
+    rounds: Vec<Value>,
+}
+
+impl FioSide {
+    pub fn add(&mut self, run: &FioRun) -> Result<(f64, f64)> {
+        // With the sync engine there is no submission latency: clat is the write's latency.
+        let write = run.hist("/write/clat_ns")?;
+        let sync = run.hist("/sync/lat_ns")?;
+        let p50 = write.quantile_us(0.5) + sync.quantile_us(0.5);
+        let iops = run.num("/write/iops")?;
+        let runtime_s = run.num("/write/runtime")? / 1000.0;
+        self.rounds.push(json!({
+            "p50_us": finite(p50),
+            "fdatasyncs_per_s": finite(iops),
+        }));
+        self.write.merge(&write);
+        self.sync.merge(&sync);
+        self.seconds += runtime_s;
+        self.ios += iops * runtime_s;
+        self.command.get_or_insert_with(|| run.command.clone());
+        Ok((p50, iops))
+    }
+    pub fn p50(&self) -> f64 {
+        self.write.quantile_us(0.5) + self.sync.quantile_us(0.5)
+    }
+    pub fn p99(&self) -> f64 {
+        self.write.quantile_us(0.99) + self.sync.quantile_us(0.99)
+    }
+    pub fn mean(&self) -> f64 {
+        self.write.mean_us() + self.sync.mean_us()
+    }
+    pub fn per_s(&self) -> f64 {
+        self.ios / self.seconds.max(f64::MIN_POSITIVE)
+    }
+    pub fn to_json(&self) -> Value {
+        json!({
+            "command": self.command,
+            "ios": self.write.count(),
+            "write_p50_us": finite(self.write.quantile_us(0.5)),
+            "sync_p50_us": finite(self.sync.quantile_us(0.5)),
+            "p50_us": finite(self.p50()),
+            "p99_us": finite(self.p99()),
+            "mean_us": finite(self.mean()),
+            "fdatasyncs_per_s": finite(self.per_s()),
+            "rounds": self.rounds,
+        })
+    }
+}
+
+/// Pooled latency samples of one measured loop (round trips or write + flush pairs).
+#[derive(Debug, Default)]
+pub struct LatencySide {
+    pub samples: Samples,
+    rounds: Vec<Value>,
+}
+
+impl LatencySide {
+    pub fn add(&mut self, mut samples: Samples, extra: Value) -> f64 {
+        let p50 = samples.quantile_us(0.5);
+        let mut round = json!({
+            "samples": samples.len(),
+            "p50_us": finite(p50),
+            "p99_us": finite(samples.quantile_us(0.99)),
+        });
+        if let (Some(r), Some(e)) = (round.as_object_mut(), extra.as_object()) {
+            r.extend(e.clone());
+        }
+        self.rounds.push(round);
+        self.samples.extend(&samples);
+        p50
+    }
+    pub fn p50(&mut self) -> f64 {
+        self.samples.quantile_us(0.5)
+    }
+    pub fn p99(&mut self) -> f64 {
+        self.samples.quantile_us(0.99)
+    }
+    pub fn summary(&mut self) -> Value {
+        json!({
+            "samples": self.samples.len(),
+            "p50_us": finite(self.samples.quantile_us(0.5)),
+            "p90_us": finite(self.samples.quantile_us(0.9)),
+            "p99_us": finite(self.samples.quantile_us(0.99)),
+            "p999_us": finite(self.samples.quantile_us(0.999)),
+            "max_us": finite(self.samples.quantile_us(1.0)),
+            "mean_us": finite(self.samples.mean_us()),
+            "rounds": self.rounds,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Report
 
 /// The machine-readable result, written to `target/bench/<bench>.json`.
