@@ -61,7 +61,6 @@ use xdevice::device::remote::RemoteCluster;
 use xdevice::device::{CacheMode, Device, DeviceConfig};
 use xdevice::net::{ClientOptions, Handler, RpcClient, RpcServer};
 use xdevice::replication::tcp::{Admin, AdminReply, NodeClient, NodeStatus};
-use xdevice::storage::disk::AlignedBuf;
 
 const BENCH: &str = "replicated-commit";
 const WRITE_BYTES: usize = 8192;
@@ -190,7 +189,10 @@ fn main() -> Result<()> {
                 }
                 Phase::Direct => {
                     let file = scratch.path().join(format!("direct-r{round}"));
-                    let p50 = direct.add(direct_syncs(&file, samples, &payloads)?, json!({}));
+                    let p50 = direct.add(
+                        common::direct_syncs(&file, WARMUP_OPS, samples, &payloads, false)?,
+                        json!({}),
+                    );
                     line += &format!(" direct p50 {p50:.0}us;");
                 }
                 Phase::TcpRtt => {
@@ -717,38 +719,6 @@ async fn throughput(
     }));
     side.latency.extend(&latency);
     Ok(rate)
-}
-
-/// The second disk reference, shaped like a node's WAL commit: `samples` timed { `pwrite`
-/// 8 KiB with O_DIRECT at the next offset; `fdatasync` } on a fresh fallocated file (unwritten
-/// extents, as a new WAL segment is), after a warm-up.
-fn direct_syncs(path: &Path, samples: usize, payloads: &[bytes::Bytes]) -> Result<Samples> {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::fs::{FileExt, OpenOptionsExt};
-    let ops = WARMUP_OPS + samples;
-    let file = std::fs::OpenOptions::new()
-        .create_new(true)
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .with_context(|| format!("create {} with O_DIRECT", path.display()))?;
-    let len = i64::try_from(ops * WRITE_BYTES)?;
-    nix::fcntl::fallocate(file.as_raw_fd(), nix::fcntl::FallocateFlags::empty(), 0, len)
-        .with_context(|| format!("fallocate {}", path.display()))?;
-    file.sync_all().with_context(|| format!("sync {}", path.display()))?;
-    let bufs: Vec<AlignedBuf> = payloads.iter().map(|p| AlignedBuf::from_slice_padded(p)).collect();
-    let mut out = Samples::default();
-    for i in 0..ops {
-        let buf = &bufs[i % bufs.len()];
-        let t = Instant::now();
-        file.write_all_at(&buf[..WRITE_BYTES], (i * WRITE_BYTES) as u64)?;
-        file.sync_data()?;
-        if i >= WARMUP_OPS {
-            out.push(t.elapsed());
-        }
-    }
-    // The file stays until the scratch directory goes (see the fio phase).
-    Ok(out)
 }
 
 /// The wire reference: `samples` round trips of an 8 KiB request and a small reply over one

@@ -20,7 +20,7 @@ use rand::rngs::SmallRng;
 use rand::{RngCore, SeedableRng};
 use serde_json::{json, Value};
 
-use xdevice::storage::disk::{Backend, DirVolume, Volume};
+use xdevice::storage::disk::{AlignedBuf, Backend, DirVolume, Volume};
 use xdevice::storage::engine::{Engine, EngineConfig, FormatOptions, Recovery};
 use xdevice::storage::layout::Location;
 use xdevice::storage::wal::{CommitMode, WalConfig};
@@ -410,6 +410,60 @@ pub fn random_payloads(count: usize, bytes: usize, seed: u64) -> Vec<bytes::Byte
             bytes::Bytes::from(v)
         })
         .collect()
+}
+
+/// A disk reference shaped like a WAL commit: `samples` timed { `pwrite` of one payload with
+/// O_DIRECT at the next offset; `fdatasync` } after `warmup` untimed pairs, on a new file of
+/// exactly that many payloads. `prewritten`: the file is written in full and synced first (as a
+/// filled WAL segment is, so a sync has no extent metadata to write); otherwise only
+/// fallocated (unwritten extents, as a fresh segment is). Payloads are padded to the 4 KiB
+/// alignment O_DIRECT needs. The file stays until the scratch directory goes.
+pub fn direct_syncs(
+    path: &Path,
+    warmup: usize,
+    samples: usize,
+    payloads: &[bytes::Bytes],
+    prewritten: bool,
+) -> Result<Samples> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let write_bytes = payloads.first().map_or(0, |p| p.len());
+    if write_bytes == 0 || write_bytes % xdevice::storage::disk::IO_ALIGN != 0 {
+        bail!("direct_syncs needs non-empty payloads of a multiple of 4 KiB, got {write_bytes}");
+    }
+    let ops = warmup + samples;
+    let file = std::fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .with_context(|| format!("create {} with O_DIRECT", path.display()))?;
+    let len = i64::try_from(ops * write_bytes)?;
+    nix::fcntl::fallocate(file.as_raw_fd(), nix::fcntl::FallocateFlags::empty(), 0, len)
+        .with_context(|| format!("fallocate {}", path.display()))?;
+    if prewritten {
+        let zeros = AlignedBuf::zeroed(1 << 20);
+        let mut at = 0u64;
+        while at < len as u64 {
+            let n = (len as u64 - at).min(zeros.len() as u64) as usize;
+            file.write_all_at(&zeros[..n], at)
+                .with_context(|| format!("prewrite {}", path.display()))?;
+            at += n as u64;
+        }
+    }
+    file.sync_all().with_context(|| format!("sync {}", path.display()))?;
+    let bufs: Vec<AlignedBuf> = payloads.iter().map(|p| AlignedBuf::from_slice_padded(p)).collect();
+    let mut out = Samples::default();
+    for i in 0..ops {
+        let buf = &bufs[i % bufs.len()];
+        let t = std::time::Instant::now();
+        file.write_all_at(&buf[..write_bytes], (i * write_bytes) as u64)?;
+        file.sync_data()?;
+        if i >= warmup {
+            out.push(t.elapsed());
+        }
+    }
+    Ok(out)
 }
 
 /// Bytes a directory's files occupy on disk (allocated blocks), for the report.
