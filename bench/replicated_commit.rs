@@ -65,6 +65,8 @@ use xdevice::replication::tcp::{Admin, AdminReply, NodeClient, NodeStatus};
 const BENCH: &str = "replicated-commit";
 const WRITE_BYTES: usize = 8192;
 const GOAL: f64 = 1.3;
+/// 64 writers' write + flush pairs per second against one writer's fdatasyncs per second (fio).
+const TPUT_GOAL: f64 = 10.0;
 const DEVICE_BYTES: u64 = 1 << 30;
 const BLOCK_BYTES: u32 = 4096;
 const NODES: u64 = 3;
@@ -95,11 +97,18 @@ struct ThroughputSide {
     pairs: u64,
     proposals: u64,
     entries: u64,
+    /// Proposals in flight: the sum and count of the per-millisecond samples, and the most seen.
+    inflight_sum: u64,
+    inflight_samples: u64,
+    inflight_max: usize,
     latency: Samples,
     rounds: Vec<Value>,
 }
 
 impl ThroughputSide {
+    fn mean_inflight(&self) -> f64 {
+        self.inflight_sum as f64 / self.inflight_samples.max(1) as f64
+    }
     fn pairs_per_s(&self) -> f64 {
         self.pairs as f64 / self.seconds.max(f64::MIN_POSITIVE)
     }
@@ -310,6 +319,7 @@ fn main() -> Result<()> {
             "p50 µs",
             "p99 µs",
             "writes/entry",
+            "in flight mean/max",
             "÷ fio/s",
             "÷ pre-written",
             "÷ O_DIRECT/s",
@@ -321,10 +331,17 @@ fn main() -> Result<()> {
             format!("{:.0}", tput.latency.quantile_us(0.5)),
             format!("{:.0}", tput.latency.quantile_us(0.99)),
             format!("{:.1}", tput.pairs as f64 / tput.entries.max(1) as f64),
+            format!("{:.2}/{}", tput.mean_inflight(), tput.inflight_max),
             format!("{tput_ratio:.2}"),
             format!("{:.2}", tput.pairs_per_s() / fio_pre.per_s()),
             format!("{:.2}", tput.pairs_per_s() / direct_per_s),
         ]],
+    );
+    println!(
+        "{WRITERS} writers: {tput_ratio:.2}× one writer's fdatasyncs/s (goal ≥ {TPUT_GOAL}: {}); \
+         up to {} proposals in flight (the device's max_inflight_proposals)",
+        if tput_ratio >= TPUT_GOAL { "met" } else { "missed" },
+        DeviceConfig::new(BLOCK_BYTES, 1, CacheMode::Writeback).max_inflight_proposals
     );
     println!(
         "leader term {} → {}, leader node {:?} → {:?}",
@@ -375,6 +392,9 @@ fn main() -> Result<()> {
                 "proposals": tput.proposals,
                 "log_entries": tput.entries,
                 "writes_per_entry": common::finite(tput.pairs as f64 / tput.entries.max(1) as f64),
+                "mean_inflight_proposals": common::finite(tput.mean_inflight()),
+                "max_inflight_proposals": tput.inflight_max,
+                "goal_vs_fio_syncs_per_s": TPUT_GOAL,
                 "ratio_vs_fdatasyncs_per_s": common::finite(tput_ratio),
                 "ratio_vs_prewritten_fdatasyncs_per_s":
                     common::finite(tput.pairs_per_s() / fio_pre.per_s()),
@@ -691,7 +711,16 @@ async fn throughput(
     let p0 = dev.stats().proposals;
     let t0 = Instant::now();
     measuring.store(true, Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+    // Proposals in flight, sampled every millisecond of the window.
+    let (mut inflight_sum, mut inflight_samples, mut inflight_max) = (0u64, 0u64, 0usize);
+    let end = tokio::time::Instant::now() + Duration::from_secs_f64(seconds);
+    while tokio::time::Instant::now() < end {
+        let n = dev.pipeline().inflight_proposals;
+        inflight_sum += n as u64;
+        inflight_samples += 1;
+        inflight_max = inflight_max.max(n);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     measuring.store(false, Ordering::Relaxed);
     let window = t0.elapsed().as_secs_f64();
     let pairs = done.load(Ordering::Relaxed);
@@ -710,7 +739,12 @@ async fn throughput(
     side.pairs += pairs;
     side.proposals += p1 - p0;
     side.entries += entries;
+    side.inflight_sum += inflight_sum;
+    side.inflight_samples += inflight_samples;
+    side.inflight_max = side.inflight_max.max(inflight_max);
     side.rounds.push(json!({
+        "mean_inflight_proposals": common::finite(inflight_sum as f64 / inflight_samples.max(1) as f64),
+        "max_inflight_proposals": inflight_max,
         "pairs_per_s": common::finite(rate),
         "p50_us": common::finite(latency.quantile_us(0.5)),
         "p99_us": common::finite(latency.quantile_us(0.99)),
