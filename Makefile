@@ -40,7 +40,7 @@ test-long:
 
 # ublk-device needs root; on a kernel without ublk it runs itself in the QEMU guest (docs/guest.md).
 bench:
-	$(CARGO) bench --bench wal-append --bench group-commit --bench replay --bench replicated-commit \
+	$(CARGO) bench --bench wal-append --bench group-commit --bench replay --bench replicated-commit --bench embedded-commit \
 		--bench ublk-device --bench cache-read --bench cache-hit-ratio --bench cache-memory
 
 # The ublk end-to-end tests alone (docs/guest.md), natively when this kernel has ublk, otherwise

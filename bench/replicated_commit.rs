@@ -56,16 +56,17 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 
-use common::{Histogram, Machine, Report, Samples};
+use common::{FioSide, LatencySide, Machine, Report, Samples};
 use xdevice::device::remote::RemoteCluster;
 use xdevice::device::{CacheMode, Device, DeviceConfig};
 use xdevice::net::{ClientOptions, Handler, RpcClient, RpcServer};
 use xdevice::replication::tcp::{Admin, AdminReply, NodeClient, NodeStatus};
-use xdevice::storage::disk::AlignedBuf;
 
 const BENCH: &str = "replicated-commit";
 const WRITE_BYTES: usize = 8192;
 const GOAL: f64 = 1.3;
+/// 64 writers' write + flush pairs per second against one writer's fdatasyncs per second (fio).
+const TPUT_GOAL: f64 = 10.0;
 const DEVICE_BYTES: u64 = 1 << 30;
 const BLOCK_BYTES: u32 = 4096;
 const NODES: u64 = 3;
@@ -89,105 +90,6 @@ enum Phase {
     Throughput,
 }
 
-/// Pooled fio figures of one variant.
-#[derive(Debug, Default)]
-struct FioSide {
-    write: Histogram,
-    sync: Histogram,
-    seconds: f64,
-    ios: f64,
-    command: Option<String>,
-    rounds: Vec<Value>,
-}
-
-impl FioSide {
-    fn add(&mut self, run: &common::FioRun) -> Result<(f64, f64)> {
-        // With the sync engine there is no submission latency: clat is the write's latency.
-        let write = run.hist("/write/clat_ns")?;
-        let sync = run.hist("/sync/lat_ns")?;
-        let p50 = write.quantile_us(0.5) + sync.quantile_us(0.5);
-        let iops = run.num("/write/iops")?;
-        let runtime_s = run.num("/write/runtime")? / 1000.0;
-        self.rounds.push(json!({
-            "p50_us": common::finite(p50),
-            "fdatasyncs_per_s": common::finite(iops),
-        }));
-        self.write.merge(&write);
-        self.sync.merge(&sync);
-        self.seconds += runtime_s;
-        self.ios += iops * runtime_s;
-        self.command.get_or_insert_with(|| run.command.clone());
-        Ok((p50, iops))
-    }
-    fn p50(&self) -> f64 {
-        self.write.quantile_us(0.5) + self.sync.quantile_us(0.5)
-    }
-    fn p99(&self) -> f64 {
-        self.write.quantile_us(0.99) + self.sync.quantile_us(0.99)
-    }
-    fn mean(&self) -> f64 {
-        self.write.mean_us() + self.sync.mean_us()
-    }
-    fn per_s(&self) -> f64 {
-        self.ios / self.seconds.max(f64::MIN_POSITIVE)
-    }
-    fn to_json(&self) -> Value {
-        json!({
-            "command": self.command,
-            "ios": self.write.count(),
-            "write_p50_us": common::finite(self.write.quantile_us(0.5)),
-            "sync_p50_us": common::finite(self.sync.quantile_us(0.5)),
-            "p50_us": common::finite(self.p50()),
-            "p99_us": common::finite(self.p99()),
-            "mean_us": common::finite(self.mean()),
-            "fdatasyncs_per_s": common::finite(self.per_s()),
-            "rounds": self.rounds,
-        })
-    }
-}
-
-/// Pooled latency samples of one measured loop (round trips or write + flush pairs).
-#[derive(Debug, Default)]
-struct LatencySide {
-    samples: Samples,
-    rounds: Vec<Value>,
-}
-
-impl LatencySide {
-    fn add(&mut self, mut samples: Samples, extra: Value) -> f64 {
-        let p50 = samples.quantile_us(0.5);
-        let mut round = json!({
-            "samples": samples.len(),
-            "p50_us": common::finite(p50),
-            "p99_us": common::finite(samples.quantile_us(0.99)),
-        });
-        if let (Some(r), Some(e)) = (round.as_object_mut(), extra.as_object()) {
-            r.extend(e.clone());
-        }
-        self.rounds.push(round);
-        self.samples.extend(&samples);
-        p50
-    }
-    fn p50(&mut self) -> f64 {
-        self.samples.quantile_us(0.5)
-    }
-    fn p99(&mut self) -> f64 {
-        self.samples.quantile_us(0.99)
-    }
-    fn summary(&mut self) -> Value {
-        json!({
-            "samples": self.samples.len(),
-            "p50_us": common::finite(self.samples.quantile_us(0.5)),
-            "p90_us": common::finite(self.samples.quantile_us(0.9)),
-            "p99_us": common::finite(self.samples.quantile_us(0.99)),
-            "p999_us": common::finite(self.samples.quantile_us(0.999)),
-            "max_us": common::finite(self.samples.quantile_us(1.0)),
-            "mean_us": common::finite(self.samples.mean_us()),
-            "rounds": self.rounds,
-        })
-    }
-}
-
 /// Pooled figures of the 64-writer phase.
 #[derive(Debug, Default)]
 struct ThroughputSide {
@@ -195,11 +97,18 @@ struct ThroughputSide {
     pairs: u64,
     proposals: u64,
     entries: u64,
+    /// Proposals in flight: the sum and count of the per-millisecond samples, and the most seen.
+    inflight_sum: u64,
+    inflight_samples: u64,
+    inflight_max: usize,
     latency: Samples,
     rounds: Vec<Value>,
 }
 
 impl ThroughputSide {
+    fn mean_inflight(&self) -> f64 {
+        self.inflight_sum as f64 / self.inflight_samples.max(1) as f64
+    }
     fn pairs_per_s(&self) -> f64 {
         self.pairs as f64 / self.seconds.max(f64::MIN_POSITIVE)
     }
@@ -289,7 +198,10 @@ fn main() -> Result<()> {
                 }
                 Phase::Direct => {
                     let file = scratch.path().join(format!("direct-r{round}"));
-                    let p50 = direct.add(direct_syncs(&file, samples, &payloads)?, json!({}));
+                    let p50 = direct.add(
+                        common::direct_syncs(&file, WARMUP_OPS, samples, &payloads, false)?,
+                        json!({}),
+                    );
                     line += &format!(" direct p50 {p50:.0}us;");
                 }
                 Phase::TcpRtt => {
@@ -407,6 +319,7 @@ fn main() -> Result<()> {
             "p50 µs",
             "p99 µs",
             "writes/entry",
+            "in flight mean/max",
             "÷ fio/s",
             "÷ pre-written",
             "÷ O_DIRECT/s",
@@ -418,10 +331,17 @@ fn main() -> Result<()> {
             format!("{:.0}", tput.latency.quantile_us(0.5)),
             format!("{:.0}", tput.latency.quantile_us(0.99)),
             format!("{:.1}", tput.pairs as f64 / tput.entries.max(1) as f64),
+            format!("{:.2}/{}", tput.mean_inflight(), tput.inflight_max),
             format!("{tput_ratio:.2}"),
             format!("{:.2}", tput.pairs_per_s() / fio_pre.per_s()),
             format!("{:.2}", tput.pairs_per_s() / direct_per_s),
         ]],
+    );
+    println!(
+        "{WRITERS} writers: {tput_ratio:.2}× one writer's fdatasyncs/s (goal ≥ {TPUT_GOAL}: {}); \
+         up to {} proposals in flight (the device's max_inflight_proposals)",
+        if tput_ratio >= TPUT_GOAL { "met" } else { "missed" },
+        DeviceConfig::new(BLOCK_BYTES, 1, CacheMode::Writeback).max_inflight_proposals
     );
     println!(
         "leader term {} → {}, leader node {:?} → {:?}",
@@ -472,6 +392,9 @@ fn main() -> Result<()> {
                 "proposals": tput.proposals,
                 "log_entries": tput.entries,
                 "writes_per_entry": common::finite(tput.pairs as f64 / tput.entries.max(1) as f64),
+                "mean_inflight_proposals": common::finite(tput.mean_inflight()),
+                "max_inflight_proposals": tput.inflight_max,
+                "goal_vs_fio_syncs_per_s": TPUT_GOAL,
                 "ratio_vs_fdatasyncs_per_s": common::finite(tput_ratio),
                 "ratio_vs_prewritten_fdatasyncs_per_s":
                     common::finite(tput.pairs_per_s() / fio_pre.per_s()),
@@ -788,7 +711,16 @@ async fn throughput(
     let p0 = dev.stats().proposals;
     let t0 = Instant::now();
     measuring.store(true, Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+    // Proposals in flight, sampled every millisecond of the window.
+    let (mut inflight_sum, mut inflight_samples, mut inflight_max) = (0u64, 0u64, 0usize);
+    let end = tokio::time::Instant::now() + Duration::from_secs_f64(seconds);
+    while tokio::time::Instant::now() < end {
+        let n = dev.pipeline().inflight_proposals;
+        inflight_sum += n as u64;
+        inflight_samples += 1;
+        inflight_max = inflight_max.max(n);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     measuring.store(false, Ordering::Relaxed);
     let window = t0.elapsed().as_secs_f64();
     let pairs = done.load(Ordering::Relaxed);
@@ -807,7 +739,12 @@ async fn throughput(
     side.pairs += pairs;
     side.proposals += p1 - p0;
     side.entries += entries;
+    side.inflight_sum += inflight_sum;
+    side.inflight_samples += inflight_samples;
+    side.inflight_max = side.inflight_max.max(inflight_max);
     side.rounds.push(json!({
+        "mean_inflight_proposals": common::finite(inflight_sum as f64 / inflight_samples.max(1) as f64),
+        "max_inflight_proposals": inflight_max,
         "pairs_per_s": common::finite(rate),
         "p50_us": common::finite(latency.quantile_us(0.5)),
         "p99_us": common::finite(latency.quantile_us(0.99)),
@@ -816,38 +753,6 @@ async fn throughput(
     }));
     side.latency.extend(&latency);
     Ok(rate)
-}
-
-/// The second disk reference, shaped like a node's WAL commit: `samples` timed { `pwrite`
-/// 8 KiB with O_DIRECT at the next offset; `fdatasync` } on a fresh fallocated file (unwritten
-/// extents, as a new WAL segment is), after a warm-up.
-fn direct_syncs(path: &Path, samples: usize, payloads: &[bytes::Bytes]) -> Result<Samples> {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::fs::{FileExt, OpenOptionsExt};
-    let ops = WARMUP_OPS + samples;
-    let file = std::fs::OpenOptions::new()
-        .create_new(true)
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .with_context(|| format!("create {} with O_DIRECT", path.display()))?;
-    let len = i64::try_from(ops * WRITE_BYTES)?;
-    nix::fcntl::fallocate(file.as_raw_fd(), nix::fcntl::FallocateFlags::empty(), 0, len)
-        .with_context(|| format!("fallocate {}", path.display()))?;
-    file.sync_all().with_context(|| format!("sync {}", path.display()))?;
-    let bufs: Vec<AlignedBuf> = payloads.iter().map(|p| AlignedBuf::from_slice_padded(p)).collect();
-    let mut out = Samples::default();
-    for i in 0..ops {
-        let buf = &bufs[i % bufs.len()];
-        let t = Instant::now();
-        file.write_all_at(&buf[..WRITE_BYTES], (i * WRITE_BYTES) as u64)?;
-        file.sync_data()?;
-        if i >= WARMUP_OPS {
-            out.push(t.elapsed());
-        }
-    }
-    // The file stays until the scratch directory goes (see the fio phase).
-    Ok(out)
 }
 
 /// The wire reference: `samples` round trips of an 8 KiB request and a small reply over one

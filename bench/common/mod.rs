@@ -20,7 +20,7 @@ use rand::rngs::SmallRng;
 use rand::{RngCore, SeedableRng};
 use serde_json::{json, Value};
 
-use xdevice::storage::disk::{Backend, DirVolume, Volume};
+use xdevice::storage::disk::{AlignedBuf, Backend, DirVolume, Volume};
 use xdevice::storage::engine::{Engine, EngineConfig, FormatOptions, Recovery};
 use xdevice::storage::layout::Location;
 use xdevice::storage::wal::{CommitMode, WalConfig};
@@ -412,6 +412,60 @@ pub fn random_payloads(count: usize, bytes: usize, seed: u64) -> Vec<bytes::Byte
         .collect()
 }
 
+/// A disk reference shaped like a WAL commit: `samples` timed { `pwrite` of one payload with
+/// O_DIRECT at the next offset; `fdatasync` } after `warmup` untimed pairs, on a new file of
+/// exactly that many payloads. `prewritten`: the file is written in full and synced first (as a
+/// filled WAL segment is, so a sync has no extent metadata to write); otherwise only
+/// fallocated (unwritten extents, as a fresh segment is). Payloads are padded to the 4 KiB
+/// alignment O_DIRECT needs. The file stays until the scratch directory goes.
+pub fn direct_syncs(
+    path: &Path,
+    warmup: usize,
+    samples: usize,
+    payloads: &[bytes::Bytes],
+    prewritten: bool,
+) -> Result<Samples> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let write_bytes = payloads.first().map_or(0, |p| p.len());
+    if write_bytes == 0 || write_bytes % xdevice::storage::disk::IO_ALIGN != 0 {
+        bail!("direct_syncs needs non-empty payloads of a multiple of 4 KiB, got {write_bytes}");
+    }
+    let ops = warmup + samples;
+    let file = std::fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .with_context(|| format!("create {} with O_DIRECT", path.display()))?;
+    let len = i64::try_from(ops * write_bytes)?;
+    nix::fcntl::fallocate(file.as_raw_fd(), nix::fcntl::FallocateFlags::empty(), 0, len)
+        .with_context(|| format!("fallocate {}", path.display()))?;
+    if prewritten {
+        let zeros = AlignedBuf::zeroed(1 << 20);
+        let mut at = 0u64;
+        while at < len as u64 {
+            let n = (len as u64 - at).min(zeros.len() as u64) as usize;
+            file.write_all_at(&zeros[..n], at)
+                .with_context(|| format!("prewrite {}", path.display()))?;
+            at += n as u64;
+        }
+    }
+    file.sync_all().with_context(|| format!("sync {}", path.display()))?;
+    let bufs: Vec<AlignedBuf> = payloads.iter().map(|p| AlignedBuf::from_slice_padded(p)).collect();
+    let mut out = Samples::default();
+    for i in 0..ops {
+        let buf = &bufs[i % bufs.len()];
+        let t = std::time::Instant::now();
+        file.write_all_at(&buf[..write_bytes], (i * write_bytes) as u64)?;
+        file.sync_data()?;
+        if i >= warmup {
+            out.push(t.elapsed());
+        }
+    }
+    Ok(out)
+}
+
 /// Bytes a directory's files occupy on disk (allocated blocks), for the report.
 pub fn dir_bytes(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
@@ -423,6 +477,108 @@ pub fn dir_bytes(dir: &Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pooled sides of the commit benchmarks
+
+/// Pooled fio figures of one variant.
+#[derive(Debug, Default)]
+pub struct FioSide {
+    pub write: Histogram,
+    pub sync: Histogram,
+    seconds: f64,
+    ios: f64,
+    pub command: Option<String>,
+    rounds: Vec<Value>,
+}
+
+impl FioSide {
+    pub fn add(&mut self, run: &FioRun) -> Result<(f64, f64)> {
+        // With the sync engine there is no submission latency: clat is the write's latency.
+        let write = run.hist("/write/clat_ns")?;
+        let sync = run.hist("/sync/lat_ns")?;
+        let p50 = write.quantile_us(0.5) + sync.quantile_us(0.5);
+        let iops = run.num("/write/iops")?;
+        let runtime_s = run.num("/write/runtime")? / 1000.0;
+        self.rounds.push(json!({
+            "p50_us": finite(p50),
+            "fdatasyncs_per_s": finite(iops),
+        }));
+        self.write.merge(&write);
+        self.sync.merge(&sync);
+        self.seconds += runtime_s;
+        self.ios += iops * runtime_s;
+        self.command.get_or_insert_with(|| run.command.clone());
+        Ok((p50, iops))
+    }
+    pub fn p50(&self) -> f64 {
+        self.write.quantile_us(0.5) + self.sync.quantile_us(0.5)
+    }
+    pub fn p99(&self) -> f64 {
+        self.write.quantile_us(0.99) + self.sync.quantile_us(0.99)
+    }
+    pub fn mean(&self) -> f64 {
+        self.write.mean_us() + self.sync.mean_us()
+    }
+    pub fn per_s(&self) -> f64 {
+        self.ios / self.seconds.max(f64::MIN_POSITIVE)
+    }
+    pub fn to_json(&self) -> Value {
+        json!({
+            "command": self.command,
+            "ios": self.write.count(),
+            "write_p50_us": finite(self.write.quantile_us(0.5)),
+            "sync_p50_us": finite(self.sync.quantile_us(0.5)),
+            "p50_us": finite(self.p50()),
+            "p99_us": finite(self.p99()),
+            "mean_us": finite(self.mean()),
+            "fdatasyncs_per_s": finite(self.per_s()),
+            "rounds": self.rounds,
+        })
+    }
+}
+
+/// Pooled latency samples of one measured loop (round trips or write + flush pairs).
+#[derive(Debug, Default)]
+pub struct LatencySide {
+    pub samples: Samples,
+    rounds: Vec<Value>,
+}
+
+impl LatencySide {
+    pub fn add(&mut self, mut samples: Samples, extra: Value) -> f64 {
+        let p50 = samples.quantile_us(0.5);
+        let mut round = json!({
+            "samples": samples.len(),
+            "p50_us": finite(p50),
+            "p99_us": finite(samples.quantile_us(0.99)),
+        });
+        if let (Some(r), Some(e)) = (round.as_object_mut(), extra.as_object()) {
+            r.extend(e.clone());
+        }
+        self.rounds.push(round);
+        self.samples.extend(&samples);
+        p50
+    }
+    pub fn p50(&mut self) -> f64 {
+        self.samples.quantile_us(0.5)
+    }
+    pub fn p99(&mut self) -> f64 {
+        self.samples.quantile_us(0.99)
+    }
+    pub fn summary(&mut self) -> Value {
+        json!({
+            "samples": self.samples.len(),
+            "p50_us": finite(self.samples.quantile_us(0.5)),
+            "p90_us": finite(self.samples.quantile_us(0.9)),
+            "p99_us": finite(self.samples.quantile_us(0.99)),
+            "p999_us": finite(self.samples.quantile_us(0.999)),
+            "max_us": finite(self.samples.quantile_us(1.0)),
+            "mean_us": finite(self.samples.mean_us()),
+            "rounds": self.rounds,
+        })
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

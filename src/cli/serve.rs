@@ -860,8 +860,12 @@ pub fn run_status(args: StatusArgs) -> Result<()> {
             d.io.writes, d.io.flushes, d.io.reads, d.io.proposals
         );
         println!(
-            "  pipeline  {} bytes in {} batches not yet committed, {} blocks pinned in the cache",
-            d.pipeline.unconfirmed_bytes, d.pipeline.unconfirmed_batches, d.pipeline.pinned_blocks
+            "  pipeline  {} bytes in {} batches not yet committed ({} proposals in flight), {} \
+             blocks pinned in the cache",
+            d.pipeline.unconfirmed_bytes,
+            d.pipeline.unconfirmed_batches,
+            d.pipeline.inflight_proposals,
+            d.pipeline.pinned_blocks
         );
         let c = &d.cache;
         println!(

@@ -54,6 +54,9 @@ pub struct Embedded {
     recovered: tokio::sync::OnceCell<u64>,
     /// The threads that read replica images for reads missing the device's cache.
     readers: ReaderPool,
+    /// Each replica's store, when the caller chose them (`start_on`); otherwise a directory
+    /// per replica under `opts.dir`.
+    volumes: Option<Vec<Arc<dyn Volume>>>,
 }
 
 impl std::fmt::Debug for Embedded {
@@ -64,6 +67,28 @@ impl std::fmt::Debug for Embedded {
 
 impl Embedded {
     pub async fn start(opts: EmbeddedOptions) -> anyhow::Result<Arc<Embedded>> {
+        Embedded::start_with(opts, None).await
+    }
+
+    /// As `start`, with replica `i + 1`'s store on `volumes[i]` (a simulated disk in tests;
+    /// `opts.dir` still holds each replica's snapshot directory).
+    pub async fn start_on(
+        opts: EmbeddedOptions,
+        volumes: Vec<Arc<dyn Volume>>,
+    ) -> anyhow::Result<Arc<Embedded>> {
+        anyhow::ensure!(
+            volumes.len() as u64 == opts.replicas,
+            "{} volumes given for {} replicas",
+            volumes.len(),
+            opts.replicas
+        );
+        Embedded::start_with(opts, Some(volumes)).await
+    }
+
+    async fn start_with(
+        opts: EmbeddedOptions,
+        volumes: Option<Vec<Arc<dyn Volume>>>,
+    ) -> anyhow::Result<Arc<Embedded>> {
         anyhow::ensure!(opts.replicas >= 1, "at least one replica is needed");
         let router = Arc::new(LocalRouter::default());
         let embedded = Arc::new(Embedded {
@@ -72,6 +97,7 @@ impl Embedded {
             opts,
             recovered: tokio::sync::OnceCell::new(),
             readers: ReaderPool::new(DEFAULT_READERS, "xdevice-read")?,
+            volumes,
         });
         let mut fresh = false;
         for id in 1..=embedded.opts.replicas {
@@ -92,11 +118,14 @@ impl Embedded {
     fn location(&self, id: NodeId) -> anyhow::Result<Location> {
         let dir = replica_dir(&self.opts.dir, id);
         std::fs::create_dir_all(&dir)?;
-        let volume = DirVolume::open(&dir, self.opts.backend)?;
-        Ok(Location::Directory {
-            volume: Arc::new(volume) as Arc<dyn Volume>,
-            name: self.opts.format.device_name.clone(),
-        })
+        let volume = match &self.volumes {
+            Some(volumes) => volumes
+                .get((id - 1) as usize)
+                .cloned()
+                .ok_or_else(|| anyhow::anyhow!("no volume for replica {id}"))?,
+            None => Arc::new(DirVolume::open(&dir, self.opts.backend)?) as Arc<dyn Volume>,
+        };
+        Ok(Location::Directory { volume, name: self.opts.format.device_name.clone() })
     }
 
     /// Starts replica `id`; true if its store was formatted just now.

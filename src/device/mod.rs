@@ -216,6 +216,9 @@ pub struct PipelineStats {
     /// Writes waiting for room (the unconfirmed bytes are at their bound).
     #[serde(default)]
     pub parked_writes: usize,
+    /// Proposals handed to the cluster and not yet committed.
+    #[serde(default)]
+    pub inflight_proposals: usize,
 }
 
 /// A replicated block device.
@@ -298,6 +301,7 @@ impl Device {
             pinned_blocks: inner.cache.pinned_blocks(),
             accepted_not_committed: inner.pipe.accepted() - inner.pipe.confirmed(),
             parked_writes: inner.pipe.parked(),
+            inflight_proposals: inner.pipe.inflight(),
         }
     }
 

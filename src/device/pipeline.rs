@@ -170,6 +170,11 @@ impl<W> Pipeline<W> {
         self.queue.len()
     }
 
+    /// Proposals handed to the cluster and not yet committed (at most `max_inflight`).
+    pub fn inflight(&self) -> usize {
+        self.inflight
+    }
+
     /// Writes waiting for room.
     pub fn parked(&self) -> usize {
         self.parked.len()

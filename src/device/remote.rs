@@ -1,8 +1,13 @@
 //! A `Cluster` of replicas in other processes, reached over TCP (`replication::tcp`).
 //!
 //! Requests go to the node that claims leadership with the highest term (asked of every node at
-//! once when none is known). One proposal is in flight at a time, so proposals reach the leader
-//! in order across reconnects; the device merges queued writes into each one.
+//! once when none is known). Proposals are pipelined: `submit` resolves once its `WRITE` is
+//! queued on the leader's connection, whose writer sends frames in queue order, and the node
+//! proposes them in the order they arrive; the answer comes at commit. So up to the device's
+//! `max_inflight_proposals` are in flight at once, in order. A proposal queued but never read by
+//! the leader dies with this process, so a write completes only at commit here too
+//! (`acceptance_outlives_process` is false), as it did when one proposal was in flight and its
+//! answer came at commit.
 //!
 //! A leader that is paused or cut off never answers, and an isolated one does not know it was
 //! replaced, so a request does not simply wait out its timeout: while it is outstanding, the
@@ -102,6 +107,15 @@ impl RemoteCluster {
     {
         let (i, term) = self.leader().await?;
         let call = req(self.nodes[i].clone(), self.timeout);
+        self.until_replaced(i, term, call).await.map(|r| (i, r))
+    }
+
+    /// Awaits `call`, made to node `i` as the leader of `term`; gives up early if another node
+    /// leads in a higher term, and forgets `i` as the leader when the call fails.
+    async fn until_replaced<T, Fut>(&self, i: usize, term: u64, call: Fut) -> Result<T, String>
+    where
+        Fut: std::future::Future<Output = Result<T, String>>,
+    {
         let mut call = std::pin::pin!(call);
         let mut probe = tokio::time::interval_at(tokio::time::Instant::now() + PROBE, PROBE);
         loop {
@@ -110,7 +124,7 @@ impl RemoteCluster {
                     if r.is_err() {
                         self.forget(i);
                     }
-                    return r.map(|r| (i, r));
+                    return r;
                 }
                 _ = probe.tick() => {
                     if let Some((j, t)) = self.claimed_leader(Some(i)).await {
@@ -129,19 +143,29 @@ impl RemoteCluster {
 }
 
 impl Cluster for RemoteCluster {
-    /// The leader is another process: it commits what it accepted whether or not this one
-    /// lives.
+    /// A proposal is accepted once queued on the leader's connection: if this process dies
+    /// before the leader has read it, it is gone, and a FLUSH the kernel reissues to the next
+    /// daemon must not succeed without it.
     fn acceptance_outlives_process(&self) -> bool {
-        true
+        false
     }
 
+    /// Resolves once the `WRITE` is queued for the leader, behind the proposals submitted
+    /// before it; the commit future is the leader's answer, given up early if another node
+    /// leads in a higher term.
     fn submit(self: Arc<Self>, req: Request) -> BoxFuture<Result<Commit, String>> {
         Box::pin(async move {
-            let index =
-                self.on_leader(|node, timeout| async move { node.write(&req, timeout).await });
-            let (_, index) = index.await?;
-            let done: Commit = Box::pin(async move { Ok(index) });
-            Ok(done)
+            let (i, term) = self.leader().await?;
+            let answer = match self.nodes[i].send_write(&req, self.timeout).await {
+                Ok(answer) => answer,
+                Err(e) => {
+                    self.forget(i);
+                    return Err(e);
+                }
+            };
+            let commit: Commit =
+                Box::pin(async move { self.until_replaced(i, term, answer).await });
+            Ok(commit)
         })
     }
 

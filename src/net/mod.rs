@@ -30,4 +30,4 @@ pub mod frame;
 pub mod rpc;
 
 pub use frame::{Frame, FrameError};
-pub use rpc::{ClientOptions, Handler, RpcClient, RpcError, RpcServer};
+pub use rpc::{ClientOptions, Handler, RpcClient, RpcError, RpcServer, SentCall};

@@ -584,10 +584,25 @@ impl NodeClient {
         decode(&bytes, "admin reply")
     }
 
+    /// Proposes `req` and waits for its commit; the entry's log index.
     pub async fn write(&self, req: &Request, timeout: Duration) -> Result<u64, String> {
-        let bytes =
-            self.rpc.call(KIND_WRITE, encode(req)?, timeout).await.map_err(|e| e.to_string())?;
-        decode(&bytes, "write reply")
+        self.send_write(req, timeout).await?.await
+    }
+
+    /// Queues a `WRITE` on the connection, behind those queued before it (the node proposes
+    /// them in the order they arrive), and returns its answer to await: the entry's log index
+    /// once committed. Several can be in flight.
+    pub async fn send_write(
+        &self,
+        req: &Request,
+        timeout: Duration,
+    ) -> Result<BoxFuture<Result<u64, String>>, String> {
+        let sent =
+            self.rpc.send(KIND_WRITE, encode(req)?, timeout).await.map_err(|e| e.to_string())?;
+        Ok(Box::pin(async move {
+            let bytes = sent.answer().await.map_err(|e| e.to_string())?;
+            decode(&bytes, "write reply")
+        }))
     }
 
     /// A linearizable read on the leader.

@@ -145,6 +145,19 @@ impl RpcClient {
         payload: Vec<u8>,
         timeout: Duration,
     ) -> Result<Vec<u8>, RpcError> {
+        self.send(kind, payload, timeout).await?.answer().await
+    }
+
+    /// The first half of `call`: resolves once the request is queued for the connection's
+    /// writer, which writes requests in the order they were queued; `SentCall::answer` waits for
+    /// the reply. So a caller can have several requests in flight and still have them reach the
+    /// peer in its own order. `timeout` bounds both halves together.
+    pub async fn send(
+        &self,
+        kind: u8,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<SentCall, RpcError> {
         if kind >= RESERVED_KINDS {
             return Err(RpcError::Protocol(format!(
                 "kind {kind:#04x} is reserved for the RPC layer"
@@ -161,22 +174,12 @@ impl RpcClient {
         let bytes = encode(self.shared.cluster_id, &request)
             .map_err(|e| RpcError::Protocol(e.to_string()))?;
         let answer = connection.pending.register(request_id)?;
-        let _registered = Registered { pending: &connection.pending, request_id };
-
-        match tokio::time::timeout_at(deadline, connection.tx.send(bytes)).await {
-            Err(_) => return Err(RpcError::Timeout(timeout)),
-            Ok(Err(_)) => return Err(connection.pending.unreachable()),
-            Ok(Ok(())) => {}
+        let sent = SentCall { connection, request_id, answer, deadline, timeout };
+        match tokio::time::timeout_at(deadline, sent.connection.tx.send(bytes)).await {
+            Err(_) => Err(RpcError::Timeout(timeout)),
+            Ok(Err(_)) => Err(sent.connection.pending.unreachable()),
+            Ok(Ok(())) => Ok(sent),
         }
-        let frame = match tokio::time::timeout_at(deadline, answer).await {
-            Err(_) => return Err(RpcError::Timeout(timeout)),
-            Ok(Err(_)) => return Err(connection.pending.unreachable()),
-            Ok(Ok(frame)) => frame,
-        };
-        if frame.is_error() {
-            return Err(RpcError::Remote(String::from_utf8_lossy(&frame.payload).into_owned()));
-        }
-        Ok(frame.payload)
     }
 
     /// The open connection, or the outcome of a connect attempt started (or joined) now.
@@ -452,16 +455,44 @@ impl Pending {
     }
 }
 
-/// Removes a call's pending entry however the call ends, so an abandoned call leaves nothing
-/// behind.
-struct Registered<'a> {
-    pending: &'a Pending,
+/// A request queued on a connection, waiting for its reply. Dropping it abandons the call
+/// without harming the connection, and leaves nothing behind.
+pub struct SentCall {
+    connection: Arc<Connection>,
     request_id: u64,
+    answer: oneshot::Receiver<Frame>,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
 }
 
-impl Drop for Registered<'_> {
+impl SentCall {
+    /// The reply's payload, or why there is none (the peer's error, the deadline, a lost
+    /// connection).
+    pub async fn answer(mut self) -> Result<Vec<u8>, RpcError> {
+        let frame = match tokio::time::timeout_at(self.deadline, &mut self.answer).await {
+            Err(_) => return Err(RpcError::Timeout(self.timeout)),
+            Ok(Err(_)) => return Err(self.connection.pending.unreachable()),
+            Ok(Ok(frame)) => frame,
+        };
+        if frame.is_error() {
+            return Err(RpcError::Remote(String::from_utf8_lossy(&frame.payload).into_owned()));
+        }
+        Ok(frame.payload)
+    }
+}
+
+impl Drop for SentCall {
     fn drop(&mut self) {
-        self.pending.forget(self.request_id);
+        self.connection.pending.forget(self.request_id);
+    }
+}
+
+impl std::fmt::Debug for SentCall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SentCall")
+            .field("connection", &self.connection.id)
+            .field("request_id", &self.request_id)
+            .finish_non_exhaustive()
     }
 }
 

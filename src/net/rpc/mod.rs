@@ -19,7 +19,7 @@ use std::time::Duration;
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::mpsc;
 
-pub use client::{ClientOptions, RpcClient};
+pub use client::{ClientOptions, RpcClient, SentCall};
 pub use server::RpcServer;
 
 /// The RPC protocol version carried in `HELLO` and `HELLO_OK`.

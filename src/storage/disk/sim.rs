@@ -134,28 +134,12 @@ impl Control {
 #[derive(Debug, Default)]
 struct Shared {
     control: Mutex<Control>,
-    /// While true, data syncs wait (a device slow to flush); see `hold_syncs`.
-    held: Mutex<bool>,
-    released: Condvar,
+    /// While true, every data sync waits (a slow disk's flush), without holding `control`.
+    syncs_held: Mutex<bool>,
+    syncs_released: Condvar,
 }
 
 impl Shared {
-    /// Holds back (or releases) data syncs: a sync started while held waits for the release.
-    fn hold_syncs(&self, hold: bool) {
-        *lock(&self.held) = hold;
-        if !hold {
-            self.released.notify_all();
-        }
-    }
-
-    /// Waits while syncs are held.
-    fn wait_released(&self) {
-        let mut held = lock(&self.held);
-        while *held {
-            held = self.released.wait(held).unwrap_or_else(|p| p.into_inner());
-        }
-    }
-
     /// Lets one operation through or fails it. The caller holds the returned guard while the
     /// operation applies, so a crash triggered by another thread cannot land halfway through it.
     fn admit(&self, op: Option<FaultOp>, mutating: bool) -> io::Result<MutexGuard<'_, Control>> {
@@ -193,6 +177,21 @@ impl Shared {
 
     fn inject(&self, op: FaultOp, fault: Fault, after: u64) {
         lock(&self.control).faults.push(ArmedFault { op, fault, remaining: after });
+    }
+
+    fn hold_syncs(&self, held: bool) {
+        *lock(&self.syncs_held) = held;
+        if !held {
+            self.syncs_released.notify_all();
+        }
+    }
+
+    /// Blocks the calling thread while syncs are held.
+    fn wait_syncs_released(&self) {
+        let mut held = lock(&self.syncs_held);
+        while *held {
+            held = self.syncs_released.wait(held).expect("sim sync hold");
+        }
     }
 }
 
@@ -393,10 +392,11 @@ impl SimDisk {
         self.shared.inject(op, fault, after);
     }
 
-    /// Holds back every data sync (`sync_data`, and so `write_and_sync`) until released: the
-    /// sync waits, its writes stay pending. On a disk of a volume this holds the whole volume.
-    pub fn hold_syncs(&self, hold: bool) {
-        self.shared.hold_syncs(hold);
+    /// Holds back (`true`) or lets through (`false`) every `sync_data`: a held sync blocks its
+    /// caller until released, as a slow device's flush does, and then completes normally. On a
+    /// disk of a volume this holds every disk of the volume.
+    pub fn hold_syncs(&self, held: bool) {
+        self.shared.hold_syncs(held);
     }
 
     /// A new, powered disk holding what a power loss now could leave (see `CrashPlan`).
@@ -477,7 +477,7 @@ impl Disk for SimDisk {
     }
 
     fn sync_data(&self) -> io::Result<()> {
-        self.shared.wait_released();
+        self.shared.wait_syncs_released();
         let _gate = self.shared.admit(Some(FaultOp::Sync), true)?;
         lock(&self.state).sync();
         self.syncs.fetch_add(1, Ordering::Relaxed);
@@ -611,14 +611,15 @@ impl SimVolume {
         self.shared.crashed()
     }
 
-    /// Holds back (or releases) every data sync on any of its disks (`SimDisk::hold_syncs`).
-    pub fn hold_syncs(&self, hold: bool) {
-        self.shared.hold_syncs(hold);
-    }
-
     /// Fails the `(after + 1)`-th next operation of kind `op`, on any of its disks, once.
     pub fn inject(&self, op: FaultOp, fault: Fault, after: u64) {
         self.shared.inject(op, fault, after);
+    }
+
+    /// Holds back (`true`) or lets through (`false`) the data syncs of every disk of the volume
+    /// (`SimDisk::hold_syncs`). Directory syncs are not held.
+    pub fn hold_syncs(&self, held: bool) {
+        self.shared.hold_syncs(held);
     }
 
     /// The file currently visible as `name`, bypassing power and fault checks.
@@ -726,26 +727,6 @@ mod tests {
         let mut buf = AlignedBuf::zeroed(len);
         buf.fill(byte);
         buf
-    }
-
-    #[test]
-    fn a_held_sync_waits_for_the_release_and_its_writes_stay_pending() -> io::Result<()> {
-        let volume = SimVolume::new("v");
-        let disk = volume.create("a", BLOCK, true)?;
-        volume.sync()?;
-        disk.write_at(0, &filled(7, IO_ALIGN))?;
-        volume.hold_syncs(true);
-        let syncing = {
-            let disk = disk.clone();
-            std::thread::spawn(move || disk.sync_data())
-        };
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        assert!(!syncing.is_finished(), "the sync did not wait");
-        assert_eq!(volume.clean_image().disk("a").map(|d| d.peek(0, 1)), Some(vec![0]));
-        volume.hold_syncs(false);
-        syncing.join().expect("sync thread")?;
-        assert_eq!(volume.clean_image().disk("a").map(|d| d.peek(0, 1)), Some(vec![7]));
-        Ok(())
     }
 
     fn read(disk: &dyn Disk, offset: u64, len: usize) -> io::Result<Vec<u8>> {
@@ -1006,6 +987,36 @@ mod tests {
         assert!(!image.crashed());
         assert_eq!(read(&*image.open("a")?, 0, IO_ALIGN)?, vec![1; IO_ALIGN]);
         assert_eq!(read(&*image.open("b")?, 0, IO_ALIGN)?, vec![0; IO_ALIGN]);
+        Ok(())
+    }
+
+    #[test]
+    fn held_syncs_wait_for_release_and_keep_data_pending() -> io::Result<()> {
+        let volume = SimVolume::new("v");
+        let disk = volume.create("a", BLOCK, false)?;
+        volume.sync()?;
+        disk.write_at(0, &filled(7, IO_ALIGN))?;
+        volume.hold_syncs(true);
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let syncer = {
+            let disk = Arc::clone(&disk);
+            std::thread::spawn(move || {
+                let result = disk.sync_data();
+                done_tx.send(()).ok();
+                result
+            })
+        };
+        let waited = done_rx.recv_timeout(std::time::Duration::from_millis(100));
+        assert!(waited.is_err(), "a held sync returned before its release");
+        let image = volume.clean_image();
+        assert_eq!(read(&*image.open("a")?, 0, IO_ALIGN)?, vec![0; IO_ALIGN]);
+        volume.hold_syncs(false);
+        done_rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .map_err(|_| io::Error::other("a released sync did not return"))?;
+        syncer.join().map_err(|_| io::Error::other("syncer panicked"))??;
+        let image = volume.clean_image();
+        assert_eq!(read(&*image.open("a")?, 0, IO_ALIGN)?, vec![7; IO_ALIGN]);
         Ok(())
     }
 }
