@@ -171,6 +171,7 @@ pub async fn dispatch(raft: &Raft, inbox: &SnapshotInbox, rpc: RaftRpc) -> RaftR
 #[derive(Clone)]
 pub struct NetworkFactory {
     transport: Arc<dyn Transport>,
+    append_timeout: Duration,
 }
 
 impl std::fmt::Debug for NetworkFactory {
@@ -180,8 +181,10 @@ impl std::fmt::Debug for NetworkFactory {
 }
 
 impl NetworkFactory {
-    pub fn new(transport: Arc<dyn Transport>) -> NetworkFactory {
-        NetworkFactory { transport }
+    /// `append_timeout`: how long an AppendEntries carrying entries may take (see
+    /// `PeerNetwork::append_entries`); openraft gives every RPC one heartbeat interval.
+    pub fn new(transport: Arc<dyn Transport>, append_timeout: Duration) -> NetworkFactory {
+        NetworkFactory { transport, append_timeout }
     }
 }
 
@@ -203,6 +206,7 @@ pub struct PeerNetwork {
     transport: Arc<dyn Transport>,
     /// The newest log id this peer answered it holds (None: unknown, or it conflicted).
     matched: Option<LogId>,
+    append_timeout: Duration,
 }
 
 impl std::fmt::Debug for PeerNetwork {
@@ -214,7 +218,13 @@ impl std::fmt::Debug for PeerNetwork {
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = PeerNetwork;
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerNetwork {
-        PeerNetwork { target, node: node.clone(), transport: self.transport.clone(), matched: None }
+        PeerNetwork {
+            target,
+            node: node.clone(),
+            transport: self.transport.clone(),
+            matched: None,
+            append_timeout: self.append_timeout,
+        }
     }
 }
 
@@ -246,6 +256,27 @@ type RpcResult<T> = Result<T, RPCError<TypeConfig>>;
 impl PeerNetwork {
     async fn call(&self, rpc: RaftRpc, option: &RPCOption) -> Result<RaftReply, TransportError> {
         self.transport.call(self.target, &self.node, rpc, option.hard_ttl()).await
+    }
+
+    /// An AppendEntries carrying entries waits for the follower's durable write of them, which
+    /// under load (4 MiB entries, a busy disk or CPU) takes longer than the heartbeat interval
+    /// openraft allows every RPC. Timed out, the request was not undone: the follower still
+    /// writes it, openraft sends the same entries again after a backoff, and a follower slower
+    /// than one heartbeat per request never catches up (a guest under emulation stalled so).
+    /// Such a request may take up to `append_timeout` (the longest election timeout): a
+    /// follower this slow does not depose the leader meanwhile, as pre-vote needs the other
+    /// voters' leases to have expired too. Heartbeats keep the heartbeat-long limit.
+    async fn call_append(
+        &self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: &RPCOption,
+    ) -> Result<RaftReply, TransportError> {
+        let ttl = if rpc.entries.is_empty() {
+            option.hard_ttl()
+        } else {
+            option.hard_ttl().max(self.append_timeout)
+        };
+        self.transport.call(self.target, &self.node, RaftRpc::Append(rpc), ttl).await
     }
 
     fn lift<E: std::error::Error>(&self, e: TransportError) -> RPCError<TypeConfig, E> {
@@ -367,7 +398,7 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
         let reply = loop {
             let last = rpc.entries.last().map(|e| e.log_id).or(rpc.prev_log_id);
             let entries = rpc.entries.len();
-            match self.call(RaftRpc::Append(rpc.clone()), &option).await {
+            match self.call_append(rpc.clone(), &option).await {
                 // Too many large entries for one message (a follower far behind on 4 MiB
                 // writes): send the share that fits. Refused as an ordinary error instead, the
                 // same batch would be rebuilt and refused for ever.
@@ -564,6 +595,7 @@ mod tests {
             node: BasicNode::new("x"),
             transport: Arc::new(small.clone()),
             matched: None,
+            append_timeout: Duration::from_secs(1),
         };
         let option = RPCOption::new(Duration::from_secs(1));
         // 10 entries in 40 MiB through 16 MiB messages: 4 fit, then 1 (the transport refuses
@@ -633,6 +665,7 @@ mod tests {
             node: BasicNode::new("x"),
             transport: Arc::new(follower.clone()),
             matched: None,
+            append_timeout: Duration::from_secs(1),
         };
         let option = RPCOption::new(Duration::from_secs(1));
         let mut send = async |req| {
@@ -656,5 +689,47 @@ mod tests {
         );
         assert_eq!(*follower.seen.lock().expect("seen"), vec![0, 0, 2, 2, 2]);
         assert_eq!(*follower.holds.lock().expect("holds"), 9);
+    }
+
+    /// Answers every append with success, recording the entries and time limit it was given.
+    #[derive(Default)]
+    struct Timed {
+        seen: Mutex<Vec<(usize, Duration)>>,
+    }
+
+    impl Transport for Arc<Timed> {
+        fn call(
+            &self,
+            _target: NodeId,
+            _node: &BasicNode,
+            rpc: RaftRpc,
+            timeout: Duration,
+        ) -> BoxFuture<Result<RaftReply, TransportError>> {
+            let RaftRpc::Append(req) = rpc else { panic!("not an append") };
+            self.seen.lock().expect("seen").push((req.entries.len(), timeout));
+            Box::pin(async move { Ok(RaftReply::Append(Ok(AppendEntriesResponse::Success))) })
+        }
+    }
+
+    #[tokio::test]
+    async fn an_append_with_entries_gets_the_append_timeout_a_heartbeat_its_own() {
+        let timed = Arc::new(Timed::default());
+        let mut peer = PeerNetwork {
+            target: 2,
+            node: BasicNode::new("x"),
+            transport: Arc::new(timed.clone()),
+            matched: None,
+            append_timeout: Duration::from_millis(3000),
+        };
+        let heartbeat = RPCOption::new(Duration::from_millis(50));
+        for entries in [0, 2] {
+            let reply =
+                RaftNetworkV2::append_entries(&mut peer, append(entries), heartbeat.clone())
+                    .await
+                    .expect("append");
+            assert_eq!(reply, AppendEntriesResponse::Success);
+        }
+        let seen = timed.seen.lock().expect("seen").clone();
+        assert_eq!(seen, vec![(0, Duration::from_millis(50)), (2, Duration::from_millis(3000))]);
     }
 }

@@ -166,7 +166,7 @@ impl Node {
         let engine = replica.engine.clone();
         let commits = replica.log.commits();
         let inbox = SnapshotInbox::new(replica.sm.clone());
-        let network = NetworkFactory::new(transport);
+        let network = NetworkFactory::new(transport, tuning.election_max);
         let raft = Raft::new(id, config, network, replica.log, replica.sm).await?;
         let monitor = tokio::spawn(snapshot_monitor(raft.clone(), engine.clone(), tuning.clone()));
         let proposer = Proposer::new(raft.clone(), commits);
