@@ -48,7 +48,8 @@
 //! `XDEVICE_BENCH_DIR` (a tmpfs directory for the backing data; default `/dev/shm`),
 //! `XDEVICE_BENCH_MODE` (xdevice's `--mode`; default `writeback`), `XDEVICE_BENCH_TARGETS` (for
 //! diagnosis: a comma-separated subset of `xdevice,xdevice-3,rublk,loop`), `XDEVICE_RUBLK` (the rublk
-//! binary; default the guest cache's, then `PATH`).
+//! binary; default the guest cache's, then `PATH`), `XDEVICE_GUEST_MEM` (the guest's memory,
+//! half of it its `/dev/shm`; default 8G).
 
 #[path = "common/mod.rs"]
 mod common;
@@ -65,6 +66,8 @@ use serde_json::{json, Value};
 use common::{Histogram, Machine, Report};
 use served::{output, Kind, Served};
 
+/// The guest's memory when none is given: room on its /dev/shm for the largest target's stores.
+const GUEST_MEM: &str = "8G";
 const BENCH: &str = "ublk-device";
 const GOAL: f64 = 0.8;
 /// Set in the run inside the guest (or natively): run the rounds, do not re-execute.
@@ -243,9 +246,14 @@ fn relay_through_guest() -> Result<()> {
         kernel.trim(),
         exe.display()
     );
+    // The guest's /dev/shm is half its memory, and the embedded three's stores alone (each an
+    // image and up to nine filled 64 MiB WAL segments) take about 2.5 GiB of it: with the
+    // guest's default 4 GiB they ran out of room mid-run.
+    let mem = std::env::var("XDEVICE_GUEST_MEM").unwrap_or_else(|_| GUEST_MEM.to_string());
     let status = Command::new(root.join("ublk/guest/test-e2e"))
         .arg("--rublk")
         .arg(&exe)
+        .env("XDEVICE_GUEST_MEM", mem)
         .env(INNER_ENV, "1")
         .env(OUT_ENV, out.path())
         .env("XDEVICE_GUEST_OUT", out.path())
