@@ -26,10 +26,12 @@ const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const SERVER_MAX: usize = 64 * 1024;
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Echoes, fails, or answers late depending on the kind; counts the requests it saw.
+/// Echoes, fails, or answers late depending on the kind; counts the requests it saw, and keeps
+/// the payloads of `ECHO_LATER` requests in the order it was called with them.
 #[derive(Default)]
 struct TestHandler {
     requests: AtomicUsize,
+    called: std::sync::Mutex<Vec<Vec<u8>>>,
 }
 
 impl Handler for TestHandler {
@@ -39,6 +41,9 @@ impl Handler for TestHandler {
         payload: Vec<u8>,
     ) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send>> {
         self.requests.fetch_add(1, Ordering::SeqCst);
+        if kind == ECHO_LATER {
+            self.called.lock().unwrap().push(payload.clone());
+        }
         Box::pin(async move {
             match kind {
                 ECHO => Ok(payload),
@@ -147,6 +152,24 @@ async fn a_thousand_pipelined_calls_get_their_own_answers() {
     assert_eq!(handler.requests.load(Ordering::SeqCst), 1000);
     // Each request takes 5 ms in the handler: serially that is 5 s.
     assert!(started.elapsed() < Duration::from_secs(3), "not pipelined: {:?}", started.elapsed());
+}
+
+/// Requests sent one after another on a connection (`send`, without waiting for answers) reach
+/// the handler in that order, as a node relies on to propose pipelined WRITEs in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pipelined_requests_reach_the_handler_in_the_order_sent() {
+    let (server, handler) = serve(cluster_a()).await;
+    let client = client(&server, cluster_a());
+    let mut answers = Vec::new();
+    for call in 0..500 {
+        answers.push(client.send(ECHO_LATER, payload_of(call), CALL_TIMEOUT).await.unwrap());
+    }
+    for (call, answer) in answers.into_iter().enumerate() {
+        assert_eq!(answer.answer().await.unwrap(), payload_of(call));
+    }
+    let called = handler.called.lock().unwrap().clone();
+    let sent: Vec<Vec<u8>> = (0..500).map(payload_of).collect();
+    assert!(called == sent, "the handler was called out of order");
 }
 
 #[tokio::test]

@@ -48,9 +48,10 @@ pub trait Cluster: Send + Sync + 'static {
     /// future of its commit; an error means it was not accepted.
     fn submit(self: Arc<Self>, req: Request) -> BoxFuture<Result<Commit, String>>;
     /// Whether a proposal the leader has accepted (not yet committed) still commits if this
-    /// process dies. False when every replica lives in this process: then a writeback write
-    /// completes only once committed, or a daemon crash would lose completed writes and a FLUSH
-    /// the kernel reissues to the next daemon would succeed without them.
+    /// process dies. When false (every replica in this process; or a remote leader, where a
+    /// proposal counts as accepted once queued on the connection), a writeback write completes
+    /// only once committed, or a daemon crash would lose completed writes and a FLUSH the kernel
+    /// reissues to the next daemon would succeed without them.
     fn acceptance_outlives_process(&self) -> bool;
     /// Reads `blocks` blocks at `lba` from a replica that has applied at least log index
     /// `applied_at_least` (the newest commit this device has confirmed; blocks of writes not

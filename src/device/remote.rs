@@ -9,6 +9,12 @@
 //! (`acceptance_outlives_process` is false), as it did when one proposal was in flight and its
 //! answer came at commit.
 //!
+//! Order across a reconnect to the same leader is not guaranteed: WRITEs the leader read from a
+//! dropped connection may still be proposed after the ones resent on the new connection. A
+//! later write to the same block resent before such a late copy would then be overwritten by
+//! it. (Before pipelining the same held for the one proposal in flight.) Closing that needs a
+//! per-client sequence on WRITE that the node checks; not done yet.
+//!
 //! A leader that is paused or cut off never answers, and an isolated one does not know it was
 //! replaced, so a request does not simply wait out its timeout: while it is outstanding, the
 //! other nodes are asked every `PROBE` whether one of them now leads in a higher term, and if so

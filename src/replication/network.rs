@@ -193,10 +193,11 @@ impl NetworkFactory {
 const PROBE_ABOVE_BYTES: usize = 1 << 20;
 
 /// The most entry bytes one AppendEntries carries when it has more than one entry: one of the
-/// device's largest proposals. openraft gives every AppendEntries the heartbeat interval to
-/// complete (0.10 as 0.9: the interval is the RPC's TTL), and a follower answers only once the
-/// entries are durable, so a request must be small enough to transfer and sync within it; three
-/// 4 MiB entries at once timed out at 30 ms on every retry, and the follower never caught up.
+/// device's largest proposals. openraft gives every RPC the heartbeat interval to complete, and
+/// a follower answers only once the entries are durable: three 4 MiB entries at once timed out
+/// at 30 ms on every retry, and the follower never caught up. A request carrying entries now
+/// gets up to the election timeout (`PeerNetwork::call_append`); the bound still keeps each
+/// request's memory and the cost of a retry small.
 const APPEND_BUDGET_BYTES: usize = 4 << 20;
 
 /// The link to one peer.

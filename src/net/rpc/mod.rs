@@ -39,8 +39,10 @@ const MAX_ERROR_MESSAGE_BYTES: usize = 4096;
 /// Bytes buffered by the write loop before it must flush.
 const WRITE_BUFFER_BYTES: usize = 64 * 1024;
 
-/// Serves requests. Called once per request, concurrently; the returned `Err` text reaches the
-/// caller as `RpcError::Remote`.
+/// Serves requests. Called once per request, on the connection's reader, in the order the
+/// requests arrived on that connection (so a handler can queue work in the caller's order); the
+/// returned futures run concurrently. The returned `Err` text reaches the caller as
+/// `RpcError::Remote`. `call` itself must not block.
 pub trait Handler: Send + Sync + 'static {
     fn call(
         &self,

@@ -167,10 +167,13 @@ async fn read_requests(
             return tracing::warn!(%peer, problem, "closing connection: protocol violation");
         }
         let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
+        // The handler is called here, in frame order (a node queues WRITEs in the order this
+        // makes), and only its future runs in a task of its own.
+        let started = start(&config, frame);
         let config = config.clone();
         let tx = tx.clone();
         requests.spawn(async move {
-            if let Some(answer) = answer(&config, frame).await {
+            if let Some(answer) = answer(&config, started).await {
                 let _ = tx.send(answer).await;
             }
             drop(permit);
@@ -246,17 +249,32 @@ async fn send_reject(tx: &mpsc::Sender<Vec<u8>>, cluster_id: Uuid, reason: &str)
     }
 }
 
-/// Runs the handler for one request and encodes its answer. A handler that panics or returns more
+/// A request whose handler has been called: its future (`None` if the call itself panicked).
+struct Started {
+    kind: u8,
+    request_id: u64,
+    call: Option<HandlerFuture>,
+}
+
+/// Calls the handler for one request, on the connection's reader, so calls happen in the order
+/// the requests arrived.
+fn start(config: &Config, request: Frame) -> Started {
+    let Frame { kind, request_id, payload, .. } = request;
+    let call =
+        std::panic::catch_unwind(AssertUnwindSafe(|| config.handler.call(kind, payload))).ok();
+    Started { kind, request_id, call }
+}
+
+/// Runs a started request's future and encodes its answer. A handler that panics or returns more
 /// than `max_payload` bytes produces an error response instead.
 ///
-/// The handler runs inside the request's own task (not a task of its own): one task hand-off less
+/// The future runs inside the request's own task (not a task of its own): one task hand-off less
 /// per request, and it is cancelled with the connection because the request tasks are.
-async fn answer(config: &Config, request: Frame) -> Option<Vec<u8>> {
-    let Frame { kind, request_id, payload, .. } = request;
-    let call = std::panic::catch_unwind(AssertUnwindSafe(|| config.handler.call(kind, payload)));
+async fn answer(config: &Config, started: Started) -> Option<Vec<u8>> {
+    let Started { kind, request_id, call } = started;
     let outcome = match call {
-        Ok(future) => CatchUnwind(future).await,
-        Err(_) => Err(()),
+        Some(future) => CatchUnwind(future).await,
+        None => Err(()),
     };
     let response = match outcome {
         Ok(Ok(result)) if result.len() <= config.max_payload => {
