@@ -169,7 +169,7 @@ async fn read_requests(
         let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
         // The handler is called here, in frame order (a node queues WRITEs in the order this
         // makes), and only its future runs in a task of its own.
-        let started = start(&config, frame);
+        let started = start(config, frame);
         let config = config.clone();
         let tx = tx.clone();
         requests.spawn(async move {
