@@ -9,11 +9,10 @@
 //! (`acceptance_outlives_process` is false), as it did when one proposal was in flight and its
 //! answer came at commit.
 //!
-//! Order across a reconnect to the same leader is not guaranteed: WRITEs the leader read from a
-//! dropped connection may still be proposed after the ones resent on the new connection. A
-//! later write to the same block resent before such a late copy would then be overwritten by
-//! it. (Before pipelining the same held for the one proposal in flight.) Closing that needs a
-//! per-client sequence on WRITE that the node checks; not done yet.
+//! Order holds across a reconnect to the same leader too: each WRITE carries this client's id
+//! and a sequence taken in submit order, and the node refuses one not after the newest it
+//! proposed for the client, so a copy it reads late from a dropped connection, behind the
+//! client's resent WRITEs, is not proposed after them (its content was resent already).
 //!
 //! A leader that is paused or cut off never answers, and an isolated one does not know it was
 //! replaced, so a request does not simply wait out its timeout: while it is outstanding, the
@@ -28,6 +27,7 @@
 //! leader's checksum table promises. No node with a good copy: the read fails, naming the block.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -49,6 +49,9 @@ pub struct RemoteCluster {
     /// The node believed to lead, and its term.
     leader: Mutex<Option<(usize, u64)>>,
     timeout: Duration,
+    /// This client's id and the next proposal's sequence (`NodeClient::send_write`).
+    client: uuid::Uuid,
+    next_seq: AtomicU64,
 }
 
 impl RemoteCluster {
@@ -60,7 +63,14 @@ impl RemoteCluster {
         timeout: Duration,
     ) -> Arc<RemoteCluster> {
         let nodes = addrs.iter().map(|a| NodeClient::new(*a, bind, cluster_id)).collect();
-        Arc::new(RemoteCluster { addrs: addrs.to_vec(), nodes, leader: Mutex::new(None), timeout })
+        Arc::new(RemoteCluster {
+            addrs: addrs.to_vec(),
+            nodes,
+            leader: Mutex::new(None),
+            timeout,
+            client: uuid::Uuid::new_v4(),
+            next_seq: AtomicU64::new(1),
+        })
     }
 
     fn cached(&self) -> Option<(usize, u64)> {
@@ -160,9 +170,12 @@ impl Cluster for RemoteCluster {
     /// before it; the commit future is the leader's answer, given up early if another node
     /// leads in a higher term.
     fn submit(self: Arc<Self>, req: Request) -> BoxFuture<Result<Commit, String>> {
+        // Taken before anything waits: the device calls submit in its order.
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         Box::pin(async move {
             let (i, term) = self.leader().await?;
-            let answer = match self.nodes[i].send_write(&req, self.timeout).await {
+            let origin = Some((self.client, seq));
+            let answer = match self.nodes[i].send_write(origin, &req, self.timeout).await {
                 Ok(answer) => answer,
                 Err(e) => {
                     self.forget(i);

@@ -213,6 +213,51 @@ fn decode<'a, T: Deserialize<'a>>(b: &'a [u8], what: &str) -> Result<T, String> 
 /// committed index.
 type Proposal = (Request, oneshot::Sender<Result<BoxFuture<Result<u64, String>>, String>>);
 
+/// A `WRITE` on the wire: the proposal, and for a client that pipelines (`RemoteCluster`) its id
+/// and this proposal's place in its order.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct WriteRequest {
+    pub origin: Option<(uuid::Uuid, u64)>,
+    pub req: Request,
+}
+
+/// Clients whose order is tracked at once; past this the one heard from longest ago is
+/// forgotten.
+const MAX_ORDERED_CLIENTS: usize = 1024;
+
+/// The newest `WRITE` sequence this node proposed for each pipelining client. Requests on one
+/// connection reach the handler in frame order, but after a reconnect a copy the node still
+/// reads from the dropped connection could come after the client's newer WRITEs on the new one;
+/// such a copy (a sequence not after the newest proposed) is refused, not proposed: the client
+/// gave up on it and sent its content again under a newer sequence.
+#[derive(Debug, Default)]
+struct ClientOrder {
+    newest: HashMap<uuid::Uuid, (u64, u64)>,
+    /// Counts admissions, to find the client heard from longest ago.
+    clock: u64,
+}
+
+impl ClientOrder {
+    fn admit(&mut self, client: uuid::Uuid, seq: u64) -> Result<(), String> {
+        if let Some(&(newest, _)) = self.newest.get(&client) {
+            if seq <= newest {
+                return Err(format!(
+                    "stale WRITE: sequence {seq} of client {client} is not after {newest}, \
+                     already proposed"
+                ));
+            }
+        } else if self.newest.len() >= MAX_ORDERED_CLIENTS {
+            let oldest = self.newest.iter().min_by_key(|(_, (_, at))| *at).map(|(c, _)| *c);
+            if let Some(oldest) = oldest {
+                self.newest.remove(&oldest);
+            }
+        }
+        self.clock += 1;
+        self.newest.insert(client, (seq, self.clock));
+        Ok(())
+    }
+}
+
 /// Serves one replica's RPCs.
 pub struct NodeService {
     id: NodeId,
@@ -221,6 +266,8 @@ pub struct NodeService {
     receiving: Arc<ReceiveProgress>,
     inbox: Arc<SnapshotInbox>,
     proposals: mpsc::UnboundedSender<Proposal>,
+    /// Held while a WRITE is checked and queued, so the check and the queue order agree.
+    order: Mutex<ClientOrder>,
 }
 
 impl std::fmt::Debug for NodeService {
@@ -246,7 +293,15 @@ impl NodeService {
     ) -> Arc<NodeService> {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(propose_in_order(raft.clone(), proposer, rx));
-        Arc::new(NodeService { id, raft, engine, receiving, inbox, proposals: tx })
+        Arc::new(NodeService {
+            id,
+            raft,
+            engine,
+            receiving,
+            inbox,
+            proposals: tx,
+            order: Mutex::new(ClientOrder::default()),
+        })
     }
 
     fn status(&self) -> NodeStatus {
@@ -362,19 +417,26 @@ impl Handler for NodeService {
                 })
             }
             KIND_WRITE => {
-                // Queued here, in frame order, before the answer is awaited. A request too large
-                // for one WAL record is refused here: appended, it would fail every replica's
-                // log store, which openraft treats as fatal.
+                // Queued here, in frame order, before the answer is awaited; a pipelining
+                // client's copy that comes after its newer WRITEs is refused (`ClientOrder`). A
+                // request too large for one WAL record is refused here: appended, it would fail
+                // every replica's log store, which openraft treats as fatal.
                 let limit = self.engine.wal().max_record_bytes();
-                let queued = decode::<Request>(&payload, "write").and_then(|req| {
+                let queued = decode::<WriteRequest>(&payload, "write").and_then(|w| {
+                    let WriteRequest { origin, req } = w;
                     if req.payload_len() > limit {
                         return Err(format!(
                             "a proposal of {} bytes exceeds the {limit}-byte entry limit",
                             req.payload_len()
                         ));
                     }
+                    let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some((client, seq)) = origin {
+                        order.admit(client, seq)?;
+                    }
                     let (tx, rx) = oneshot::channel();
                     let _ = self.proposals.send((req, tx));
+                    drop(order);
                     Ok(rx)
                 });
                 Box::pin(async move {
@@ -586,19 +648,28 @@ impl NodeClient {
 
     /// Proposes `req` and waits for its commit; the entry's log index.
     pub async fn write(&self, req: &Request, timeout: Duration) -> Result<u64, String> {
-        self.send_write(req, timeout).await?.await
+        self.send_write(None, req, timeout).await?.await
     }
 
     /// Queues a `WRITE` on the connection, behind those queued before it (the node proposes
     /// them in the order they arrive), and returns its answer to await: the entry's log index
-    /// once committed. Several can be in flight.
+    /// once committed. Several can be in flight. `origin`: this client's id and the proposal's
+    /// sequence, increasing in the client's order; the node refuses one that is not after the
+    /// newest it proposed for the client (a late copy from a dropped connection).
     pub async fn send_write(
         &self,
+        origin: Option<(uuid::Uuid, u64)>,
         req: &Request,
         timeout: Duration,
     ) -> Result<BoxFuture<Result<u64, String>>, String> {
-        let sent =
-            self.rpc.send(KIND_WRITE, encode(req)?, timeout).await.map_err(|e| e.to_string())?;
+        // Encoded by hand around the borrowed request (`WriteRequest` owns its request).
+        #[derive(Serialize)]
+        struct Borrowed<'a> {
+            origin: Option<(uuid::Uuid, u64)>,
+            req: &'a Request,
+        }
+        let payload = encode(&Borrowed { origin, req })?;
+        let sent = self.rpc.send(KIND_WRITE, payload, timeout).await.map_err(|e| e.to_string())?;
         Ok(Box::pin(async move {
             let bytes = sent.answer().await.map_err(|e| e.to_string())?;
             decode(&bytes, "write reply")
@@ -639,5 +710,40 @@ impl NodeClient {
         let bytes =
             self.rpc.call(KIND_REPAIR, encode(req)?, timeout).await.map_err(|e| e.to_string())?;
         decode(&bytes, "repair reply")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_clients_writes_are_admitted_only_in_increasing_order() {
+        let (a, b) = (uuid::Uuid::from_u128(1), uuid::Uuid::from_u128(2));
+        let mut order = ClientOrder::default();
+        order.admit(a, 1).unwrap();
+        order.admit(a, 2).unwrap();
+        // Resent after a reconnect under newer sequences; then the old connection's late copy.
+        order.admit(a, 5).unwrap();
+        let late = order.admit(a, 3).unwrap_err();
+        assert!(late.contains("stale WRITE") && late.contains("sequence 3"), "{late}");
+        assert!(order.admit(a, 5).is_err(), "the same sequence twice");
+        // Another client has its own order.
+        order.admit(b, 1).unwrap();
+        order.admit(a, 6).unwrap();
+    }
+
+    #[test]
+    fn the_client_heard_from_longest_ago_is_forgotten_past_the_limit() {
+        let mut order = ClientOrder::default();
+        for c in 0..MAX_ORDERED_CLIENTS as u128 {
+            order.admit(uuid::Uuid::from_u128(c), 10).unwrap();
+        }
+        // Client 0 writes again, so client 1 is now the one heard from longest ago.
+        order.admit(uuid::Uuid::from_u128(0), 11).unwrap();
+        order.admit(uuid::Uuid::from_u128(u128::MAX), 1).unwrap();
+        assert_eq!(order.newest.len(), MAX_ORDERED_CLIENTS);
+        assert!(!order.newest.contains_key(&uuid::Uuid::from_u128(1)));
+        assert!(order.admit(uuid::Uuid::from_u128(0), 11).is_err(), "client 0 still tracked");
     }
 }
