@@ -159,14 +159,10 @@ fn main() -> Result<()> {
         for i in 0..phases.len() {
             match phases[(i + round) % phases.len()] {
                 Phase::Fio { prewritten } => {
-                    // Kept until the end, so no deletion (a discard) lands in a measured phase.
-                    let variant = if prewritten { "pre" } else { "fresh" };
-                    let dir = scratch.path().join(format!("fio-{variant}-r{round}"));
-                    std::fs::create_dir_all(&dir)
-                        .with_context(|| format!("create {}", dir.display()))?;
-                    let run = common::run_fio(&common::fio_append_args(&dir, seconds, prewritten))?;
                     let side = if prewritten { &mut fio_pre } else { &mut fio };
-                    let (p50, _) = side.add(&run)?;
+                    let (p50, _) =
+                        common::fio_phase(side, scratch.path(), round, seconds, prewritten)?;
+                    let variant = if prewritten { "pre" } else { "fresh" };
                     line += &format!(" fio-{variant} p50 {p50:.0}us;");
                 }
                 Phase::Direct => {
@@ -219,14 +215,7 @@ fn main() -> Result<()> {
         ("xdevice write+flush, 1 replica", &mut x1, ratio_one),
         ("xdevice write+flush, 3 replicas", &mut x3, ratio),
     ] {
-        rows.push(vec![
-            name.to_string(),
-            side.samples.len().to_string(),
-            common::us(side.p50()),
-            common::us(side.p99()),
-            common::us(side.samples.mean_us()),
-            format!("{r:.2}"),
-        ]);
+        rows.push(side.row(name, format!("{r:.2}")));
     }
     common::print_table(&["", "samples", "p50", "p99", "mean", "÷ reference"], &rows);
     println!(

@@ -184,15 +184,9 @@ fn main() -> Result<()> {
             let phase = phases[(i + round) % phases.len()];
             match phase {
                 Phase::Fio { prewritten } => {
-                    // Kept until the end: this file system may be mounted with `discard`, and
-                    // deleting fio's 2 GiB file mid-run slowed the phases after it.
-                    let variant = if prewritten { "pre" } else { "fresh" };
-                    let dir = scratch.path().join(format!("fio-{variant}-r{round}"));
-                    std::fs::create_dir_all(&dir)
-                        .with_context(|| format!("create {}", dir.display()))?;
-                    let run = common::run_fio(&common::fio_append_args(&dir, seconds, prewritten))?;
                     let side = if prewritten { &mut fio_pre } else { &mut fio };
-                    let (p50, iops) = side.add(&run)?;
+                    let (p50, iops) =
+                        common::fio_phase(side, scratch.path(), round, seconds, prewritten)?;
                     let name = if prewritten { "fio-prewritten" } else { "fio" };
                     line += &format!(" {name} p50 {p50:.0}us ({iops:.0}/s);");
                 }
@@ -269,14 +263,7 @@ fn main() -> Result<()> {
         ("TCP round trip 8 KiB/64 B", &mut tcp),
         ("xdevice RPC round trip", &mut rpc),
     ] {
-        rows.push(vec![
-            name.to_string(),
-            side.samples.len().to_string(),
-            common::us(side.p50()),
-            common::us(side.p99()),
-            common::us(side.samples.mean_us()),
-            "".into(),
-        ]);
+        rows.push(side.row(name, String::new()));
     }
     rows.push(vec![
         "reference: fio + TCP".into(),
@@ -286,14 +273,7 @@ fn main() -> Result<()> {
         common::us(fio.mean() + tcp.samples.mean_us()),
         "1.00".into(),
     ]);
-    rows.push(vec![
-        "xdevice write+flush, 3 nodes".into(),
-        xdev.samples.len().to_string(),
-        common::us(x_p50),
-        common::us(x_p99),
-        common::us(xdev.samples.mean_us()),
-        format!("{ratio:.2} (p99 {ratio_p99:.2})"),
-    ]);
+    rows.push(xdev.row("xdevice write+flush, 3 nodes", format!("{ratio:.2} (p99 {ratio_p99:.2})")));
     common::print_table(&["", "samples", "p50", "p99", "mean", "÷ reference"], &rows);
     println!(
         "p50 ratio {ratio:.3} (goal ≤ {GOAL}: {}); p99 ratio {ratio_p99:.3}; with the \

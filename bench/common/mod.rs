@@ -412,6 +412,23 @@ pub fn random_payloads(count: usize, bytes: usize, seed: u64) -> Vec<bytes::Byte
         .collect()
 }
 
+/// One round's fio reference phase (`fio_append_args`) in a directory of its own under
+/// `scratch`, pooled into `side`; its p50 (write + fdatasync) and fdatasyncs per second. The
+/// directory is kept until the scratch directory goes: this file system may be mounted with
+/// `discard`, and deleting fio's file mid-run slowed the phases after it.
+pub fn fio_phase(
+    side: &mut FioSide,
+    scratch: &Path,
+    round: usize,
+    seconds: f64,
+    prewritten: bool,
+) -> Result<(f64, f64)> {
+    let variant = if prewritten { "pre" } else { "fresh" };
+    let dir = scratch.join(format!("fio-{variant}-r{round}"));
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    side.add(&run_fio(&fio_append_args(&dir, seconds, prewritten))?)
+}
+
 /// A disk reference shaped like a WAL commit: `samples` timed { `pwrite` of one payload with
 /// O_DIRECT at the next offset; `fdatasync` } after `warmup` untimed pairs, on a new file of
 /// exactly that many payloads. `prewritten`: the file is written in full and synced first (as a
@@ -566,6 +583,17 @@ impl LatencySide {
     }
     pub fn p99(&mut self) -> f64 {
         self.samples.quantile_us(0.99)
+    }
+    /// A table row: name, samples, p50, p99, mean (µs), then `last`.
+    pub fn row(&mut self, name: &str, last: String) -> Vec<String> {
+        vec![
+            name.to_string(),
+            self.samples.len().to_string(),
+            us(self.p50()),
+            us(self.p99()),
+            us(self.samples.mean_us()),
+            last,
+        ]
     }
     pub fn summary(&mut self) -> Value {
         json!({
