@@ -16,7 +16,7 @@ use std::time::Duration;
 use rand::{Rng, SeedableRng};
 use xdevice::device::local::Embedded;
 use xdevice::device::{
-    BoxFuture, CacheMode, Cluster, Commit, Device, DeviceConfig, DeviceError, ReadOutcome,
+    BoxFuture, CacheMode, Cluster, Device, DeviceConfig, DeviceError, OnCommit, ReadOutcome,
 };
 use xdevice::entry::BlockOp;
 use xdevice::replication::types::Request;
@@ -175,9 +175,9 @@ impl GatedCluster {
 }
 
 impl Cluster for GatedCluster {
-    fn submit(self: Arc<Self>, req: Request) -> BoxFuture<Result<Commit, String>> {
+    fn submit(self: Arc<Self>, req: Request, on_commit: OnCommit) -> BoxFuture<Result<(), String>> {
         Box::pin(async move {
-            let commit: Commit = Box::pin(async move {
+            let commit = async move {
                 loop {
                     let released = self.released.notified();
                     if self.open.load(Ordering::SeqCst) {
@@ -202,8 +202,9 @@ impl Cluster for GatedCluster {
                     }
                 }
                 Ok(self.index.fetch_add(1, Ordering::SeqCst) + 1)
-            });
-            Ok(commit)
+            };
+            tokio::spawn(async move { on_commit(commit.await) });
+            Ok(())
         })
     }
 

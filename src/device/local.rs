@@ -9,7 +9,8 @@ use std::time::Duration;
 use openraft::ServerState;
 
 use super::readers::{ReaderPool, DEFAULT_READERS};
-use super::{BoxFuture, Cluster, Commit, ReadOutcome};
+use super::{BoxFuture, Cluster, ReadOutcome};
+use crate::replication::commits::OnCommit;
 use crate::replication::network::{LocalRouter, LocalTransport, Transport};
 use crate::replication::node::{applied_index, Node, RaftTuning};
 use crate::replication::open_replica;
@@ -57,6 +58,8 @@ pub struct Embedded {
     /// Each replica's store, when the caller chose them (`start_on`); otherwise a directory
     /// per replica under `opts.dir`.
     volumes: Option<Vec<Arc<dyn Volume>>>,
+    /// Wakes `leadership_watch`: a proposal was handed to a leader.
+    proposed: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for Embedded {
@@ -98,7 +101,9 @@ impl Embedded {
             recovered: tokio::sync::OnceCell::new(),
             readers: ReaderPool::new(DEFAULT_READERS, "xdevice-read")?,
             volumes,
+            proposed: Arc::new(tokio::sync::Notify::new()),
         });
+        tokio::spawn(leadership_watch(Arc::downgrade(&embedded), embedded.proposed.clone()));
         let mut fresh = false;
         for id in 1..=embedded.opts.replicas {
             fresh |= embedded.start_replica(id).await?;
@@ -183,11 +188,6 @@ impl Embedded {
             .map(|(_, n)| n)
     }
 
-    /// True while `id` is the leader with the highest term.
-    fn still_leads(&self, id: NodeId) -> bool {
-        self.leader().is_some_and(|l| l.id == id)
-    }
-
     /// Waits up to `within` for a leader.
     pub async fn wait_leader(&self, within: Duration) -> anyhow::Result<Arc<Node>> {
         let deadline = tokio::time::Instant::now() + within;
@@ -217,35 +217,57 @@ impl Embedded {
     }
 }
 
+impl Drop for Embedded {
+    fn drop(&mut self) {
+        // Lets `leadership_watch` see that the cluster is gone.
+        self.proposed.notify_one();
+    }
+}
+
+/// An isolated or paused leader never hears that it was replaced, so its proposals would wait
+/// until the device's I/O timeout: while any replica holds proposals awaiting commit, this
+/// checks every 10 ms that it is still the leader with the highest term, and fails them as soon
+/// as it is not (the device sends them again to the new leader). One task per cluster, asleep
+/// while nothing is proposed; it ends with the cluster.
+async fn leadership_watch(cluster: std::sync::Weak<Embedded>, proposed: Arc<tokio::sync::Notify>) {
+    loop {
+        let watched = {
+            let Some(cluster) = cluster.upgrade() else { return };
+            let holding: Vec<Arc<Node>> =
+                cluster.running().into_iter().filter(|n| !n.proposer.is_idle()).collect();
+            if !holding.is_empty() {
+                let leader = cluster.leader().map(|l| l.id);
+                for node in holding.iter().filter(|n| Some(n.id) != leader) {
+                    node.proposer.abandon(&format!("node {} lost the leadership", node.id));
+                }
+            }
+            !holding.is_empty()
+        };
+        if watched {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        } else {
+            proposed.notified().await;
+        }
+    }
+}
+
 impl Cluster for Embedded {
     /// Every replica is in this process: what the leader accepted dies with it.
     fn acceptance_outlives_process(&self) -> bool {
         false
     }
 
-    /// The proposal's future resolves at commit (a majority of the replicas hold it durably,
-    /// the leader counted after its own flush), through the leader's `CommitWatch`; it does not
-    /// wait for the entry to be applied.
-    fn submit(self: Arc<Self>, req: Request) -> BoxFuture<Result<Commit, String>> {
+    /// `on_commit` runs at commit (a majority of the replicas hold it durably, the leader
+    /// counted after its own flush), on the leader's openraft core task through its
+    /// `CommitWatch`; it does not wait for the entry to be applied. If the leader is deposed
+    /// first, `leadership_watch` fails it.
+    fn submit(self: Arc<Self>, req: Request, on_commit: OnCommit) -> BoxFuture<Result<(), String>> {
         let leader = self.leader();
         Box::pin(async move {
             let node = leader.ok_or_else(|| "no leader".to_string())?;
-            let mut committed = node.proposer.propose(req).await?;
-            let commit: Commit = Box::pin(async move {
-                loop {
-                    tokio::select! {
-                        c = &mut committed => return c,
-                        // An isolated leader never hears that it was replaced: give up on it
-                        // as soon as another replica leads with a higher term.
-                        _ = tokio::time::sleep(Duration::from_millis(10)) => {
-                            if !self.still_leads(node.id) {
-                                return Err(format!("node {} lost the leadership", node.id));
-                            }
-                        }
-                    }
-                }
-            });
-            Ok(commit)
+            node.proposer.propose_then(req, on_commit).await?;
+            self.proposed.notify_one();
+            Ok(())
         })
     }
 

@@ -29,24 +29,28 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::Notify;
+use futures_util::FutureExt;
 
 use crate::cache::{CacheStats, HotCache, Lookup};
 use crate::entry::BlockOp;
 use crate::replication::types::Request;
 use pipeline::{Limits, Need, Pipeline, Ready};
 
+pub use crate::replication::commits::OnCommit;
 pub use crate::replication::network::BoxFuture;
-
-/// Resolves when a submitted proposal is committed (held durably by a majority; not
-/// necessarily applied yet), to its log index.
-pub type Commit = BoxFuture<Result<u64, String>>;
 
 /// What the device needs from a cluster.
 pub trait Cluster: Send + Sync + 'static {
-    /// Hands `req` to the leader, in call order. Resolves once the leader has accepted it, to a
-    /// future of its commit; an error means it was not accepted.
-    fn submit(self: Arc<Self>, req: Request) -> BoxFuture<Result<Commit, String>>;
+    /// Hands `req` to the leader, in call order: the device calls it again only once the
+    /// future it returned has resolved. Resolves once the leader has accepted it; `on_commit`
+    /// then runs once, with its log index when it is committed (held durably by a majority; not
+    /// necessarily applied yet) or with why it will not be, from whichever thread learns it.
+    /// An error means it was not accepted, and `on_commit` never runs.
+    ///
+    /// The device polls the future once on the submitting thread (a ublk queue thread, inside
+    /// the device's runtime context) and awaits it in a task only if that poll did not finish:
+    /// a cluster that can hand a proposal over without waiting should do so on the first poll.
+    fn submit(self: Arc<Self>, req: Request, on_commit: OnCommit) -> BoxFuture<Result<(), String>>;
     /// Whether a proposal the leader has accepted (not yet committed) still commits if this
     /// process dies. When false (every replica in this process; or a remote leader, where a
     /// proposal counts as accepted once queued on the connection), a writeback write completes
@@ -172,11 +176,26 @@ pub type Completion = Box<dyn FnOnce(Result<(), DeviceError>) + Send>;
 struct Inner {
     /// Ordering, batching, resubmission and waiting requests (pure; `pipeline.rs`).
     pipe: Pipeline<Completion>,
+    hand_off: HandOff,
     /// Unconfirmed writes pinned, recent and hot blocks clean.
     cache: HotCache,
     readahead: ReadAhead,
     stats: DeviceStats,
 }
+
+/// Who hands proposals to the cluster now (`Device::pump`).
+#[derive(Debug)]
+struct HandOff {
+    /// A thread (or a task) is handing a proposal over; others leave theirs to it.
+    busy: bool,
+    /// The last hand-off failed: the next waits out `backoff` (a task resumes pumping).
+    backing_off: bool,
+    backoff: Duration,
+}
+
+/// The first wait after a failed hand-off; it doubles up to `MAX_BACKOFF`.
+const MIN_BACKOFF: Duration = Duration::from_millis(5);
+const MAX_BACKOFF: Duration = Duration::from_millis(40);
 
 /// Sequential read detection: one stream, the common case of a WAL read front to back.
 #[derive(Debug, Default)]
@@ -232,8 +251,6 @@ pub struct Device {
     /// The runtime the device started on: tasks are spawned there even when a request comes
     /// from a thread outside it (a ublk queue thread).
     runtime: tokio::runtime::Handle,
-    /// Wakes the proposer (and the deadline sweeper on close).
-    kick: Notify,
 }
 
 impl std::fmt::Debug for Device {
@@ -243,8 +260,9 @@ impl std::fmt::Debug for Device {
 }
 
 impl Device {
-    /// Starts the device's proposer and deadline sweeper on the current tokio runtime; they
-    /// run until `close`.
+    /// Starts the device's deadline sweeper on the current tokio runtime; it runs until
+    /// `close`. Proposals are handed to `cluster` by the threads that submit and confirm
+    /// requests (`pump`), with a task only where a hand-off has to wait.
     pub fn start(cfg: DeviceConfig, cluster: Arc<dyn Cluster>) -> Arc<Device> {
         let cache = HotCache::new(cfg.cache_bytes, cfg.block_bytes);
         let cfg = DeviceConfig {
@@ -259,6 +277,7 @@ impl Device {
         };
         let inner = Inner {
             pipe: Pipeline::new(limits),
+            hand_off: HandOff { busy: false, backing_off: false, backoff: MIN_BACKOFF },
             cache,
             readahead: ReadAhead::default(),
             stats: DeviceStats::default(),
@@ -269,9 +288,7 @@ impl Device {
             inner: Mutex::new(inner),
             me: me.clone(),
             runtime: tokio::runtime::Handle::current(),
-            kick: Notify::new(),
         });
-        tokio::spawn(proposer(dev.clone()));
         tokio::spawn(sweeper(Arc::downgrade(&dev)));
         dev
     }
@@ -419,10 +436,10 @@ impl Device {
         pipe.write(parts, need, deadline, done, &mut |seq, op| pin(cache, seq, op), &mut ready);
         let admitted = pipe.next_seq() > before;
         drop(inner);
-        if admitted {
-            self.kick.notify_one();
-        }
         run(ready);
+        if admitted {
+            self.pump();
+        }
     }
 
     /// Hands a flush to the pipeline without waiting; `done` runs once every write completed
@@ -585,7 +602,6 @@ impl Device {
     pub fn close(&self) {
         let mut ready = Ready::new();
         self.lock().pipe.close(&mut ready);
-        self.kick.notify_one();
         run(ready);
     }
 
@@ -597,12 +613,6 @@ impl Device {
             batches = n,
             "proposal failed; resubmitting unconfirmed writes in order"
         );
-    }
-
-    fn accepted(&self, epoch: u64, last_seq: u64) {
-        let mut ready = Ready::new();
-        self.lock().pipe.accepted_through(epoch, last_seq, &mut ready);
-        run(ready);
     }
 
     fn committed(&self, epoch: u64, seqs: &[u64], index: u64) {
@@ -619,9 +629,102 @@ impl Device {
         pipe.committed(epoch, seqs, index, &mut cache_unpin, &mut ready);
         pipe.admit(&mut |seq, op| pin(cache, seq, op));
         drop(inner);
-        // Room for another proposal: what queued meanwhile goes as one.
-        self.kick.notify_one();
         run(ready);
+        // Room for another proposal: what queued meanwhile goes as one.
+        self.pump();
+    }
+
+    /// Hands the pipeline's ready proposals to the cluster, in order, on the calling thread: the
+    /// thread that submitted a write (a ublk queue thread, a caller of `write`) or learned of a
+    /// commit (openraft's core task) proposes what is ready itself, so a write reaches the
+    /// leader with no task of the device's in between. One hand-off at a time
+    /// (`HandOff::busy`): a thread that finds one under way leaves its proposal to that thread,
+    /// which takes proposals until none is ready. A hand-off that cannot finish on its first poll
+    /// (no leader yet, apply lagging, a remote connection busy) goes on in a task and holds the
+    /// line until it is done, so proposals never overtake each other.
+    fn pump(&self) {
+        let Some(me) = self.me.upgrade() else { return };
+        loop {
+            let proposal = {
+                let mut inner = self.lock();
+                let idle = !inner.hand_off.busy && !inner.hand_off.backing_off;
+                if !idle || inner.pipe.is_closed() {
+                    return;
+                }
+                let Some(p) = inner.pipe.take_proposal() else { return };
+                inner.hand_off.busy = true;
+                p
+            };
+            let (epoch, seqs) = (proposal.epoch, proposal.seqs);
+            let last = seqs.last().copied().unwrap_or_default();
+            let d = me.clone();
+            let on_commit: OnCommit = Box::new(move |outcome| match outcome {
+                Ok(index) => d.committed(epoch, &seqs, index),
+                Err(e) => {
+                    d.restart(epoch, &e);
+                    d.pump();
+                }
+            });
+            let (handing, first) = {
+                // A queue thread is outside the runtime; the cluster may start timers or tasks.
+                let _runtime = self.runtime.enter();
+                let mut handing =
+                    me.cluster.clone().submit(Request::blocks(proposal.ops), on_commit);
+                let first = (&mut handing).now_or_never();
+                (handing, first)
+            };
+            match first {
+                Some(outcome) => {
+                    if !self.handed_off(epoch, last, outcome) {
+                        return;
+                    }
+                }
+                None => {
+                    let d = me.clone();
+                    self.runtime.spawn(async move {
+                        let outcome = handing.await;
+                        if d.handed_off(epoch, last, outcome) {
+                            d.pump();
+                        }
+                    });
+                    return;
+                }
+            }
+        }
+    }
+
+    /// A hand-off of a proposal of `epoch` ending with write `last` finished; true if the next
+    /// may go now. A failure starts a new epoch (everything unconfirmed goes again, in order)
+    /// after a back-off.
+    fn handed_off(&self, epoch: u64, last: u64, outcome: Result<(), String>) -> bool {
+        let mut ready = Ready::new();
+        let wait = {
+            let mut inner = self.lock();
+            inner.hand_off.busy = false;
+            match &outcome {
+                Ok(()) => {
+                    inner.hand_off.backoff = MIN_BACKOFF;
+                    inner.pipe.accepted_through(epoch, last, &mut ready);
+                    None
+                }
+                Err(_) => {
+                    let wait = inner.hand_off.backoff;
+                    inner.hand_off.backoff = (wait * 2).min(MAX_BACKOFF);
+                    inner.hand_off.backing_off = true;
+                    Some(wait)
+                }
+            }
+        };
+        run(ready);
+        let (Some(wait), Err(e)) = (wait, outcome) else { return true };
+        self.restart(epoch, &e);
+        let Some(d) = self.me.upgrade() else { return false };
+        self.runtime.spawn(async move {
+            tokio::time::sleep(wait).await;
+            d.lock().hand_off.backing_off = false;
+            d.pump();
+        });
+        false
     }
 }
 
@@ -681,48 +784,6 @@ impl Drop for FillGuard<'_> {
         for (b, token) in self.fills.drain(..) {
             if let Some(t) = token {
                 inner.cache.abort_fill(b, t);
-            }
-        }
-    }
-}
-
-/// Hands queued writes to the leader in order; one task per device, until `close`.
-async fn proposer(d: Arc<Device>) {
-    let mut backoff = Duration::from_millis(5);
-    loop {
-        let kicked = d.kick.notified();
-        let proposal = {
-            let mut inner = d.lock();
-            if inner.pipe.is_closed() {
-                return;
-            }
-            inner.pipe.take_proposal()
-        };
-        let Some(p) = proposal else {
-            kicked.await;
-            continue;
-        };
-        let (epoch, seqs) = (p.epoch, p.seqs);
-        let last = seqs.last().copied().unwrap_or_default();
-        match d.cluster.clone().submit(Request::blocks(p.ops)).await {
-            Ok(commit) => {
-                backoff = Duration::from_millis(5);
-                d.accepted(epoch, last);
-                let d = d.clone();
-                d.runtime.clone().spawn(async move {
-                    match commit.await {
-                        Ok(index) => d.committed(epoch, &seqs, index),
-                        Err(e) => {
-                            d.restart(epoch, &e);
-                            d.kick.notify_one();
-                        }
-                    }
-                });
-            }
-            Err(e) => {
-                d.restart(epoch, &e);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_millis(40));
             }
         }
     }

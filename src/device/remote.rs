@@ -31,7 +31,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::{BoxFuture, Cluster, Commit, ReadOutcome};
+use super::{BoxFuture, Cluster, ReadOutcome};
+use crate::replication::commits::OnCommit;
 use crate::replication::tcp::{
     Admin, AdminReply, BadBlockReport, BlocksReply, LocalRead, NodeClient, Repair,
 };
@@ -167,9 +168,9 @@ impl Cluster for RemoteCluster {
     }
 
     /// Resolves once the `WRITE` is queued for the leader, behind the proposals submitted
-    /// before it; the commit future is the leader's answer, given up early if another node
-    /// leads in a higher term.
-    fn submit(self: Arc<Self>, req: Request) -> BoxFuture<Result<Commit, String>> {
+    /// before it; `on_commit` runs with the leader's answer (sent at commit), from a task that
+    /// awaits it, or with an error as soon as another node leads in a higher term.
+    fn submit(self: Arc<Self>, req: Request, on_commit: OnCommit) -> BoxFuture<Result<(), String>> {
         // Taken before anything waits: the device calls submit in its order.
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         Box::pin(async move {
@@ -182,9 +183,8 @@ impl Cluster for RemoteCluster {
                     return Err(e);
                 }
             };
-            let commit: Commit =
-                Box::pin(async move { self.until_replaced(i, term, answer).await });
-            Ok(commit)
+            tokio::spawn(async move { on_commit(self.until_replaced(i, term, answer).await) });
+            Ok(())
         })
     }
 

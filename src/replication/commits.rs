@@ -1,5 +1,5 @@
-//! Commit notification for proposals made in this process: a proposal's future resolves when
-//! the entry holding it is committed (a majority holds it durably, the leader counted only
+//! Commit notification for proposals made in this process: a proposal's callback runs when the
+//! entry holding it is committed (a majority holds it durably, the leader counted only
 //! after its own flush), which openraft reports to the log store (`save_committed`) before it
 //! applies the entry. Answering at commit takes the apply (an image write) off the write path;
 //! readers wait for apply separately.
@@ -7,14 +7,16 @@
 //! A proposal carries a [`Tag`] that only this process sees (it is never encoded: the WAL and
 //! the network carry none). The log store of the replica it was proposed to places the tag at
 //! the entry's index when it appends it, and from then on:
-//! - a committed index at or past the entry resolves it (`committed`);
+//! - a committed index at or past the entry reports it committed (`committed`), on openraft's
+//!   core task, which learns it: no task of ours in between;
 //! - a truncation at or below the entry fails it (`truncated`): the entry was replaced, and a
 //!   later commit at that index would be someone else's;
-//! - a purge that reaches it before it resolved fails it (`purged`): only an installed snapshot
+//! - a purge that reaches it before it was reported fails it (`purged`): only an installed snapshot
 //!   removes entries that were never reported committed here (openraft replaces the log without
 //!   truncating it when the snapshot's last entry is not in it), and whether the entry was in
 //!   that snapshot is unknown;
-//! - the replica stopping fails every entry still watched (`close`).
+//! - the replica stopping, or losing the leadership, fails every entry still watched
+//!   (`close`, `fail_all`).
 //!
 //! A placed entry still in the log when the committed index passes it is committed: a replica's
 //! committed prefix is the cluster's (Raft's log matching), and an entry leaves the log only by
@@ -25,7 +27,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 
 use std::time::Duration;
 
@@ -56,23 +57,33 @@ impl Tag {
     }
 }
 
-/// Resolves to the entry's log index once committed, or to why it never will be.
-pub type CommitReceiver = oneshot::Receiver<Result<u64, String>>;
+/// What a watched proposal runs once its fate is known: its entry's index at commit, or why it
+/// will never commit. It runs exactly once, on the thread that learns it (openraft's core task at
+/// `save_committed`, for a commit), after the watch's lock is released; it must not block.
+pub type OnCommit = Box<dyn FnOnce(Result<u64, String>) + Send>;
 
-type Sender = oneshot::Sender<Result<u64, String>>;
-
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct State {
     /// Registered, not yet appended.
-    waiting: HashMap<u64, Sender>,
-    /// Appended: entry index → (tag, sender).
-    placed: BTreeMap<u64, (u64, Sender)>,
+    waiting: HashMap<u64, OnCommit>,
+    /// Appended: entry index → (tag, callback).
+    placed: BTreeMap<u64, (u64, OnCommit)>,
 }
 
 /// One replica's registry of proposals awaiting commit.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct CommitWatch {
     state: Mutex<State>,
+}
+
+impl std::fmt::Debug for CommitWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let st = self.lock();
+        f.debug_struct("CommitWatch")
+            .field("waiting", &st.waiting.len())
+            .field("placed", &st.placed.len())
+            .finish()
+    }
 }
 
 impl CommitWatch {
@@ -80,23 +91,39 @@ impl CommitWatch {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Watches for the entry `tag` will be appended as. Call before proposing it.
-    pub fn register(&self, tag: Tag) -> CommitReceiver {
-        let (tx, rx) = oneshot::channel();
-        self.lock().waiting.insert(tag.0, tx);
-        rx
+    /// Watches for the entry `tag` will be appended as; `on_commit` runs when its fate is
+    /// known. Call before proposing it.
+    pub fn register(&self, tag: Tag, on_commit: OnCommit) {
+        self.lock().waiting.insert(tag.0, on_commit);
     }
 
-    /// `register`, as a future that stops watching when it is dropped (answered or abandoned).
-    pub fn watch(self: &Arc<Self>, tag: Tag) -> Pending {
-        Pending { rx: self.register(tag), watch: self.clone(), tag }
-    }
-
-    /// Stops watching `tag` (its proposal was refused or abandoned).
+    /// Stops watching `tag` without running its callback (its proposal was never handed to
+    /// openraft).
     pub fn forget(&self, tag: Tag) {
         let mut st = self.lock();
         st.waiting.remove(&tag.0);
         st.placed.retain(|_, (t, _)| *t != tag.0);
+    }
+
+    /// Settles `tag` with `outcome` if it is still watched (openraft answered it before its
+    /// commit was seen here: an error, or, should it ever come first, the applied entry).
+    pub fn settle(&self, tag: Tag, outcome: Result<u64, String>) {
+        let found = {
+            let mut st = self.lock();
+            st.waiting.remove(&tag.0).or_else(|| {
+                let at = st.placed.iter().find(|(_, (t, _))| *t == tag.0).map(|(at, _)| *at)?;
+                st.placed.remove(&at).map(|(_, cb)| cb)
+            })
+        };
+        if let Some(cb) = found {
+            cb(outcome);
+        }
+    }
+
+    /// Whether no proposal is watched.
+    pub fn is_idle(&self) -> bool {
+        let st = self.lock();
+        st.waiting.is_empty() && st.placed.is_empty()
     }
 
     /// The log store appended entries: (index, tag) of each one that carries a tag.
@@ -106,8 +133,8 @@ impl CommitWatch {
             return;
         }
         for (index, tag) in tagged {
-            if let Some(tx) = st.waiting.remove(&tag.0) {
-                st.placed.insert(index, (tag.0, tx));
+            if let Some(cb) = st.waiting.remove(&tag.0) {
+                st.placed.insert(index, (tag.0, cb));
             }
         }
     }
@@ -115,8 +142,8 @@ impl CommitWatch {
     /// Entries from `index` on were removed from the log (a conflict with a new leader's log).
     pub fn truncated(&self, index: u64) {
         let gone = self.lock().placed.split_off(&index);
-        for (at, (_, tx)) in gone {
-            let _ = tx.send(Err(format!("log entry {at} was replaced by another leader's")));
+        for (at, (_, cb)) in gone {
+            cb(Err(format!("log entry {at} was replaced by another leader's")));
         }
     }
 
@@ -128,26 +155,32 @@ impl CommitWatch {
             let rest = st.placed.split_off(&(index + 1));
             std::mem::replace(&mut st.placed, rest)
         };
-        for (at, (_, tx)) in gone {
-            let _ = tx.send(Err(format!(
+        for (at, (_, cb)) in gone {
+            cb(Err(format!(
                 "log entry {at} was removed by a snapshot before it was seen committed"
             )));
         }
     }
 
-    /// The replica stopped: nothing watched here will be reported.
-    pub fn close(&self) {
+    /// Fails every watched proposal with `why`: the replica stopped, or it no longer leads (an
+    /// entry of a deposed leader may still commit; its proposer sends it again, and block
+    /// writes are idempotent).
+    pub fn fail_all(&self, why: &str) {
         let (waiting, placed) = {
             let mut st = self.lock();
             (std::mem::take(&mut st.waiting), std::mem::take(&mut st.placed))
         };
-        let why = || Err("the replica stopped".to_string());
-        for tx in waiting.into_values() {
-            let _ = tx.send(why());
+        for cb in waiting.into_values() {
+            cb(Err(why.to_string()));
         }
-        for (_, (_, tx)) in placed {
-            let _ = tx.send(why());
+        for (_, (_, cb)) in placed {
+            cb(Err(why.to_string()));
         }
+    }
+
+    /// The replica stopped: nothing watched here will be reported.
+    pub fn close(&self) {
+        self.fail_all("the replica stopped");
     }
 
     /// Every entry up to `index` is committed.
@@ -160,13 +193,13 @@ impl CommitWatch {
             let rest = st.placed.split_off(&(index + 1));
             std::mem::replace(&mut st.placed, rest)
         };
-        for (at, (_, tx)) in done {
-            let _ = tx.send(Ok(at));
+        for (at, (_, cb)) in done {
+            cb(Ok(at));
         }
     }
 }
 
-/// Proposes block changes to one replica (its leader's role) and resolves each at commit: the
+/// Proposes block changes to one replica (its leader's role) and reports each at commit: the
 /// back-pressure on apply, the tag, the watch, and openraft's late answer, in one place for
 /// both proposers (the embedded cluster and a node's `WRITE`).
 #[derive(Clone)]
@@ -190,39 +223,57 @@ impl Proposer {
 
     /// Waits until the log holds at most `MAX_APPLY_LAG_ENTRIES` unapplied entries (up to a
     /// second: answered at commit, apply must not fall behind without bound), then hands `req`
-    /// to openraft. Resolves, once openraft took it, to a future of its entry's index at
-    /// commit, or of why it will not commit (refused, dropped, truncated, the replica stopped).
-    pub async fn propose(&self, req: Request) -> Result<BoxFuture<Result<u64, String>>, String> {
+    /// to openraft, and resolves once openraft took it. `on_commit` then runs once, when the
+    /// entry commits or will not (refused, dropped, truncated, the replica stopped or lost the
+    /// leadership). If this resolves to an error, `on_commit` never runs.
+    ///
+    /// Nothing waits in between: on the usual path (apply keeping up, room in openraft's
+    /// channel) the first poll finishes, so a caller may poll it once on its own thread.
+    pub async fn propose_then(&self, req: Request, on_commit: OnCommit) -> Result<(), String> {
         wait_apply_lag(&self.raft, Duration::from_secs(1)).await?;
         let tag = Tag::fresh();
         let req = match req {
             Request::Blocks(ops, _) => Request::Blocks(ops, tag),
             other => other,
         };
-        let committed = self.commits.watch(tag);
+        self.commits.register(tag, on_commit);
         let (responder, answer) = openraft::impls::ProgressResponder::complete_only();
-        self.raft.client_write_ff(req, Some(responder)).await.map_err(|e| e.to_string())?;
-        let late = self.late.clone();
-        Ok(Box::pin(async move {
-            let (mut answer, mut committed) = (answer, committed);
-            let first = tokio::select! {
-                biased;
-                c = &mut committed => Ok(c),
-                // Only an error can come first: openraft answers after apply, which follows
-                // commit.
-                r = &mut answer => Err(r),
+        if let Err(e) = self.raft.client_write_ff(req, Some(responder)).await {
+            self.commits.forget(tag);
+            return Err(e.to_string());
+        }
+        // openraft answers after apply, which follows commit, or earlier with an error (not the
+        // leader, dropped): then the proposal fails unless its commit was seen first.
+        let commits = self.commits.clone();
+        self.late.keep(async move {
+            let outcome = match answer.await {
+                Ok(Ok(r)) => Ok(r.log_id.index),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("openraft dropped the proposal".to_string()),
             };
-            match first {
-                Ok(c) => {
-                    // openraft answers after apply; keep the receiver until it does.
-                    late.keep(answer);
-                    c
-                }
-                Err(Ok(Ok(r))) => Ok(r.log_id.index),
-                Err(Ok(Err(e))) => Err(e.to_string()),
-                Err(Err(_)) => Err("openraft dropped the proposal".to_string()),
-            }
-        }))
+            commits.settle(tag, outcome);
+        });
+        Ok(())
+    }
+
+    /// `propose_then`, resolving to a future of the commit.
+    pub async fn propose(&self, req: Request) -> Result<BoxFuture<Result<u64, String>>, String> {
+        let (tx, rx) = oneshot::channel();
+        self.propose_then(req, Box::new(move |r| drop(tx.send(r)))).await?;
+        Ok(Box::pin(
+            async move { rx.await.unwrap_or_else(|_| Err("the replica stopped".to_string())) },
+        ))
+    }
+
+    /// Whether no proposal of this proposer awaits its commit.
+    pub fn is_idle(&self) -> bool {
+        self.commits.is_idle()
+    }
+
+    /// Fails every proposal still awaiting its commit with `why` (this replica no longer
+    /// leads).
+    pub fn abandon(&self, why: &str) {
+        self.commits.fail_all(why);
     }
 
     /// The replica stopped: every proposal still watched fails.
@@ -231,57 +282,41 @@ impl Proposer {
     }
 }
 
-/// Holds openraft's answers to proposals already answered at commit until openraft sends them
-/// (after apply): openraft logs a warning for every answer whose receiver is gone. One task per
-/// replica awaits them in order, off the write path.
+/// Holds openraft's answers to proposals (sent after apply, or earlier with an error) until
+/// openraft sends them: an answer settles a proposal not yet seen committed, and openraft logs a
+/// warning for every answer whose receiver is gone. One task per replica awaits them all, in
+/// whatever order they come, off the write path.
 #[derive(Clone, Debug)]
 pub struct LateAnswers(
     tokio::sync::mpsc::UnboundedSender<Pin<Box<dyn Future<Output = ()> + Send>>>,
 );
 
 impl LateAnswers {
-    /// Starts the task on the current runtime; it ends when every handle is dropped.
+    /// Starts the task on the current runtime; it ends when every handle is dropped and every
+    /// answer kept has come.
     pub fn start() -> LateAnswers {
+        use futures_util::stream::{FuturesUnordered, StreamExt};
         let (tx, mut rx) =
             tokio::sync::mpsc::unbounded_channel::<Pin<Box<dyn Future<Output = ()> + Send>>>();
         tokio::spawn(async move {
-            while let Some(answer) = rx.recv().await {
-                answer.await;
+            let mut pending = FuturesUnordered::new();
+            loop {
+                tokio::select! {
+                    next = rx.recv() => match next {
+                        Some(answer) => pending.push(answer),
+                        None => break,
+                    },
+                    Some(()) = pending.next(), if !pending.is_empty() => {}
+                }
             }
+            while pending.next().await.is_some() {}
         });
         LateAnswers(tx)
     }
 
     /// Keeps `answer` until it resolves.
-    pub fn keep<F: Future + Send + 'static>(&self, answer: F) {
-        let _ = self.0.send(Box::pin(async move {
-            let _ = answer.await;
-        }));
-    }
-}
-
-/// A watched proposal: resolves to its entry's index at commit, or to why it never will; forgets
-/// the tag when dropped.
-#[derive(Debug)]
-pub struct Pending {
-    rx: CommitReceiver,
-    watch: Arc<CommitWatch>,
-    tag: Tag,
-}
-
-impl Future for Pending {
-    type Output = Result<u64, String>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.rx)
-            .poll(cx)
-            .map(|r| r.unwrap_or_else(|_| Err("the replica stopped".to_string())))
-    }
-}
-
-impl Drop for Pending {
-    fn drop(&mut self) {
-        self.watch.forget(self.tag);
+    pub fn keep<F: Future<Output = ()> + Send + 'static>(&self, answer: F) {
+        let _ = self.0.send(Box::pin(answer));
     }
 }
 
@@ -290,13 +325,20 @@ impl Drop for Pending {
 mod tests {
     use super::*;
 
+    /// Registers `tag` with a callback that reports into the returned receiver.
+    fn register(w: &CommitWatch, tag: Tag) -> oneshot::Receiver<Result<u64, String>> {
+        let (tx, rx) = oneshot::channel();
+        w.register(tag, Box::new(move |r| drop(tx.send(r))));
+        rx
+    }
+
     #[test]
     fn a_placed_entry_resolves_at_commit_and_a_truncated_one_fails() {
         let w = CommitWatch::default();
         let (a, b, c) = (Tag::fresh(), Tag::fresh(), Tag::fresh());
-        let mut ra = w.register(a);
-        let mut rb = w.register(b);
-        let mut rc = w.register(c);
+        let mut ra = register(&w, a);
+        let mut rb = register(&w, b);
+        let mut rc = register(&w, c);
         w.appended([(5, a), (6, Tag::fresh()), (7, b)]);
         w.committed(4);
         assert!(ra.try_recv().is_err(), "nothing at or below 4 is ours");
@@ -313,27 +355,63 @@ mod tests {
 
     #[test]
     fn a_purge_or_a_stop_fails_what_is_still_watched() {
-        let w = Arc::new(CommitWatch::default());
+        let w = CommitWatch::default();
         let (a, b, c) = (Tag::fresh(), Tag::fresh(), Tag::fresh());
-        let mut ra = w.register(a);
-        let pb = w.watch(b);
-        let mut rc = w.register(c);
+        let mut ra = register(&w, a);
+        let mut rb = register(&w, b);
+        let mut rc = register(&w, c);
         w.appended([(3, a), (9, c)]);
         // A snapshot through 5 replaced entry 3 without a truncation.
         w.purged(5);
         assert!(ra.try_recv().unwrap().unwrap_err().contains("snapshot"));
         assert!(rc.try_recv().is_err(), "entry 9 is still in the log");
+        assert!(!w.is_idle());
         w.close();
         assert!(rc.try_recv().unwrap().unwrap_err().contains("stopped"));
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        assert!(rt.block_on(pb).unwrap_err().contains("stopped"), "a watch never appended");
+        assert!(rb.try_recv().unwrap().unwrap_err().contains("stopped"), "a watch never appended");
+        assert!(w.is_idle());
+    }
+
+    #[test]
+    fn an_early_answer_settles_only_what_is_still_watched() {
+        let w = CommitWatch::default();
+        let (a, b, c) = (Tag::fresh(), Tag::fresh(), Tag::fresh());
+        let mut ra = register(&w, a);
+        let mut rb = register(&w, b);
+        let mut rc = register(&w, c);
+        w.appended([(4, a), (5, b)]);
+        w.committed(4);
+        // openraft's answer to a, after apply, finds it already reported.
+        w.settle(a, Err("late".into()));
+        assert_eq!(ra.try_recv().unwrap(), Ok(4));
+        // b placed and c never appended: an error answer fails each, once.
+        w.settle(b, Err("not the leader".into()));
+        w.settle(c, Err("dropped".into()));
+        assert_eq!(rb.try_recv().unwrap().unwrap_err(), "not the leader");
+        assert_eq!(rc.try_recv().unwrap().unwrap_err(), "dropped");
+        w.committed(9);
+        assert!(w.is_idle(), "nothing left to report");
+    }
+
+    #[test]
+    fn a_deposed_leader_fails_every_proposal_it_holds() {
+        let w = CommitWatch::default();
+        let (a, b) = (Tag::fresh(), Tag::fresh());
+        let mut ra = register(&w, a);
+        let mut rb = register(&w, b);
+        w.appended([(7, a)]);
+        w.fail_all("node 1 lost the leadership");
+        assert!(ra.try_recv().unwrap().unwrap_err().contains("leadership"));
+        assert!(rb.try_recv().unwrap().unwrap_err().contains("leadership"));
+        w.committed(7);
+        assert!(w.is_idle());
     }
 
     #[test]
     fn an_unregistered_or_forgotten_tag_is_ignored() {
         let w = CommitWatch::default();
         let t = Tag::fresh();
-        let mut r = w.register(t);
+        let mut r = register(&w, t);
         w.forget(t);
         w.appended([(1, t)]);
         w.committed(1);
