@@ -93,7 +93,7 @@ fn main() -> Result<()> {
             segment_bytes: 64 << 20,
             ..FormatOptions::default()
         },
-        engine: EngineConfig { fill_segments: true, wal: WalConfig::default() },
+        engine: EngineConfig { fill_segments: true, wal: WalConfig::default(), node_id: None },
         backend: Backend::Uring,
         tuning: RaftTuning::default(),
         log_cache_bytes: EMBEDDED_LOG_CACHE_BYTES,

@@ -53,6 +53,7 @@ fn main() -> Result<()> {
     let config = EngineConfig {
         wal: WalConfig { mode: CommitMode::Thread, compress: false, ..WalConfig::default() },
         fill_segments: true,
+        node_id: None,
     };
     let entries = ((gib * (1u64 << 30) as f64) / ENTRY_BYTES as f64).ceil() as u64;
     println!(

@@ -8,6 +8,7 @@ use uuid::Uuid;
 use xdevice::cli::{demo, node, serve, size, StoreArgs};
 use xdevice::storage::engine::{Engine, FormatOptions};
 use xdevice::storage::inspect;
+use xdevice::storage::StorageError;
 
 // jemalloc: glibc's per-thread arenas kept gigabytes of freed write buffers resident under a
 // sustained write stream (bench `cache-memory`: 5.4 GiB peak with a 16 MiB cache, 466 MiB with
@@ -63,6 +64,15 @@ enum Command {
         /// Cluster id (a UUID) the store belongs to; a new one if left out.
         #[arg(long)]
         cluster_id: Option<Uuid>,
+        /// The node id of the member this store is for; left out, the first `xdevice node`
+        /// started on it binds it. A store is never started as another node.
+        #[arg(long)]
+        node_id: Option<u64>,
+        /// Format even where the directory holds files, or the device data, that are not an
+        /// xdevice store (they are left as they are in a directory, overwritten on a device).
+        /// Never formats over an xdevice store.
+        #[arg(long)]
+        force: bool,
     },
     /// Print a store's superblock, Raft state, image and WAL without changing anything.
     Inspect {
@@ -117,7 +127,19 @@ fn run(cli: Cli) -> Result<()> {
         Command::UdevName { kernel_name } => println!("{}", serve::udev_name(&kernel_name)?),
         Command::Node(args) => node::run_node(args)?,
         Command::Cluster(args) => node::run_cluster(args)?,
-        Command::Format { store, size, block_size, segment_size, wal_slots, cluster_id } => {
+        Command::Format {
+            store,
+            size,
+            block_size,
+            segment_size,
+            wal_slots,
+            cluster_id,
+            node_id,
+            force,
+        } => {
+            if node_id == Some(0) {
+                anyhow::bail!("--node-id must be greater than 0");
+            }
             let location = store.location(Some("xdb0"))?;
             let name = store.name.clone().unwrap_or_else(|| "xdb0".into());
             let opts = FormatOptions {
@@ -128,16 +150,28 @@ fn run(cli: Cli) -> Result<()> {
                 wal_slots,
                 device_uuid: Uuid::new_v4(),
                 cluster_id: cluster_id.unwrap_or_else(Uuid::new_v4),
+                node_id: node_id.unwrap_or(0),
+                force,
             };
             let sb = Engine::format(&location, &opts)
+                .map_err(|e| match e {
+                    StorageError::Unrecognised(_) => {
+                        anyhow::anyhow!("{e}; --force formats anyway")
+                    }
+                    other => other.into(),
+                })
                 .with_context(|| format!("formatting {}", location.describe()))?;
             println!(
-                "formatted {}: device {} of {} bytes, uuid {}, cluster {}",
+                "formatted {}: device {} of {} bytes, uuid {}, cluster {}{}",
                 location.describe(),
                 sb.device_name,
                 sb.device_bytes,
                 sb.device_uuid,
-                sb.cluster_id
+                sb.cluster_id,
+                match sb.node_id {
+                    0 => String::new(),
+                    id => format!(", node {id}"),
+                }
             );
         }
         Command::Inspect { store, json } => {

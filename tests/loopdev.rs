@@ -142,6 +142,7 @@ fn thread_config() -> EngineConfig {
             mode: CommitMode::Thread,
         },
         fill_segments: false,
+        node_id: None,
     }
 }
 

@@ -405,6 +405,7 @@ fn snapshot_options(dir: &std::path::Path) -> EmbeddedOptions {
             mode: CommitMode::Thread,
         },
         fill_segments: false,
+        node_id: None,
     };
     opts.tuning.snapshot_segments = 2;
     opts.tuning.keep_entries = 8;

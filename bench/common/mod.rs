@@ -174,6 +174,7 @@ pub fn append_store() -> (FormatOptions, EngineConfig) {
     let config = EngineConfig {
         wal: WalConfig { mode: CommitMode::Thread, ..WalConfig::default() },
         fill_segments: true,
+        node_id: None,
     };
     (format, config)
 }

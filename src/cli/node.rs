@@ -113,9 +113,9 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
-        let replica =
-            open_replica(&location, EngineConfig::default(), &snapshot_dir, DEFAULT_CACHE_BYTES)
-                .with_context(|| format!("opening {}", location.describe()))?;
+        let engine = EngineConfig { node_id: Some(args.id), ..EngineConfig::default() };
+        let replica = open_replica(&location, engine, &snapshot_dir, DEFAULT_CACHE_BYTES)
+            .with_context(|| format!("opening {}", location.describe()))?;
         let cluster_id = replica.engine.superblock().cluster_id;
         let transport: Arc<dyn Transport> =
             Arc::new(TcpTransport::new(cluster_id, args.id, Some(args.listen.ip())));

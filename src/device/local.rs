@@ -139,14 +139,15 @@ impl Embedded {
         let mut fresh = false;
         let mut format = self.opts.format.clone();
         format.device_uuid = uuid::Uuid::new_v4();
+        format.node_id = id;
         match Engine::format(&location, &format) {
             Ok(_) => fresh = true,
             Err(StorageError::AlreadyFormatted(_)) => {}
             Err(e) => return Err(e.into()),
         }
         let dir = replica_dir(&self.opts.dir, id);
-        let replica =
-            open_replica(&location, self.opts.engine.clone(), &dir, self.opts.log_cache_bytes)?;
+        let engine = EngineConfig { node_id: Some(id), ..self.opts.engine.clone() };
+        let replica = open_replica(&location, engine, &dir, self.opts.log_cache_bytes)?;
         let transport: Arc<dyn Transport> =
             Arc::new(LocalTransport { router: self.router.clone(), me: id });
         let node = Arc::new(Node::start(id, replica, transport, &self.opts.tuning).await?);

@@ -279,6 +279,40 @@ impl std::fmt::Debug for NodeService {
 /// How long `Admin::Remove` waits for a demoted voter to receive its learner configuration.
 const DEMOTE_CONFIRM: Duration = Duration::from_secs(5);
 
+/// How long `Admin::AddLearner` waits for the joining node to answer.
+const JOIN_CHECK: Duration = Duration::from_secs(5);
+
+/// Before a node joins the membership: it must be running and answer, over this cluster's
+/// connection handshake, as node `nid`. A node whose store was formatted for another cluster
+/// refuses the handshake, and a store is bound to one node id, so neither is ever added. A node
+/// not listening yet (just started) is given `JOIN_CHECK` to come up.
+async fn check_joining(cluster_id: uuid::Uuid, nid: NodeId, addr: &str) -> Result<(), String> {
+    let refused =
+        |why: String| format!("node {nid} at {addr} cannot join cluster {cluster_id}: {why}");
+    let sock: SocketAddr =
+        addr.parse().map_err(|e| refused(format!("{addr:?} is not an address ({e})")))?;
+    let rpc = RpcClient::new(sock, None, cluster_id, 0, client_options());
+    let deadline = tokio::time::Instant::now() + JOIN_CHECK;
+    let request = encode(&Admin::Status)?;
+    let answer = loop {
+        match rpc.call(KIND_ADMIN, request.clone(), JOIN_CHECK).await {
+            Ok(bytes) => break bytes,
+            Err(RpcError::Unreachable(_)) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(refused(e.to_string())),
+        }
+    };
+    let status = match decode::<AdminReply>(&answer, "admin reply")? {
+        AdminReply::Status(s) => s,
+        other => return Err(refused(format!("it answered {other:?} to a status request"))),
+    };
+    if status.id != nid {
+        return Err(refused(format!("the node there is node {}", status.id)));
+    }
+    Ok(())
+}
+
 impl NodeService {
     /// `receiving`: the state machine's incoming snapshot progress
     /// (`StateMachine::receive_progress`), shown in the status; `inbox` and `proposer`: the
@@ -309,7 +343,12 @@ impl NodeService {
         status_of(&self.raft, self.id, &self.receiving, stream_bytes)
     }
 
-    async fn admin(raft: Raft, id: NodeId, req: Admin) -> Result<AdminReply, String> {
+    async fn admin(
+        raft: Raft,
+        id: NodeId,
+        cluster_id: uuid::Uuid,
+        req: Admin,
+    ) -> Result<AdminReply, String> {
         match req {
             Admin::Init(members) => {
                 let nodes: BTreeMap<NodeId, BasicNode> =
@@ -317,6 +356,7 @@ impl NodeService {
                 raft.initialize(nodes).await.map_err(|e| e.to_string())?;
             }
             Admin::AddLearner(nid, addr) => {
+                check_joining(cluster_id, nid, &addr).await?;
                 let r = raft
                     .add_learner(nid, BasicNode::new(addr), false)
                     .await
@@ -508,6 +548,7 @@ impl Handler for NodeService {
             }
             KIND_ADMIN => {
                 let id = self.id;
+                let cluster_id = self.engine.superblock().cluster_id;
                 let req = decode::<Admin>(&payload, "admin request");
                 // Status needs the service's snapshot progress: answered here.
                 let status = matches!(req, Ok(Admin::Status)).then(|| self.status());
@@ -515,7 +556,7 @@ impl Handler for NodeService {
                     if let Some(s) = status {
                         return encode(&AdminReply::Status(Box::new(s)));
                     }
-                    encode(&NodeService::admin(raft, id, req?).await?)
+                    encode(&NodeService::admin(raft, id, cluster_id, req?).await?)
                 })
             }
             other => Box::pin(async move { Err(format!("unknown request kind {other}")) }),

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use uuid::Uuid;
 
+use super::disk::lock::Hold;
 use super::disk::{AlignedBuf, Disk, Volume};
 use super::error::{Result, StorageError};
 use super::image::{Applied, Image, ImageGeometry};
@@ -33,6 +34,11 @@ pub struct FormatOptions {
     pub wal_slots: u64,
     pub device_uuid: Uuid,
     pub cluster_id: Uuid,
+    /// The node this store belongs to; 0 leaves it to the first node that starts on it.
+    pub node_id: u64,
+    /// Format even over data that is not an xdevice store (unknown files in the directory, a
+    /// file system or partition table on the device). Never over an xdevice store.
+    pub force: bool,
 }
 
 impl Default for FormatOptions {
@@ -45,6 +51,8 @@ impl Default for FormatOptions {
             wal_slots: 16,
             device_uuid: Uuid::new_v4(),
             cluster_id: Uuid::new_v4(),
+            node_id: 0,
+            force: false,
         }
     }
 }
@@ -55,6 +63,10 @@ pub struct EngineConfig {
     pub wal: WalConfig,
     /// Write zeros over new directory segments so syncs never wait on extent allocation.
     pub fill_segments: bool,
+    /// The cluster member opening the store: a store bound to another node is refused before
+    /// anything is written, and an unbound one is bound to this node. `None` (tools, tests of
+    /// the engine alone) checks nothing.
+    pub node_id: Option<u64>,
 }
 
 /// What opening found and repaired.
@@ -79,10 +91,15 @@ pub struct Engine {
     applied: Mutex<Applied>,
     /// The newest committed id replication reported (in memory; see `note_committed`).
     committed: Mutex<Option<LogId>>,
+    /// This process's exclusive hold on the store, released by `close` or when the engine is
+    /// dropped.
+    hold: Mutex<Option<Hold>>,
 }
 
 impl Engine {
-    /// Formats a new store. Refuses a store that already holds a valid superblock.
+    /// Formats a new store. Refuses a store that already holds a valid superblock, one another
+    /// process holds, and (unless `opts.force`) a place holding data that is not an xdevice
+    /// store.
     pub fn format(location: &Location, opts: &FormatOptions) -> Result<Superblock> {
         validate_name(&opts.device_name)?;
         if !opts.block_bytes.is_power_of_two()
@@ -101,6 +118,18 @@ impl Engine {
                 opts.segment_bytes
             )));
         }
+        // Read-only checks first: a refused format changes nothing, not even a lock file.
+        if !opts.force {
+            match location {
+                Location::Directory { volume, .. } => refuse_unrecognised_files(&**volume)?,
+                Location::Raw { disk } => {
+                    if superblock::choose(&layout::superblock_copies(location)?).is_err() {
+                        refuse_unrecognised_device(&**disk)?;
+                    }
+                }
+            }
+        }
+        let _hold = hold(location)?;
         let (kind, raw, device_bytes) = match location {
             Location::Directory { volume, name } => {
                 refuse_existing_dir(location, &**volume, name)?;
@@ -143,6 +172,7 @@ impl Engine {
             raw,
             created_us: 0,
             device_name: opts.device_name.clone(),
+            node_id: opts.node_id,
         });
         if let Location::Directory { volume, name } = location {
             // Created (zeroed) first so its copies can be addressed; written last by write_fresh.
@@ -157,16 +187,40 @@ impl Engine {
 
     /// Opens and recovers a store: superblock (repairing stale copies), hard state, image, WAL
     /// scan, then replay of committed entries above the image's applied index.
+    ///
+    /// Nothing is read before this process holds the store (`Disk::lock`, `Volume::lock`), and
+    /// nothing is written before the store is known to be this node's (`EngineConfig::node_id`):
+    /// an unbound store is bound to it by rewriting every superblock copy with the next seq.
     pub fn open(location: &Location, cfg: EngineConfig) -> Result<(Engine, Recovery)> {
+        let hold = hold(location)?;
         let copies = layout::superblock_copies(location)?;
         let choice = superblock::choose(&copies)?;
-        let sb = choice.superblock;
+        let mut sb = choice.superblock;
         check_layout(location, &sb)?;
+        let mut rewrite: Vec<usize> = choice.stale.iter().map(|(c, _)| *c).collect();
+        match cfg.node_id {
+            Some(id) if sb.node_id == 0 => {
+                tracing::info!(node = id, store = %location.describe(), "binding the store to this node");
+                sb.node_id = id;
+                sb.seq += 1;
+                rewrite = (0..SUPERBLOCK_COPIES).collect();
+            }
+            Some(id) if sb.node_id != id => {
+                return Err(StorageError::WrongNode {
+                    location: location.describe(),
+                    belongs: sb.node_id,
+                    asked: id,
+                    cluster: sb.cluster_id,
+                });
+            }
+            _ => {}
+        }
         let regions = layout::open_regions(location, &sb, false, cfg.fill_segments)?;
-        let stale: Vec<usize> = choice.stale.iter().map(|(c, _)| *c).collect();
-        if !stale.is_empty() {
+        if !choice.stale.is_empty() {
             tracing::warn!(copies = ?choice.stale, "rewriting stale or damaged superblock copies");
-            superblock::write_copies(&regions.superblock, &sb, &stale)?;
+        }
+        if !rewrite.is_empty() {
+            superblock::write_copies(&regions.superblock, &sb, &rewrite)?;
         }
         cfg.wal.validate(sb.segment_bytes)?;
         let poison = Arc::new(Poison::default());
@@ -186,6 +240,7 @@ impl Engine {
             poison,
             applied: Mutex::new(applied),
             committed: Mutex::new(None),
+            hold: Mutex::new(Some(hold)),
         };
         let replayed = engine.replay()?;
         let recovery = Recovery {
@@ -363,9 +418,13 @@ impl Engine {
         Ok(())
     }
 
-    /// Stops the WAL writer after committing what is queued.
+    /// Stops the WAL writer after committing what is queued, then releases the store: a task
+    /// still holding this engine while it winds down (openraft's, a monitor being aborted)
+    /// does not keep the store from being opened again, in this process or another.
     pub fn close(&self) -> Result<()> {
-        self.wal.close()
+        let closed = self.wal.close();
+        self.hold.lock().unwrap_or_else(|p| p.into_inner()).take();
+        closed
     }
 }
 
@@ -406,6 +465,95 @@ fn refuse_existing_dir(location: &Location, volume: &dyn Volume, name: &str) -> 
         volume.remove(leftover).map_err(|e| StorageError::io("remove", leftover.clone(), e))?;
     }
     Ok(())
+}
+
+/// Takes this process's exclusive hold on the store at `location`.
+fn hold(location: &Location) -> Result<Hold> {
+    let held = match location {
+        Location::Directory { volume, name } => volume.lock(name),
+        Location::Raw { disk } => disk.lock(),
+    };
+    held.map_err(|e| match e.kind() {
+        std::io::ErrorKind::WouldBlock => {
+            StorageError::InUse(format!("{} is {e}", location.describe()))
+        }
+        _ => StorageError::io("lock", location.describe(), e),
+    })
+}
+
+/// Whether `file` is one an xdevice store (of any device name), the daemon serving it, or a
+/// fresh file system keeps in a data directory.
+fn recognised_file(file: &str) -> bool {
+    const SUFFIXES: [&str; 5] =
+        ["_meta_superblock", "_state_raft", "_state_image", "_snap_recv", "_snap_install"];
+    let device_named = |rest: &str| validate_name(rest).is_ok();
+    if let Some((device, seq)) = file.rsplit_once("_log_") {
+        return device_named(device) && !seq.is_empty() && seq.bytes().all(|b| b.is_ascii_digit());
+    }
+    if let Some(device) = file.strip_suffix(".lock") {
+        return device_named(device);
+    }
+    SUFFIXES.iter().any(|s| file.strip_suffix(s).is_some_and(device_named))
+        || matches!(file, "serve.json" | "serve.json.tmp")
+}
+
+/// Refuses a directory holding files that are not an xdevice store's.
+fn refuse_unrecognised_files(volume: &dyn Volume) -> Result<()> {
+    let mut foreign: Vec<String> = volume
+        .list()
+        .map_err(|e| StorageError::io("list", volume.describe(), e))?
+        .into_iter()
+        .filter(|f| !recognised_file(f))
+        .collect();
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    foreign.sort();
+    let n = foreign.len();
+    let shown = foreign.into_iter().take(5).collect::<Vec<_>>().join(", ");
+    let more = if n > 5 { format!(" and {} more", n - 5) } else { String::new() };
+    Err(StorageError::Unrecognised(format!(
+        "{} holds {n} file(s) xdevice did not make: {shown}{more}",
+        volume.describe()
+    )))
+}
+
+/// How far into a raw device format looks for data: where its superblock copies and Raft state
+/// lie (an interrupted format of ours leaves this range zero).
+const RAW_PROBE_BYTES: usize = 1 << 20;
+
+/// Refuses a raw device whose first MiB holds anything but zeros, naming a known signature (a
+/// file system, partition table, volume manager or swap) when it finds one.
+fn refuse_unrecognised_device(disk: &dyn Disk) -> Result<()> {
+    let len = (disk.len_bytes() as usize).min(RAW_PROBE_BYTES);
+    let mut head = AlignedBuf::zeroed(len);
+    disk.read_at(0, &mut head).map_err(|e| StorageError::io("read", disk.describe(), e))?;
+    match describe_signature(&head) {
+        None => Ok(()),
+        Some(what) => Err(StorageError::Unrecognised(format!("{} holds {what}", disk.describe()))),
+    }
+}
+
+/// What the first bytes of a device hold, if not zeros: a known signature's name, or where the
+/// first non-zero byte lies.
+pub fn describe_signature(head: &[u8]) -> Option<String> {
+    let at = |offset: usize, magic: &[u8]| head.get(offset..offset + magic.len()) == Some(magic);
+    let known = [
+        (at(0, b"LUKS\xba\xbe"), "a LUKS encrypted volume"),
+        (at(0, b"XFSB"), "an XFS file system"),
+        (at(1080, &[0x53, 0xef]), "an ext2/3/4 file system"),
+        (at(512, b"EFI PART"), "a GPT partition table"),
+        (at(512, b"LABELONE") || at(1024, b"LABELONE"), "an LVM physical volume"),
+        (at(4096, &[0xfc, 0x4e, 0x2b, 0xa9]), "an MD RAID member"),
+        (at(65600, b"_BHRfS_M"), "a Btrfs file system"),
+        (at(4086, b"SWAPSPACE2") || at(4086, b"SWAP-SPACE"), "a swap area"),
+        (at(510, &[0x55, 0xaa]), "an MBR partition table or boot sector"),
+    ];
+    if let Some((_, what)) = known.iter().find(|(found, _)| *found) {
+        return Some(what.to_string());
+    }
+    let first = head.iter().position(|&b| b != 0)?;
+    Some(format!("data that is not zeros (first non-zero byte at offset {first})"))
 }
 
 /// Initialises every region, the superblock last so an interrupted format is never taken for a

@@ -40,6 +40,17 @@ pub enum StorageError {
     /// The store was already formatted (format refuses to overwrite it).
     #[error("already formatted: {0}")]
     AlreadyFormatted(String),
+    /// Another process (or another open in this one) holds the store.
+    #[error("store in use: {0}")]
+    InUse(String),
+    /// The store belongs to another cluster member than the one opening it.
+    #[error(
+        "{location} is the store of node {belongs} of cluster {cluster}; it cannot be started as node {asked}"
+    )]
+    WrongNode { location: String, belongs: u64, asked: u64, cluster: uuid::Uuid },
+    /// Format found data that is not an xdevice store where it would write.
+    #[error("refusing to format over data that is not an xdevice store: {0}")]
+    Unrecognised(String),
 }
 
 impl StorageError {

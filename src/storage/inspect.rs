@@ -69,8 +69,14 @@ impl fmt::Display for Report {
         writeln!(f, "store        {}", self.location)?;
         writeln!(
             f,
-            "device       {} uuid {} cluster {}",
-            sb.device_name, sb.device_uuid, sb.cluster_id
+            "device       {} uuid {} cluster {} node {}",
+            sb.device_name,
+            sb.device_uuid,
+            sb.cluster_id,
+            match sb.node_id {
+                0 => "(not bound yet)".to_string(),
+                id => id.to_string(),
+            }
         )?;
         writeln!(
             f,

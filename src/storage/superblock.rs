@@ -20,7 +20,8 @@
 //! 112     8   image_bytes      raw layout: image region length
 //! 120     8   created_us
 //! 128    32   device_name      UTF-8, zero padded
-//! 160  3932   zero
+//! 160     8   node_id          the cluster member this store is for (0: not bound yet)
+//! 168  3924   zero
 //! 4092    4   crc32c of bytes 0..4092
 //! ```
 
@@ -51,6 +52,9 @@ const _: () = assert!(MIN_BLOCK_BYTES as usize == super::disk::IO_ALIGN);
 const CRC_AT: usize = SUPERBLOCK_BYTES - 4;
 const NAME_BYTES: usize = 32;
 const _: () = assert!(128 + NAME_BYTES <= CRC_AT);
+/// Where the node id lies (after the name).
+const NODE_ID_AT: usize = 128 + NAME_BYTES;
+const _: () = assert!(NODE_ID_AT + 8 <= CRC_AT);
 
 /// How the store is laid out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -85,6 +89,9 @@ pub struct Superblock {
     pub raw: RawGeometry,
     pub created_us: u64,
     pub device_name: String,
+    /// The cluster member this store is a replica of; 0 until a node first starts on it (or
+    /// `format` names one). A store is never started as another node.
+    pub node_id: u64,
 }
 
 impl Superblock {
@@ -110,6 +117,7 @@ impl Superblock {
         let name = self.device_name.as_bytes();
         let n = name.len().min(NAME_BYTES);
         buf[128..128 + n].copy_from_slice(&name[..n]);
+        put_u64(&mut buf, NODE_ID_AT, self.node_id);
         seal(&mut buf, CRC_AT);
         buf
     }
@@ -166,6 +174,7 @@ impl Superblock {
             },
             created_us: u64_at(buf, 120),
             device_name,
+            node_id: u64_at(buf, NODE_ID_AT),
         };
         sb.validate().map_err(bad)?;
         Ok(sb)
@@ -307,6 +316,7 @@ mod tests {
             raw: RawGeometry::default(),
             created_us: 0,
             device_name: "xdb0".into(),
+            node_id: 0,
         })
     }
 
@@ -315,6 +325,10 @@ mod tests {
         let sb = sample();
         let buf = sb.encode(2);
         assert_eq!(Superblock::decode(&buf, "t").expect("decode"), sb);
+        let bound = Superblock { node_id: 7, ..sample() };
+        let buf = bound.encode(1);
+        assert_eq!(u64_at(&buf, 160), 7, "the node id lies after the name");
+        assert_eq!(Superblock::decode(&buf, "t").expect("decode").node_id, 7);
     }
 
     #[test]

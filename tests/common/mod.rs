@@ -37,6 +37,7 @@ pub fn inline_config() -> EngineConfig {
             mode: CommitMode::Inline,
         },
         fill_segments: false,
+        node_id: None,
     }
 }
 

@@ -99,6 +99,10 @@ impl FileDisk {
 }
 
 impl Disk for FileDisk {
+    fn lock(&self) -> io::Result<super::lock::Hold> {
+        super::lock::lock_device(&self.opened.path)
+    }
+
     fn describe(&self) -> String {
         self.opened.path.display().to_string()
     }

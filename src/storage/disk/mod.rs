@@ -9,6 +9,7 @@
 
 mod aligned;
 mod file;
+pub mod lock;
 mod sim;
 mod uring;
 mod volume;
@@ -47,6 +48,10 @@ pub trait Disk: Send + Sync + fmt::Debug {
         self.write_at(offset, buf)?;
         self.sync_data()
     }
+    /// Takes this process's exclusive hold on the store this disk holds (a raw device), for as
+    /// long as the returned guard lives; `ErrorKind::WouldBlock`, naming the holder, while
+    /// another process (or another open in this one) has it.
+    fn lock(&self) -> io::Result<lock::Hold>;
 }
 
 /// A namespace of disks: a data directory, or the simulator's model of one.
@@ -66,6 +71,8 @@ pub trait Volume: Send + Sync + fmt::Debug {
     fn list(&self) -> io::Result<Vec<String>>;
     /// Makes creations and removals durable (fsync of the directory).
     fn sync(&self) -> io::Result<()>;
+    /// Takes this process's exclusive hold on the store named `name` here, as `Disk::lock`.
+    fn lock(&self, name: &str) -> io::Result<lock::Hold>;
 }
 
 /// Which system-call path a real disk uses.
@@ -144,6 +151,9 @@ impl RegionDisk {
 }
 
 impl Disk for RegionDisk {
+    fn lock(&self) -> io::Result<lock::Hold> {
+        self.inner.lock()
+    }
     fn describe(&self) -> String {
         format!("{} ({} region at byte {})", self.inner.describe(), self.name, self.base)
     }

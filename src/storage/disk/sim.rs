@@ -452,6 +452,11 @@ impl fmt::Debug for SimDisk {
 }
 
 impl Disk for SimDisk {
+    /// The simulator lives in this process's memory: no other process can reach it.
+    fn lock(&self) -> io::Result<super::lock::Hold> {
+        Ok(super::lock::Hold::private())
+    }
+
     fn describe(&self) -> String {
         format!("sim:{}", self.name)
     }
@@ -649,6 +654,11 @@ impl fmt::Debug for SimVolume {
 }
 
 impl Volume for SimVolume {
+    /// The simulator lives in this process's memory: no other process can reach it.
+    fn lock(&self, _name: &str) -> io::Result<super::lock::Hold> {
+        Ok(super::lock::Hold::private())
+    }
+
     fn describe(&self) -> String {
         format!("sim:{}", self.name)
     }

@@ -121,6 +121,10 @@ impl UringDisk {
 }
 
 impl Disk for UringDisk {
+    fn lock(&self) -> io::Result<super::lock::Hold> {
+        super::lock::lock_device(&self.opened.path)
+    }
+
     fn describe(&self) -> String {
         self.opened.path.display().to_string()
     }

@@ -112,6 +112,11 @@ impl super::Volume for DirVolume {
         self.dir.display().to_string()
     }
 
+    /// `{name}.lock` in the directory, holding the holder's pid.
+    fn lock(&self, name: &str) -> io::Result<super::lock::Hold> {
+        super::lock::lock_file(&self.dir.join(format!("{name}.lock")))
+    }
+
     /// `len_bytes` must be a multiple of `IO_ALIGN`. A failure after the file was created
     /// removes it again, so a retry can succeed.
     fn create(&self, name: &str, len_bytes: u64, fill: bool) -> io::Result<Arc<dyn Disk>> {
