@@ -8,6 +8,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// Held while the store is in use; dropping it (or the process ending) releases the lock.
 #[derive(Debug)]
@@ -24,11 +25,31 @@ impl Hold {
     }
 }
 
+/// How long a lock this process itself seems to hold is waited for. A lock released by this
+/// process stays held while a child it is spawning (from any thread) is between its fork and its
+/// exec, which closes the child's copy of every descriptor; a real second open in this process is
+/// still refused, after this long.
+const OWN_RELEASE: Duration = Duration::from_secs(1);
+
 /// Locks a directory store through its lock file `path` (created if missing), and writes this
 /// process's id into it for the next one to name. Refused with `ErrorKind::WouldBlock`, naming
 /// the holder's pid, while another open file holds it (another process, or another open in
 /// this one).
 pub fn lock_file(path: &Path) -> io::Result<Hold> {
+    let deadline = Instant::now() + OWN_RELEASE;
+    loop {
+        match try_lock_file(path) {
+            Err((e, Some(pid))) if pid == std::process::id() && Instant::now() < deadline => {
+                drop(e);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            other => return other.map_err(|(e, _)| e),
+        }
+    }
+}
+
+/// One attempt; a refusal carries the holder's pid when the lock file names one.
+fn try_lock_file(path: &Path) -> Result<Hold, (io::Error, Option<u32>)> {
     let mut file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -36,25 +57,28 @@ pub fn lock_file(path: &Path) -> io::Result<Hold> {
         .truncate(false)
         .mode(0o644)
         .custom_flags(libc::O_CLOEXEC)
-        .open(path)?;
+        .open(path)
+        .map_err(|e| (e, None))?;
     if let Err(e) = try_flock(&file) {
         if e.kind() != io::ErrorKind::WouldBlock {
-            return Err(e);
+            return Err((e, None));
         }
         let mut text = String::new();
         let _ = file.read_to_string(&mut text);
-        let holder = match text.trim().parse::<u32>() {
-            Ok(pid) => describe_pid(pid),
-            Err(_) => "another process".to_string(),
-        };
-        return Err(io::Error::new(
+        let pid = text.trim().parse::<u32>().ok();
+        let holder = pid.map_or_else(|| "another process".to_string(), describe_pid);
+        let e = io::Error::new(
             io::ErrorKind::WouldBlock,
             format!("in use by {holder} (lock {})", path.display()),
-        ));
+        );
+        return Err((e, pid));
     }
-    file.set_len(0)?;
-    file.seek(SeekFrom::Start(0))?;
-    writeln!(file, "{}", std::process::id())?;
+    let stamp = |file: &mut File| -> io::Result<()> {
+        file.set_len(0)?;
+        file.seek(SeekFrom::Start(0))?;
+        writeln!(file, "{}", std::process::id())
+    };
+    stamp(&mut file).map_err(|e| (e, None))?;
     Ok(Hold { _file: Some(file), path: Some(path.to_path_buf()) })
 }
 
@@ -62,13 +86,19 @@ pub fn lock_file(path: &Path) -> io::Result<Hold> {
 /// names the processes that have the device open (from /proc).
 pub fn lock_device(path: &Path) -> io::Result<Hold> {
     let file = OpenOptions::new().read(true).custom_flags(libc::O_CLOEXEC).open(path)?;
-    if let Err(e) = try_flock(&file) {
+    let deadline = Instant::now() + OWN_RELEASE;
+    while let Err(e) = try_flock(&file) {
         if e.kind() != io::ErrorKind::WouldBlock {
             return Err(e);
         }
         let holders = openers(path);
+        if holders.is_empty() && Instant::now() < deadline {
+            // No other process has it open: this one holds it (or just released it).
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
+        }
         let holder = if holders.is_empty() {
-            "another process".to_string()
+            describe_pid(std::process::id())
         } else {
             holders.into_iter().map(describe_pid).collect::<Vec<_>>().join(", ")
         };
