@@ -1,6 +1,6 @@
 //! `cache-memory`: resident memory of the serving process while `XDEVICE_CACHE_MEMORY_GIB`
 //! (default 10) GiB are written through a device whose hot cache is `XDEVICE_CACHE_MEMORY_MIB`
-//! (default 256) MiB, against the goal of DESIGN.md §4: resident memory ≤ cache + 64 MiB.
+//! (default 256) MiB, against the goal: resident memory ≤ cache + 64 MiB.
 //!
 //! The serving process is this one, set up as `xdevice serve` sets up the embedded default:
 //! three replicas in one process (jemalloc as configured in `xdevice::MALLOC_CONF`, data directories on the repository's file system, io_uring,

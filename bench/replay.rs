@@ -1,5 +1,5 @@
 //! `replay`: time to reopen a store whose WAL holds `XDEVICE_REPLAY_GIB` GiB, against fio reading
-//! the same bytes sequentially (DESIGN.md §4: ≤ 1.5×).
+//! the same bytes sequentially (goal: ≤ 1.5×).
 //!
 //! The WAL is written with 64 KiB random (incompressible) entries, compression off (so the scan
 //! measures I/O and checksums, not lz4) and large segments, then the engine is closed. With no

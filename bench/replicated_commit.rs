@@ -1,6 +1,6 @@
 //! `replicated-commit`: commit latency of an 8 KiB write + flush on three replicas, one writer,
 //! against fio's 8 KiB write + fdatasync p50 plus a measured TCP round trip p50 on loopback
-//! (DESIGN.md §4: p50 ≤ 1.3×); and write + flush pairs per second with 64 concurrent writers,
+//! (goal: p50 ≤ 1.3×); and write + flush pairs per second with 64 concurrent writers,
 //! beside the fdatasyncs per second of the same disk.
 //!
 //! Three `xdevice node` processes run on 127.0.0.1, .2 and .3, each with a freshly formatted

@@ -2,7 +2,7 @@
 //! repository's file system, fio (run, parse, pool histograms), latency percentiles, engine setup,
 //! and the `target/bench/<name>.json` report.
 //!
-//! Every benchmark follows DESIGN.md §4: its goal is a ratio against a reference measured in the
+//! Every benchmark follows one rule: its goal is a ratio against a reference measured in the
 //! same run, on the same file system, so noise from a shared machine hits both sides. To make that
 //! hold on a cloud disk whose flush latency swings by an order of magnitude from minute to minute,
 //! the benchmarks interleave reference and xdevice phases in rounds rather than running one after

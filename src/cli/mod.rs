@@ -2,11 +2,9 @@
 //! Errors carry context with `anyhow`; nothing here decides storage policy.
 
 pub mod demo;
-pub mod metrics;
 pub mod node;
 pub mod serve;
 pub mod size;
-pub mod target;
 
 use std::path::PathBuf;
 use std::sync::Arc;

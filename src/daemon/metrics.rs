@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::serve::DeviceStatus;
+use super::status::DeviceStatus;
 
 const MAX_HEAD: usize = 8 << 10;
 const READ_LIMIT: Duration = Duration::from_secs(5);
@@ -81,7 +81,7 @@ pub fn render(s: &DeviceStatus) -> String {
         &one(s.pipeline.unconfirmed_bytes as u64),
     );
     family("leader", "gauge", "The leading replica's id, 0 if none.", &one(s.leader.unwrap_or(0)));
-    let per_replica = |f: &dyn Fn(&super::serve::ReplicaStatus) -> Option<u64>| {
+    let per_replica = |f: &dyn Fn(&super::status::ReplicaStatus) -> Option<u64>| {
         s.replicas
             .iter()
             .filter_map(|r| f(r).map(|v| (format!("{dev},replica=\"{}\"", r.id), v as f64)))
@@ -192,7 +192,7 @@ fn route(head: &[u8], status: &dyn Fn() -> DeviceStatus) -> (u16, String) {
 mod tests {
     use super::*;
     use crate::cache::CacheStats;
-    use crate::cli::serve::ReplicaStatus;
+    use crate::daemon::status::ReplicaStatus;
     use crate::device::{CacheMode, DeviceStats, PipelineStats};
 
     fn status() -> DeviceStatus {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use xdevice_ublk::{Done, Io, IoError, Reply, Target};
 
-use crate::device::Device;
+use crate::device::{Device, DeviceError};
 
 /// The device as a ublk target.
 #[derive(Debug)]
@@ -65,6 +65,25 @@ impl Target for DeviceTarget {
             Io::WriteZeroes { offset, len, fua } => {
                 self.device.submit_discard(offset, u64::from(len), fua, answer(done))
             }
+        }
+    }
+}
+
+/// The frontend's error for each device error, at the frontend's boundary (the device layer does
+/// not know the frontend); `xdevice_ublk::IoError::errno` is the one place errors become errnos.
+impl From<DeviceError> for xdevice_ublk::IoError {
+    fn from(e: DeviceError) -> Self {
+        use xdevice_ublk::IoError;
+        match e {
+            DeviceError::OutOfRange { offset, len, size } => {
+                IoError::OutOfRange { offset, len, size }
+            }
+            DeviceError::Misaligned { offset, len, block } => {
+                IoError::Misaligned { offset, len, block }
+            }
+            DeviceError::Timeout(d) => IoError::Timeout(format!("not committed within {d:?}")),
+            DeviceError::Read(e) => IoError::Io(e),
+            DeviceError::Closed => IoError::Closed,
         }
     }
 }

@@ -21,7 +21,7 @@ use crate::storage::layout::Location;
 use crate::storage::StorageError;
 
 /// Each embedded replica's cache of decoded log entries: the replicas share one process and its
-/// memory budget (DESIGN.md §4: resident ≤ hot cache + 64 MiB), and in-process followers run
+/// memory budget (the goal: resident ≤ hot cache + 64 MiB), and in-process followers run
 /// within a proposal or two (4 MiB each) of the leader, so a small cache still serves
 /// replication from memory.
 pub const EMBEDDED_LOG_CACHE_BYTES: usize = 16 << 20;

@@ -150,25 +150,6 @@ pub enum DeviceError {
     Closed,
 }
 
-/// The frontend's error for each device error; `xdevice_ublk::IoError::errno` is the one place
-/// errors become errnos.
-impl From<DeviceError> for xdevice_ublk::IoError {
-    fn from(e: DeviceError) -> Self {
-        use xdevice_ublk::IoError;
-        match e {
-            DeviceError::OutOfRange { offset, len, size } => {
-                IoError::OutOfRange { offset, len, size }
-            }
-            DeviceError::Misaligned { offset, len, block } => {
-                IoError::Misaligned { offset, len, block }
-            }
-            DeviceError::Timeout(d) => IoError::Timeout(format!("not committed within {d:?}")),
-            DeviceError::Read(e) => IoError::Io(e),
-            DeviceError::Closed => IoError::Closed,
-        }
-    }
-}
-
 /// What completes a request: the frontend's answer, or an async caller's channel. Run after the
 /// device's lock is released.
 pub type Completion = Box<dyn FnOnce(Result<(), DeviceError>) + Send>;

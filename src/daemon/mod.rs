@@ -1,0 +1,373 @@
+//! The serving daemon behind `xdevice serve` and `xdevice recover`: a replicated device served
+//! as `/dev/ublkbN` on the embedded default (every replica in this process, each in its own data
+//! directory), re-attached after a daemon crash, and reported on (`status`, `metrics`). The
+//! command line (`src/cli`) parses and checks flags and calls `serve` or `recover` here.
+//!
+//! The daemon:
+//! 1. moves into its own mount namespace (private propagation) before any thread exists, so a
+//!    file system later mounted on its own device never appears in its namespace and its exit
+//!    cannot block on unmounting it;
+//! 2. opens (or formats) the replicas, waits for a leader, starts the device pipeline;
+//! 3. serves the device through `xdevice_ublk` (created with user recovery), answering each
+//!    request from the async runtime;
+//! 4. prints the device path on stdout once it is live, and answers `status` on a unix socket
+//!    in the run directory;
+//! 5. on SIGTERM or SIGINT stops the device (the kernel drains in-flight I/O first), waits for
+//!    every accepted write to commit, and stops the replicas.
+//!
+//! `DIR/serve.json` records what was served from `DIR` (device number, replicas, mode, shape).
+//! If the daemon dies, the kernel keeps the device quiesced, holding its I/O; `serve` or
+//! `recover` on the same `DIR` re-attaches (after the replicas recover from their WALs), and
+//! the kernel reissues what the dead daemon held.
+
+pub mod metrics;
+pub mod mount;
+pub mod record;
+pub mod status;
+pub mod target;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::device::local::{Embedded, EmbeddedOptions};
+use crate::device::{CacheMode, Device, DeviceConfig};
+use crate::replication::node::RaftTuning;
+use crate::storage::disk::Backend;
+use crate::storage::engine::{EngineConfig, FormatOptions};
+use mount::private_mount_namespace;
+use record::{Record, RECORD};
+use status::{start_status_socket, Served};
+use target::DeviceTarget;
+
+/// Where status sockets go unless told otherwise.
+pub const DEFAULT_RUN_DIR: &str = "/run/xdevice";
+
+/// How the daemon runs, whatever it serves.
+#[derive(Clone, Debug)]
+pub struct Daemon {
+    /// I/O backend of the replicas' stores.
+    pub backend: Backend,
+    /// Where the status socket goes.
+    pub run_dir: PathBuf,
+    pub tuning: RaftTuning,
+    /// Proposals in flight (`DeviceConfig::max_inflight_proposals`).
+    pub inflight: usize,
+    /// The hot cache's size.
+    pub cache: u64,
+    /// The largest read-ahead window.
+    pub readahead: u64,
+    /// Where Prometheus metrics are served, if anywhere.
+    pub metrics: Option<std::net::SocketAddr>,
+}
+
+/// What `xdevice serve` asks for: the data directory, and for a new device its shape (an
+/// existing one keeps its replicas and size; its mode and queue shape may change between runs).
+#[derive(Clone, Debug)]
+pub struct ServeRequest {
+    pub dir: PathBuf,
+    pub size: Option<u64>,
+    pub replicas: Option<u64>,
+    pub mode: Option<CacheMode>,
+    pub queues: u16,
+    pub depth: u16,
+    pub max_io: u32,
+    /// The device number N of /dev/ublkbN (default: the recorded one, else the first free).
+    pub id: Option<u32>,
+}
+
+/// Serves the device of `req.dir` until SIGTERM or SIGINT: re-attaches to the device the
+/// directory served if the kernel still holds it quiesced (a crashed daemon's), else creates
+/// one. The caller has checked the request's values.
+pub fn serve(args: ServeRequest, daemon: Daemon) -> Result<()> {
+    let max_io = args.max_io;
+    let existing = match args.dir.canonicalize() {
+        Ok(dir) => Record::load(&dir)?,
+        Err(_) => None,
+    };
+    require_ublk()?;
+    private_mount_namespace()?;
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("creating data directory {}", args.dir.display()))?;
+    let dir = args.dir.canonicalize()?;
+    let original = existing.clone();
+    let mut record = match existing {
+        Some(r) => {
+            let check = |what: &str, given: Option<String>, have: String| -> Result<()> {
+                match given {
+                    Some(g) if g != have => bail!(
+                        "{} already holds a device with {what} {have}; --{what} {g} cannot change it",
+                        dir.display()
+                    ),
+                    _ => Ok(()),
+                }
+            };
+            check("replicas", args.replicas.map(|r| r.to_string()), r.replicas.to_string())?;
+            check("size", args.size.map(|s| s.to_string()), r.size_bytes.to_string())?;
+            let mut r = r;
+            // Mode and queue shape may change between runs of a stopped device.
+            if let Some(mode) = args.mode {
+                r.mode = mode;
+            }
+            r.queues = args.queues;
+            r.depth = args.depth;
+            r.max_io_bytes = max_io;
+            r
+        }
+        None => Record {
+            serve_uuid: uuid::Uuid::new_v4(),
+            ublk_id: None,
+            replicas: args.replicas.unwrap_or(3),
+            mode: args.mode.unwrap_or(CacheMode::Writeback),
+            size_bytes: args.size.unwrap_or(1 << 30),
+            block_bytes: 4096,
+            queues: args.queues,
+            depth: args.depth,
+            max_io_bytes: max_io,
+        },
+    };
+    // Re-attach if the device this directory served is still there, quiesced.
+    let wanted = args.id.or(record.ublk_id);
+    let mut recover = false;
+    if let Some(id) = wanted {
+        if let Some(info) = xdevice_ublk::device_info(id)? {
+            let ours = info.owner.as_ref() == Some(&record.owner(&dir));
+            match (ours, info.state) {
+                (true, "quiesced") => recover = true,
+                (true, state) => bail!(
+                    "/dev/ublkb{id} from {} is already {state}, served by pid {}",
+                    dir.display(),
+                    info.daemon_pid
+                ),
+                (false, _) if args.id.is_some() => {
+                    bail!("/dev/ublkb{id} exists and belongs to another daemon")
+                }
+                (false, _) => {}
+            }
+        }
+    }
+    let id = if recover {
+        wanted
+    } else {
+        args.id
+            .or(record.ublk_id)
+            .filter(|i| xdevice_ublk::device_info(*i).ok().flatten().is_none())
+    };
+    if recover {
+        // The kernel keeps the device's shape (queues, depth, limits, cache mode): serve it as
+        // it was created, whatever the flags of this run say.
+        if let Some(original) = original {
+            record = original;
+        }
+        eprintln!(
+            "xdevice: /dev/ublkb{} was left by a stopped daemon: re-attaching as it was created \
+             ({:?}, {} queue(s) x {})",
+            id.unwrap_or(0),
+            record.mode,
+            record.queues,
+            record.depth
+        );
+    }
+    serve_device(dir, record, id, recover, daemon)
+}
+
+/// Re-attaches to the device `dir` served, which a crashed daemon left quiesced in the kernel.
+pub fn recover(given: &Path, daemon: Daemon) -> Result<()> {
+    let dir =
+        given.canonicalize().with_context(|| format!("data directory {}", given.display()))?;
+    let Some(record) = Record::load(&dir)? else {
+        bail!("{} has no {RECORD}: nothing was served from it", dir.display());
+    };
+    let Some(id) = record.ublk_id else {
+        bail!("{} never served a device", dir.display());
+    };
+    require_ublk()?;
+    private_mount_namespace()?;
+    let Some(info) = xdevice_ublk::device_info(id)? else {
+        bail!(
+            "/dev/ublkb{id} (served from {}) no longer exists; start it with `xdevice serve`",
+            dir.display()
+        );
+    };
+    if info.owner.as_ref() != Some(&record.owner(&dir)) {
+        bail!("/dev/ublkb{id} belongs to another daemon, not to {}", dir.display());
+    }
+    if info.state != "quiesced" {
+        bail!(
+            "/dev/ublkb{id} is {}, not quiesced: its daemon (pid {}) is still running, or the \
+             driver has not noticed it died yet",
+            info.state,
+            info.daemon_pid
+        );
+    }
+    serve_device(dir, record, Some(id), true, daemon)
+}
+
+/// Refuses to go on without root and the ublk driver.
+pub fn require_ublk() -> Result<()> {
+    if nix::unistd::geteuid().as_raw() != 0 {
+        bail!("serving a ublk device needs root");
+    }
+    if !xdevice_ublk::available() {
+        bail!(
+            "/dev/ublk-control is missing: this kernel has no ublk driver loaded (modprobe \
+             ublk_drv; on a kernel without ublk, `make run` shows the device in a guest kernel)"
+        );
+    }
+    Ok(())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("xdevice")
+        .build()
+        .context("starting the async runtime")
+}
+
+fn serve_device(
+    dir: PathBuf,
+    mut record: Record,
+    id: Option<u32>,
+    recover: bool,
+    daemon: Daemon,
+) -> Result<()> {
+    let Daemon { backend, run_dir, tuning, inflight, cache, readahead, metrics } = daemon;
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let started = Instant::now();
+        // Bound before anything starts, so a taken address fails the start with nothing made.
+        let metrics = match metrics {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("--metrics {addr}: cannot listen"))?,
+            ),
+            None => None,
+        };
+        let opts = EmbeddedOptions {
+            dir: dir.clone(),
+            replicas: record.replicas,
+            format: FormatOptions {
+                device_name: "xdb0".into(),
+                device_bytes: Some(record.size_bytes),
+                block_bytes: record.block_bytes,
+                segment_bytes: 64 << 20,
+                ..FormatOptions::default()
+            },
+            engine: EngineConfig { fill_segments: true, ..EngineConfig::default() },
+            backend,
+            tuning,
+            log_cache_bytes: crate::device::local::EMBEDDED_LOG_CACHE_BYTES,
+        };
+        let embedded = Embedded::start(opts).await.context("starting the replicas")?;
+        let leader = embedded.wait_leader(Duration::from_secs(30)).await?;
+        let sb = leader.engine.superblock().clone();
+        record.size_bytes = sb.device_bytes;
+        record.block_bytes = sb.block_bytes;
+        let cfg = DeviceConfig::new(
+            sb.block_bytes,
+            sb.device_bytes / u64::from(sb.block_bytes),
+            record.mode,
+        );
+        let cfg = DeviceConfig {
+            max_inflight_proposals: inflight,
+            cache_bytes: cache,
+            readahead_bytes: readahead,
+            ..cfg
+        };
+        let device = Device::start(cfg, embedded.clone());
+
+        let geometry = record.geometry();
+        let ublk_cfg = xdevice_ublk::Config {
+            id,
+            queues: record.queues,
+            depth: record.depth,
+            geometry,
+            owner: record.owner(&dir),
+        };
+        let target = Arc::new(DeviceTarget::new(device.clone()));
+        let (live_tx, live_rx) = tokio::sync::oneshot::channel();
+        let server = std::thread::Builder::new().name("ublk".into()).spawn(move || {
+            xdevice_ublk::serve(&ublk_cfg, recover, target, move |live| {
+                let _ = live_tx.send(live);
+            })
+        })?;
+        let live = match live_rx.await {
+            Ok(live) => live,
+            Err(_) => {
+                let err = match server.join() {
+                    Ok(Err(e)) => anyhow::Error::new(e),
+                    Ok(Ok(())) => anyhow::anyhow!("the device stopped before it was live"),
+                    Err(_) => anyhow::anyhow!("the ublk thread panicked"),
+                };
+                device.close();
+                embedded.shutdown().await?;
+                return Err(err);
+            }
+        };
+        record.ublk_id = Some(live.id);
+        record.store(&dir)?;
+        let served = Arc::new(Served {
+            record: record.clone(),
+            dir: dir.clone(),
+            id: live.id,
+            recovered: live.recovered,
+            started,
+            embedded: embedded.clone(),
+            device: device.clone(),
+        });
+        let socket = start_status_socket(&run_dir, live.id, served.clone()).await;
+        if let Some(listener) = metrics {
+            let served = served.clone();
+            let status = Arc::new(move || served.status());
+            tokio::spawn(metrics::serve(listener, status));
+        }
+        tracing::info!(
+            "serving {} ({} bytes, {:?}, {} replicas) from {} in {:.2}s",
+            live.path,
+            record.size_bytes,
+            record.mode,
+            record.replicas,
+            dir.display(),
+            started.elapsed().as_secs_f64()
+        );
+        println!("{}", live.path);
+        use std::io::Write;
+        std::io::stdout().flush()?;
+
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        let server_done = tokio::task::spawn_blocking(move || server.join());
+        tokio::pin!(server_done);
+        let stopped_by_signal = tokio::select! {
+            _ = term.recv() => true,
+            _ = int.recv() => true,
+            _ = &mut server_done => false,
+        };
+        if stopped_by_signal {
+            eprintln!("xdevice: stopping {}", live.path);
+            let id = live.id;
+            tokio::task::spawn_blocking(move || xdevice_ublk::stop(id)).await??;
+            match (&mut server_done).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => tracing::warn!("ublk: {e}"),
+                _ => tracing::warn!("the ublk thread ended abnormally"),
+            }
+        } else {
+            eprintln!("xdevice: {} was removed from outside", live.path);
+        }
+        // Everything completed must be committed before the replicas stop.
+        let flushed = device.flush().await;
+        device.close();
+        embedded.shutdown().await?;
+        if let Some(path) = socket {
+            let _ = std::fs::remove_file(path);
+        }
+        flushed.context("committing the writes accepted before the stop")?;
+        eprintln!("xdevice: {} stopped; every completed write is durable", live.path);
+        Ok(())
+    })
+}
