@@ -304,3 +304,29 @@ fn the_engine_holds_its_store_and_checks_its_node() {
     assert_eq!(engine.superblock().seq, seq, "a refused open rewrote the superblock");
     assert_eq!(engine.superblock().node_id, 3);
 }
+
+/// The embedded mode does not bring back a replica whose store is gone as a blank voter: with
+/// one replica's directory emptied, the start is refused naming it, and nothing is formatted.
+#[test]
+fn a_lost_embedded_replica_is_not_reformatted_as_a_voter() {
+    let base = tempfile::tempdir().unwrap();
+    runtime().block_on(async {
+        let opts = common::embedded_options(base.path(), 3);
+        let cluster = xdevice::device::local::Embedded::start(opts.clone()).await.unwrap();
+        cluster.wait_leader(Duration::from_secs(5)).await.unwrap();
+        cluster.shutdown().await.unwrap();
+        drop(cluster);
+        let lost = base.path().join("replica-2");
+        for f in std::fs::read_dir(&lost).unwrap() {
+            std::fs::remove_file(f.unwrap().path()).unwrap();
+        }
+        let kept = listing(&base.path().join("replica-1"));
+        let e = xdevice::device::local::Embedded::start(opts).await.unwrap_err().to_string();
+        assert!(e.contains("replica(s) [2]") && e.contains("nothing was started"), "{e}");
+        assert!(
+            std::fs::read_dir(&lost).unwrap().next().is_none(),
+            "the lost replica was formatted"
+        );
+        assert_eq!(listing(&base.path().join("replica-1")), kept, "replica 1 changed");
+    });
+}

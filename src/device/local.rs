@@ -104,6 +104,7 @@ impl Embedded {
             proposed: Arc::new(tokio::sync::Notify::new()),
         });
         tokio::spawn(leadership_watch(Arc::downgrade(&embedded), embedded.proposed.clone()));
+        embedded.refuse_lost_replicas()?;
         let mut fresh = false;
         for id in 1..=embedded.opts.replicas {
             fresh |= embedded.start_replica(id).await?;
@@ -118,6 +119,46 @@ impl Embedded {
                 .await?;
         }
         Ok(embedded)
+    }
+
+    /// Whether replica `id`'s store exists (looked at without creating anything).
+    fn store_exists(&self, id: NodeId) -> anyhow::Result<bool> {
+        let name = &self.opts.format.device_name;
+        Ok(match &self.volumes {
+            Some(volumes) => {
+                let volume = volumes
+                    .get((id - 1) as usize)
+                    .ok_or_else(|| anyhow::anyhow!("no volume for replica {id}"))?;
+                crate::storage::layout::devices_in(&**volume)?.contains(name)
+            }
+            None => replica_dir(&self.opts.dir, id)
+                .join(crate::storage::layout::superblock_file(name))
+                .exists(),
+        })
+    }
+
+    /// Refuses to start when some replicas' stores exist and others are gone (a lost disk or
+    /// a removed directory). A replica formatted afresh would come back with an empty log and
+    /// no vote, as a voter: it would grant its vote to a replica missing entries it had
+    /// acknowledged, and with one more fault a completed write could be voted away. Rebuilding
+    /// a lost replica safely takes a membership change (it rejoins as a learner under a new id),
+    /// which the embedded mode does not do yet; until then nothing is started or formatted.
+    fn refuse_lost_replicas(&self) -> anyhow::Result<()> {
+        let ids = 1..=self.opts.replicas;
+        let present =
+            ids.clone().map(|id| self.store_exists(id)).collect::<anyhow::Result<Vec<_>>>()?;
+        let missing: Vec<NodeId> =
+            ids.zip(&present).filter(|(_, p)| !**p).map(|(id, _)| id).collect();
+        if present.iter().any(|p| *p) && !missing.is_empty() {
+            anyhow::bail!(
+                "the store of replica(s) {missing:?} under {} is gone while the other replicas \
+                 hold the device; a replica formatted afresh could vote away writes it had \
+                 acknowledged, and rebuilding one (as a learner under a new id) is not supported \
+                 yet: nothing was started. Restore the replica's directory to serve the device.",
+                self.opts.dir.display()
+            );
+        }
+        Ok(())
     }
 
     fn location(&self, id: NodeId) -> anyhow::Result<Location> {
