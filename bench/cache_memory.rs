@@ -97,6 +97,7 @@ fn main() -> Result<()> {
         backend: Backend::Uring,
         tuning: RaftTuning::default(),
         log_cache_bytes: EMBEDDED_LOG_CACHE_BYTES,
+        replica_dirs: Vec::new(),
     };
     let embedded = rt.block_on(Embedded::start(opts)).context("start the replicas")?;
     rt.block_on(embedded.wait_leader(Duration::from_secs(30)))?;

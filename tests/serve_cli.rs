@@ -36,6 +36,11 @@ fn bad_serve_flags_are_named_before_anything_is_created() {
         (&["--heartbeat-ms", "500", "--election-ms", "100-300"], "--heartbeat-ms"),
         (&["--election-ms", "300-100"], "MIN must be above 0 and below MAX"),
         (&["--mode", "sometimes"], "invalid value 'sometimes'"),
+        (
+            &["--replicas", "3", "--replica-dir", "/tmp/a", "--replica-dir", "/tmp/b"],
+            "2 --replica-dir given for --replicas 3",
+        ),
+        (&["--replica-dir", "/tmp/a", "--replica-dir", "/tmp/a"], "is given twice"),
     ];
     for (flags, needle) in cases {
         let mut args = vec!["serve", "--dir", d];
@@ -59,6 +64,53 @@ fn a_foreign_serve_record_is_refused_and_left_alone() {
         fails_with(&out, &record.display().to_string());
     }
     assert_eq!(std::fs::read(&record).unwrap(), b"{\"not\": \"ours\"}");
+}
+
+/// A device's replica directories are fixed when it is made: a later `serve` naming others is
+/// refused (before ublk is even looked for), and the record stays as it was.
+#[test]
+fn replica_directories_cannot_be_moved_by_a_later_serve() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    std::fs::create_dir(&dir).unwrap();
+    let d = dir.to_str().unwrap();
+    let disks: Vec<String> =
+        (1..=3).map(|i| tmp.path().join(format!("disk{i}")).display().to_string()).collect();
+    let record = |dirs: &[String]| {
+        serde_json::json!({
+            "serve_uuid": "8d6c1a52-6b6e-4c2a-9f3e-0d1c2b3a4f5e",
+            "ublk_id": 7,
+            "replicas": 3,
+            "mode": "writeback",
+            "size_bytes": 1073741824u64,
+            "block_bytes": 4096,
+            "queues": 1,
+            "depth": 64,
+            "max_io_bytes": 1048576,
+            "replica_dirs": dirs,
+        })
+        .to_string()
+    };
+    let path = dir.join("serve.json");
+    // Made on three disks: naming them in another order, or two of them, is refused.
+    std::fs::write(&path, record(&disks)).unwrap();
+    let swapped = ["serve", "--dir", d, "--replica-dir", &disks[1], "--replica-dir", &disks[0]];
+    let mut args = swapped.to_vec();
+    args.extend(["--replica-dir", &disks[2]]);
+    let out = xdevice(&args, tmp.path());
+    fails_with(&out, "--replica-dir cannot move");
+    fails_with(&out, &disks[0]);
+    let out = xdevice(&["serve", "--dir", d, "--replica-dir", &disks[0]], tmp.path());
+    fails_with(&out, "--replica-dir cannot move");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), record(&disks));
+    // Made in the default layout: it stays there.
+    std::fs::write(&path, record(&[])).unwrap();
+    let mut args = vec!["serve", "--dir", d];
+    for disk in &disks {
+        args.extend(["--replica-dir", disk.as_str()]);
+    }
+    fails_with(&xdevice(&args, tmp.path()), "replica-N; --replica-dir cannot move");
+    assert!(disks.iter().all(|p| !std::path::Path::new(p).exists()), "a replica dir was made");
 }
 
 #[test]

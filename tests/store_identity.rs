@@ -330,3 +330,57 @@ fn a_lost_embedded_replica_is_not_reformatted_as_a_voter() {
         assert_eq!(listing(&base.path().join("replica-1")), kept, "replica 1 changed");
     });
 }
+
+/// Replicas on directories of their own (one per disk): the device serves from them, and a
+/// restart with the directories swapped, or with one of another device's, is refused naming it.
+#[test]
+fn embedded_replicas_on_their_own_directories_are_checked_on_restart() {
+    use xdevice::device::local::Embedded;
+    use xdevice::device::{CacheMode, Device, DeviceConfig};
+    let base = tempfile::tempdir().unwrap();
+    let disks: Vec<_> = (1..=3).map(|i| base.path().join(format!("disk{i}"))).collect();
+    let mut opts = common::embedded_options(&base.path().join("dev"), 3);
+    opts.replica_dirs = disks.clone();
+    runtime().block_on(async {
+        let cluster = Embedded::start(opts.clone()).await.unwrap();
+        cluster.wait_leader(Duration::from_secs(5)).await.unwrap();
+        let blocks = cluster.device_bytes() / 4096;
+        let dev =
+            Device::start(DeviceConfig::new(4096, blocks, CacheMode::Writeback), cluster.clone());
+        dev.write(0, &[7u8; 8192], true).await.unwrap();
+        dev.close();
+        cluster.shutdown().await.unwrap();
+        drop((dev, cluster));
+        for disk in &disks {
+            assert!(disk.join("xdb0_meta_superblock").exists(), "no store in {}", disk.display());
+        }
+        assert!(!base.path().join("dev/replica-1").exists(), "the default layout was used");
+
+        // Replicas 1 and 2 swapped: replica 1 finds node 2's store.
+        let mut swapped = opts.clone();
+        swapped.replica_dirs.swap(0, 1);
+        let e = format!("{:#}", Embedded::start(swapped).await.unwrap_err());
+        assert!(e.contains("is the store of node 2") && e.contains("as node 1"), "{e}");
+
+        // Replica 3's directory taken from another device.
+        let other = base.path().join("other");
+        let mut foreign = common::embedded_options(&other, 3);
+        foreign.replica_dirs = (1..=3).map(|i| other.join(format!("d{i}"))).collect();
+        let c = Embedded::start(foreign.clone()).await.unwrap();
+        c.shutdown().await.unwrap();
+        drop(c);
+        let mut mixed = opts.clone();
+        mixed.replica_dirs[2] = foreign.replica_dirs[2].clone();
+        let e = format!("{:#}", Embedded::start(mixed).await.unwrap_err());
+        assert!(e.contains("holds a replica of another device"), "{e}");
+
+        // As made, it serves again with the write in place.
+        let cluster = Embedded::start(opts).await.unwrap();
+        cluster.wait_leader(Duration::from_secs(5)).await.unwrap();
+        let dev =
+            Device::start(DeviceConfig::new(4096, blocks, CacheMode::Writeback), cluster.clone());
+        assert_eq!(dev.read(0, 8192).await.unwrap(), vec![7u8; 8192]);
+        dev.close();
+        cluster.shutdown().await.unwrap();
+    });
+}

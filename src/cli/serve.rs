@@ -43,6 +43,11 @@ pub struct ServeArgs {
     /// Device number N of /dev/ublkbN (default: the one recorded in --dir, else the first free).
     #[arg(long)]
     pub id: Option<u32>,
+    /// A replica's data directory, once per replica in replica order, each on its own disk so
+    /// the device survives the loss of one (default: --dir/replica-N). Recorded in
+    /// serve.json when the device is made; later runs may leave it out, not change it.
+    #[arg(long = "replica-dir", value_name = "DIR")]
+    pub replica_dirs: Vec<PathBuf>,
     #[command(flatten)]
     pub daemon: DaemonArgs,
 }
@@ -147,6 +152,24 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
     if args.queues == 0 || args.depth == 0 || args.depth > 4096 {
         bail!("--queues must be at least 1 and --depth in 1..=4096");
     }
+    let replica_dirs = args
+        .replica_dirs
+        .iter()
+        .map(|d| std::path::absolute(d).with_context(|| format!("--replica-dir {}", d.display())))
+        .collect::<Result<Vec<_>>>()?;
+    if let (Some(n), false) = (args.replicas, replica_dirs.is_empty()) {
+        if replica_dirs.len() as u64 != n {
+            bail!(
+                "{} --replica-dir given for --replicas {n}: give one per replica",
+                replica_dirs.len()
+            );
+        }
+    }
+    for (i, d) in replica_dirs.iter().enumerate() {
+        if replica_dirs[..i].contains(d) {
+            bail!("--replica-dir {} is given twice: each replica needs its own", d.display());
+        }
+    }
     daemon::serve(
         ServeRequest {
             dir: args.dir,
@@ -157,6 +180,7 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
             depth: args.depth,
             max_io,
             id: args.id,
+            replica_dirs,
         },
         daemon,
     )

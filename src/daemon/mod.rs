@@ -76,6 +76,9 @@ pub struct ServeRequest {
     pub max_io: u32,
     /// The device number N of /dev/ublkbN (default: the recorded one, else the first free).
     pub id: Option<u32>,
+    /// Each replica's data directory (absolute), replica 1 first; empty: the recorded ones, or
+    /// for a new device `dir/replica-N`.
+    pub replica_dirs: Vec<PathBuf>,
 }
 
 /// Serves the device of `req.dir` until SIGTERM or SIGINT: re-attaches to the device the
@@ -87,25 +90,36 @@ pub fn serve(args: ServeRequest, daemon: Daemon) -> Result<()> {
         Ok(dir) => Record::load(&dir)?,
         Err(_) => None,
     };
-    require_ublk()?;
-    private_mount_namespace()?;
-    std::fs::create_dir_all(&args.dir)
-        .with_context(|| format!("creating data directory {}", args.dir.display()))?;
-    let dir = args.dir.canonicalize()?;
+    // The record is reconciled with the flags before anything is touched, ublk or not.
     let original = existing.clone();
+    let shown = args.dir.display();
     let mut record = match existing {
         Some(r) => {
             let check = |what: &str, given: Option<String>, have: String| -> Result<()> {
                 match given {
                     Some(g) if g != have => bail!(
-                        "{} already holds a device with {what} {have}; --{what} {g} cannot change it",
-                        dir.display()
+                        "{shown} already holds a device with {what} {have}; --{what} {g} cannot change it"
                     ),
                     _ => Ok(()),
                 }
             };
             check("replicas", args.replicas.map(|r| r.to_string()), r.replicas.to_string())?;
             check("size", args.size.map(|s| s.to_string()), r.size_bytes.to_string())?;
+            if !args.replica_dirs.is_empty() && args.replica_dirs != r.replica_dirs {
+                let had = if r.replica_dirs.is_empty() {
+                    format!("{shown}/replica-N")
+                } else {
+                    r.replica_dirs
+                        .iter()
+                        .map(|d| d.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                bail!(
+                    "{shown} already serves its replicas from {had}; --replica-dir cannot move \
+                     them (a replica's store stays where it was made)"
+                );
+            }
             let mut r = r;
             // Mode and queue shape may change between runs of a stopped device.
             if let Some(mode) = args.mode {
@@ -119,15 +133,24 @@ pub fn serve(args: ServeRequest, daemon: Daemon) -> Result<()> {
         None => Record {
             serve_uuid: uuid::Uuid::new_v4(),
             ublk_id: None,
-            replicas: args.replicas.unwrap_or(3),
+            replicas: args.replicas.unwrap_or(match args.replica_dirs.len() {
+                0 => 3,
+                n => n as u64,
+            }),
             mode: args.mode.unwrap_or(CacheMode::Writeback),
             size_bytes: args.size.unwrap_or(1 << 30),
             block_bytes: 4096,
             queues: args.queues,
             depth: args.depth,
             max_io_bytes: max_io,
+            replica_dirs: args.replica_dirs.clone(),
         },
     };
+    require_ublk()?;
+    private_mount_namespace()?;
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("creating data directory {}", args.dir.display()))?;
+    let dir = args.dir.canonicalize()?;
     // Re-attach if the device this directory served is still there, quiesced.
     let wanted = args.id.or(record.ublk_id);
     let mut recover = false;
@@ -261,6 +284,7 @@ fn serve_device(
             backend,
             tuning,
             log_cache_bytes: crate::device::local::EMBEDDED_LOG_CACHE_BYTES,
+            replica_dirs: record.replica_dirs.clone(),
         };
         let embedded = Embedded::start(opts).await.context("starting the replicas")?;
         let leader = embedded.wait_leader(Duration::from_secs(30)).await?;

@@ -26,6 +26,10 @@ pub struct Record {
     pub queues: u16,
     pub depth: u16,
     pub max_io_bytes: u32,
+    /// Each replica's data directory (absolute), replica 1 first; empty: `DIR/replica-N`.
+    /// Fixed when the device is made: a later run naming other directories is refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replica_dirs: Vec<std::path::PathBuf>,
 }
 
 impl Record {

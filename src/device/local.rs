@@ -2,7 +2,7 @@
 //! talking through in-process channels (`LocalRouter`), and a `Cluster` over them for the device.
 
 use openraft::async_runtime::WatchReceiver;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,10 +37,19 @@ pub struct EmbeddedOptions {
     pub tuning: RaftTuning,
     /// Each replica's cache of decoded recent log entries (`LogStore`).
     pub log_cache_bytes: usize,
+    /// Each replica's data directory, replica 1 first (one per disk, so the device survives
+    /// the loss of one); empty: `dir/replica-N` for replica N.
+    pub replica_dirs: Vec<PathBuf>,
 }
 
-fn replica_dir(base: &Path, id: NodeId) -> PathBuf {
-    base.join(format!("replica-{id}"))
+impl EmbeddedOptions {
+    /// Replica `id`'s data directory.
+    pub fn replica_dir(&self, id: NodeId) -> PathBuf {
+        match self.replica_dirs.get((id as usize).wrapping_sub(1)) {
+            Some(dir) => dir.clone(),
+            None => self.dir.join(format!("replica-{id}")),
+        }
+    }
 }
 
 /// Formats (first start) or opens every replica's store, starts them, and makes them one
@@ -60,6 +69,8 @@ pub struct Embedded {
     volumes: Option<Vec<Arc<dyn Volume>>>,
     /// Wakes `leadership_watch`: a proposal was handed to a leader.
     proposed: Arc<tokio::sync::Notify>,
+    /// The cluster id of the first replica store opened: every other must have the same.
+    cluster_id: Mutex<Option<uuid::Uuid>>,
 }
 
 impl std::fmt::Debug for Embedded {
@@ -93,6 +104,12 @@ impl Embedded {
         volumes: Option<Vec<Arc<dyn Volume>>>,
     ) -> anyhow::Result<Arc<Embedded>> {
         anyhow::ensure!(opts.replicas >= 1, "at least one replica is needed");
+        anyhow::ensure!(
+            opts.replica_dirs.is_empty() || opts.replica_dirs.len() as u64 == opts.replicas,
+            "{} replica directories given for {} replicas",
+            opts.replica_dirs.len(),
+            opts.replicas
+        );
         let router = Arc::new(LocalRouter::default());
         let embedded = Arc::new(Embedded {
             router,
@@ -102,12 +119,22 @@ impl Embedded {
             readers: ReaderPool::new(DEFAULT_READERS, "xdevice-read")?,
             volumes,
             proposed: Arc::new(tokio::sync::Notify::new()),
+            cluster_id: Mutex::new(None),
         });
         tokio::spawn(leadership_watch(Arc::downgrade(&embedded), embedded.proposed.clone()));
         embedded.refuse_lost_replicas()?;
         let mut fresh = false;
         for id in 1..=embedded.opts.replicas {
-            fresh |= embedded.start_replica(id).await?;
+            match embedded.start_replica(id).await {
+                Ok(formatted) => fresh |= formatted,
+                Err(e) => {
+                    // Stop the replicas already started: they hold their stores.
+                    if let Err(stop) = embedded.shutdown().await {
+                        tracing::warn!(error = %stop, "stopping the replicas started so far");
+                    }
+                    return Err(e.context(format!("starting replica {id}")));
+                }
+            }
         }
         if fresh {
             let members: Vec<(NodeId, String)> =
@@ -131,7 +158,9 @@ impl Embedded {
                     .ok_or_else(|| anyhow::anyhow!("no volume for replica {id}"))?;
                 crate::storage::layout::devices_in(&**volume)?.contains(name)
             }
-            None => replica_dir(&self.opts.dir, id)
+            None => self
+                .opts
+                .replica_dir(id)
                 .join(crate::storage::layout::superblock_file(name))
                 .exists(),
         })
@@ -150,19 +179,21 @@ impl Embedded {
         let missing: Vec<NodeId> =
             ids.zip(&present).filter(|(_, p)| !**p).map(|(id, _)| id).collect();
         if present.iter().any(|p| *p) && !missing.is_empty() {
+            let dirs: Vec<String> =
+                missing.iter().map(|id| self.opts.replica_dir(*id).display().to_string()).collect();
             anyhow::bail!(
-                "the store of replica(s) {missing:?} under {} is gone while the other replicas \
-                 hold the device; a replica formatted afresh could vote away writes it had \
+                "the store of replica(s) {missing:?} ({}) is gone while the other replicas hold \
+                 the device; a replica formatted afresh could vote away writes it had \
                  acknowledged, and rebuilding one (as a learner under a new id) is not supported \
                  yet: nothing was started. Restore the replica's directory to serve the device.",
-                self.opts.dir.display()
+                dirs.join(", ")
             );
         }
         Ok(())
     }
 
     fn location(&self, id: NodeId) -> anyhow::Result<Location> {
-        let dir = replica_dir(&self.opts.dir, id);
+        let dir = self.opts.replica_dir(id);
         std::fs::create_dir_all(&dir)?;
         let volume = match &self.volumes {
             Some(volumes) => volumes
@@ -186,9 +217,22 @@ impl Embedded {
             Err(StorageError::AlreadyFormatted(_)) => {}
             Err(e) => return Err(e.into()),
         }
-        let dir = replica_dir(&self.opts.dir, id);
+        let dir = self.opts.replica_dir(id);
         let engine = EngineConfig { node_id: Some(id), ..self.opts.engine.clone() };
         let replica = open_replica(&location, engine, &dir, self.opts.log_cache_bytes)?;
+        // Replicas of one device share its cluster id: a directory of another device's replica
+        // (a mixed-up --replica-dir) is refused before it joins.
+        let theirs = replica.engine.superblock().cluster_id;
+        {
+            let mut ours = self.cluster_id.lock().expect("cluster id lock");
+            match *ours {
+                Some(c) if c != theirs => anyhow::bail!(
+                    "{} holds a replica of another device (cluster {theirs}, not {c})",
+                    dir.display()
+                ),
+                _ => *ours = Some(theirs),
+            }
+        }
         let transport: Arc<dyn Transport> =
             Arc::new(LocalTransport { router: self.router.clone(), me: id });
         let node = Arc::new(Node::start(id, replica, transport, &self.opts.tuning).await?);

@@ -121,5 +121,6 @@ pub fn embedded_options(
             ..Default::default()
         },
         log_cache_bytes: xdevice::replication::log_store::DEFAULT_CACHE_BYTES,
+        replica_dirs: Vec::new(),
     }
 }
