@@ -222,6 +222,8 @@ fn format_refuses_foreign_files_and_devices_unless_forced() {
     let dir = base.path().join("d");
     std::fs::create_dir(&dir).unwrap();
     std::fs::write(dir.join("notes.txt"), b"not ours").unwrap();
+    // Named like a store's file, but none: never taken for a leftover of an interrupted format.
+    std::fs::write(dir.join("xdb0_notes"), b"not ours either").unwrap();
     std::fs::create_dir(dir.join("lost+found")).unwrap();
     let before = listing(&dir);
     let d = dir.to_str().unwrap();
@@ -232,9 +234,11 @@ fn format_refuses_foreign_files_and_devices_unless_forced() {
     let out = xdevice(&["format", "--force", "--size", "64M", "--dir", d]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(std::fs::read(dir.join("notes.txt")).unwrap(), b"not ours");
+    assert_eq!(std::fs::read(dir.join("xdb0_notes")).unwrap(), b"not ours either");
     // Without the stranger, a second device goes beside the first without --force: every file
     // there is xdevice's.
     std::fs::remove_file(dir.join("notes.txt")).unwrap();
+    std::fs::remove_file(dir.join("xdb0_notes")).unwrap();
     let out = xdevice(&["format", "--size", "64M", "--name", "xdb1", "--dir", d]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
@@ -254,6 +258,17 @@ fn format_refuses_foreign_files_and_devices_unless_forced() {
     let out =
         xdevice(&["format", "--force", "--segment-size", "1M", "--wal-slots", "4", "--device", p]);
     refused(&out, "already holds an xdevice store");
+    // A store whose every superblock copy is damaged is still a store: refused, even forced.
+    let mut damaged = std::fs::read(&dev).unwrap();
+    let len = damaged.len();
+    for copy in [0, 4096, len - 8192, len - 4096] {
+        damaged[copy + 100] ^= 0xff;
+    }
+    std::fs::write(&dev, &damaged).unwrap();
+    let out =
+        xdevice(&["format", "--force", "--segment-size", "1M", "--wal-slots", "4", "--device", p]);
+    refused(&out, "checksum mismatch");
+    assert_eq!(std::fs::read(&dev).unwrap(), damaged, "a damaged store was formatted over");
 }
 
 #[test]

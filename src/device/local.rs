@@ -185,7 +185,9 @@ impl Embedded {
                 "the store of replica(s) {missing:?} ({}) is gone while the other replicas hold \
                  the device; a replica formatted afresh could vote away writes it had \
                  acknowledged, and rebuilding one (as a learner under a new id) is not supported \
-                 yet: nothing was started. Restore the replica's directory to serve the device.",
+                 yet: nothing was started. Restore the replica's directory to serve the device \
+                 (or, if the device was never served, a first start having failed part-way, \
+                 empty every replica's directory and start again).",
                 dirs.join(", ")
             );
         }

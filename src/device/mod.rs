@@ -661,11 +661,13 @@ impl Device {
                     }
                 }
                 None => {
-                    let d = me.clone();
+                    let mut unfinished = Unfinished { dev: Some(me.clone()), epoch, last };
                     self.runtime.spawn(async move {
                         let outcome = handing.await;
-                        if d.handed_off(epoch, last, outcome) {
-                            d.pump();
+                        if let Some(d) = unfinished.dev.take() {
+                            if d.handed_off(epoch, last, outcome) {
+                                d.pump();
+                            }
                         }
                     });
                     return;
@@ -706,6 +708,24 @@ impl Device {
             d.pump();
         });
         false
+    }
+}
+
+/// A hand-off finishing in a task: if the task ends without finishing it (a panic in the
+/// cluster's `submit`, the runtime shutting down), the hand-off counts as failed, so `busy` is
+/// cleared and everything unconfirmed is proposed again, instead of the pipeline waiting on it
+/// for ever.
+struct Unfinished {
+    dev: Option<Arc<Device>>,
+    epoch: u64,
+    last: u64,
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if let Some(d) = self.dev.take() {
+            d.handed_off(self.epoch, self.last, Err("the hand-off ended unfinished".into()));
+        }
     }
 }
 

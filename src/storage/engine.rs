@@ -123,7 +123,7 @@ impl Engine {
             match location {
                 Location::Directory { volume, .. } => refuse_unrecognised_files(&**volume)?,
                 Location::Raw { disk } => {
-                    if superblock::choose(&layout::superblock_copies(location)?).is_err() {
+                    if !raw_store_present(location)? {
                         refuse_unrecognised_device(&**disk)?;
                     }
                 }
@@ -139,7 +139,7 @@ impl Engine {
                 (LayoutKind::Directory, RawGeometry::default(), bytes)
             }
             Location::Raw { disk } => {
-                if superblock::choose(&layout::superblock_copies(location)?).is_ok() {
+                if raw_store_present(location)? {
                     return Err(StorageError::AlreadyFormatted(format!(
                         "{} already holds an xdevice store",
                         disk.describe()
@@ -418,11 +418,15 @@ impl Engine {
         Ok(())
     }
 
-    /// Stops the WAL writer after committing what is queued, then releases the store: a task
-    /// still holding this engine while it winds down (openraft's, a monitor being aborted)
-    /// does not keep the store from being opened again, in this process or another.
+    /// Stops the WAL writer after committing what is queued, then refuses every later write
+    /// (image, Raft state; the closed WAL refuses appends) and releases the store: a task still holding this engine
+    /// while it winds down (openraft's state-machine worker or a snapshot build, a monitor being
+    /// aborted) does not keep the store from being opened again, in this process or another,
+    /// and can no longer write to it. (A write already past its check when `close` runs may
+    /// still finish: closing does not wait for one.)
     pub fn close(&self) -> Result<()> {
         let closed = self.wal.close();
+        self.poison.close();
         self.hold.lock().unwrap_or_else(|p| p.into_inner()).take();
         closed
     }
@@ -460,11 +464,35 @@ fn refuse_existing_dir(location: &Location, volume: &dyn Volume, name: &str) -> 
             }
         }
     }
-    for leftover in files.iter().filter(|f| f.starts_with(&prefix)) {
+    // Only files of this device's store: anything else stays, even under `force`.
+    for leftover in files.iter().filter(|f| f.starts_with(&prefix) && recognised_file(f)) {
         tracing::warn!(file = %leftover, "removing a file left by an interrupted format");
         volume.remove(leftover).map_err(|e| StorageError::io("remove", leftover.clone(), e))?;
     }
     Ok(())
+}
+
+/// Whether a raw device holds an xdevice store. Blank copies, or copies that are someone
+/// else's data (no superblock magic in any), are no store. Copies carrying the magic that are
+/// damaged or of another format version are an error, never "no store", so format never writes
+/// over them, forced or not.
+fn raw_store_present(location: &Location) -> Result<bool> {
+    let copies = layout::superblock_copies(location)?;
+    match superblock::choose(&copies) {
+        Ok(_) => Ok(true),
+        Err(StorageError::Foreign(reason)) if reason.contains("not formatted") => Ok(false),
+        Err(e) => {
+            let ours = copies.0.iter().any(|(disk, offset)| {
+                let mut buf = AlignedBuf::zeroed(superblock::SUPERBLOCK_BYTES);
+                disk.read_at(*offset, &mut buf).is_ok() && superblock::has_magic(&buf)
+            });
+            if ours {
+                Err(e)
+            } else {
+                Ok(false)
+            }
+        }
+    }
 }
 
 /// Takes this process's exclusive hold on the store at `location`.

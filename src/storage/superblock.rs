@@ -94,6 +94,12 @@ pub struct Superblock {
     pub node_id: u64,
 }
 
+/// Whether `buf` (one copy's bytes) starts with the superblock magic: an xdevice superblock,
+/// valid or damaged, rather than someone else's data.
+pub fn has_magic(buf: &[u8]) -> bool {
+    buf.get(0..8) == Some(&MAGIC[..])
+}
+
 impl Superblock {
     /// Encodes copy number `copy`.
     pub fn encode(&self, copy: usize) -> AlignedBuf {
