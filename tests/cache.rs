@@ -600,3 +600,132 @@ fn reads_that_miss_the_cache_run_on_a_fixed_number_of_threads() {
         cluster.shutdown().await.unwrap();
     });
 }
+
+/// A cluster whose hand-overs often do not finish on their first poll (the device then finishes
+/// them in a task while other threads keep submitting) and whose commits come back from other
+/// tasks, late and in any order: every proposal must still reach it in the order the device
+/// admitted the writes.
+struct SlowHandCluster {
+    /// (lba, writer, version) of each block write, in the order proposals arrived.
+    arrived: Mutex<Vec<(u64, u64, u64)>>,
+    index: AtomicU64,
+    polls: AtomicU64,
+}
+
+impl Cluster for SlowHandCluster {
+    fn submit(self: Arc<Self>, req: Request, on_commit: OnCommit) -> BoxFuture<Result<(), String>> {
+        // Every other proposal waits one poll before it is taken.
+        let mut wait = self.polls.fetch_add(1, Ordering::SeqCst) % 2 == 0;
+        Box::pin(async move {
+            std::future::poll_fn(|cx| {
+                if std::mem::take(&mut wait) {
+                    cx.waker().wake_by_ref();
+                    std::task::Poll::Pending
+                } else {
+                    std::task::Poll::Ready(())
+                }
+            })
+            .await;
+            let Request::Blocks(ops, _) = req else { return Err("not blocks".into()) };
+            {
+                let mut arrived = self.arrived.lock().unwrap();
+                for op in &ops {
+                    if let BlockOp::Write { lba, data } = op {
+                        for (i, b) in data.chunks(BS).enumerate() {
+                            let lba = lba + i as u64;
+                            let (w, v) = unstamp(lba, b).unwrap();
+                            arrived.push((lba, w, v));
+                        }
+                    }
+                }
+            }
+            let index = self.index.fetch_add(1, Ordering::SeqCst) + 1;
+            let delay = Duration::from_micros(index * 7919 % 1500);
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                on_commit(Ok(index));
+            });
+            Ok(())
+        })
+    }
+
+    fn acceptance_outlives_process(&self) -> bool {
+        false
+    }
+
+    fn read(
+        self: Arc<Self>,
+        _lba: u64,
+        _blocks: u64,
+        _applied_at_least: u64,
+    ) -> BoxFuture<Result<ReadOutcome, String>> {
+        Box::pin(async { Err("not read in this test".to_string()) })
+    }
+}
+
+#[test]
+fn proposals_reach_the_cluster_in_order_when_hand_overs_wait() {
+    runtime().block_on(async {
+        let cluster = Arc::new(SlowHandCluster {
+            arrived: Mutex::new(Vec::new()),
+            index: AtomicU64::new(0),
+            polls: AtomicU64::new(0),
+        });
+        // Proposals of one block each: a writer's consecutive versions are consecutive
+        // proposals, so any two that overtake each other show.
+        let cfg = DeviceConfig {
+            max_inflight_proposals: 3,
+            max_proposal_bytes: BS,
+            ..small_cache(64, 16 << 20, CacheMode::Writeback)
+        };
+        let dev = Device::start(cfg, cluster.clone());
+        const WRITERS: u64 = 2;
+        const VERSIONS: u64 = 200;
+        let tasks: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let dev = dev.clone();
+                tokio::spawn(async move {
+                    // Each writer rewrites its own block without waiting for the last write
+                    // (as the kernel does with a deep queue): its versions must arrive in order.
+                    let mut done = Vec::new();
+                    for v in 1..=VERSIONS {
+                        let (tx, rx) = tokio::sync::oneshot::channel();
+                        let data = bytes::Bytes::from(stamp(w, w, v));
+                        dev.submit_write(
+                            w * BS as u64,
+                            data,
+                            false,
+                            Box::new(move |r| drop(tx.send(r))),
+                        );
+                        done.push(rx);
+                        // A burst without yielding, then a pause: a hand-off left to a task
+                        // meets further submissions from this thread before it has run.
+                        if v % 8 == 0 {
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                    for rx in done {
+                        rx.await.unwrap().unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        dev.flush().await.unwrap();
+        let arrived = cluster.arrived.lock().unwrap().clone();
+        let mut last = HashMap::new();
+        for (lba, w, v) in &arrived {
+            assert_eq!(*lba, *w, "block {lba} carries writer {w}'s data");
+            let prev = last.insert(*lba, *v).unwrap_or(0);
+            assert!(*v > prev, "block {lba}: version {v} arrived after version {prev}");
+        }
+        assert!(
+            (0..WRITERS).all(|w| last.get(&w) == Some(&VERSIONS)),
+            "every writer's last version arrived: {last:?}"
+        );
+        assert!(cluster.polls.load(Ordering::SeqCst) > 100, "too few proposals to mean anything");
+        dev.close();
+    });
+}
