@@ -7,7 +7,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// Held while the store is in use; dropping it (or the process ending) releases the lock.
@@ -15,13 +15,12 @@ use std::time::{Duration, Instant};
 pub struct Hold {
     /// `None`: a store that no other process can open (the simulator's memory).
     _file: Option<File>,
-    pub path: Option<PathBuf>,
 }
 
 impl Hold {
     /// For a store only this process can reach.
     pub fn private() -> Hold {
-        Hold { _file: None, path: None }
+        Hold { _file: None }
     }
 }
 
@@ -79,7 +78,7 @@ fn try_lock_file(path: &Path) -> Result<Hold, (io::Error, Option<u32>)> {
         writeln!(file, "{}", std::process::id())
     };
     stamp(&mut file).map_err(|e| (e, None))?;
-    Ok(Hold { _file: Some(file), path: Some(path.to_path_buf()) })
+    Ok(Hold { _file: Some(file) })
 }
 
 /// Locks a raw device through its device node. A block device holds no pid file, so a refusal
@@ -107,7 +106,7 @@ pub fn lock_device(path: &Path) -> io::Result<Hold> {
             format!("in use by {holder} (lock on {})", path.display()),
         ));
     }
-    Ok(Hold { _file: Some(file), path: Some(path.to_path_buf()) })
+    Ok(Hold { _file: Some(file) })
 }
 
 fn try_flock(file: &File) -> io::Result<()> {
