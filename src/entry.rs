@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  0  1  version (1)
-//!  1  1  kind: 0 blank, 1 membership, 2 blocks, 3 flush barrier
+//!  1  1  kind: 0 blank, 1 membership, 2 blocks, 3 flush barrier, 4 attach, 5 fenced blocks
 //!  2  6  zero
 //!  8  8  leader node id (the node that created the entry)
 //! 16  …  body
@@ -11,7 +11,15 @@
 //!        blocks: u32 op count, u32 zero, then per op:
 //!          u8 op (1 write, 2 zero-fill), 3 zero, u32 data bytes (write) or block count (zero),
 //!          u64 first block (lba), then for a write the data bytes
+//!        attach: u64 node id of the member that serves the device from here on (0: detached)
+//!        fenced blocks: u64 attachment epoch of the server that sent them, then as blocks
 //! ```
+//!
+//! An attachment's epoch is the log index of its attach entry, so each one is higher than any
+//! before it without anyone having to know the last. Blocks (kind 2) carry no epoch: they come
+//! from writers outside the attachment scheme (the embedded mode, a remote client), and apply
+//! only while no member is attached; fenced blocks apply only under the attachment they name
+//! (`Engine::apply_entries`).
 
 use bytes::Bytes;
 
@@ -46,6 +54,12 @@ pub enum EntryBody {
     /// the writes before it to commit); a client with nothing in flight proposes one to learn
     /// that everything the leader accepted before it is committed.
     Flush,
+    /// From this entry on, the device is served by member `node` (0: by nobody), under the
+    /// epoch that is this entry's index.
+    Attach(u64),
+    /// Block writes sent by the server attached at `epoch`; applied only while that attachment
+    /// is the current one.
+    Fenced(u64, Vec<BlockOp>),
 }
 
 /// A decoded entry payload.
@@ -63,6 +77,8 @@ impl EntryPayload {
             EntryBody::Membership(bytes) => BodyRef::Membership(bytes),
             EntryBody::Blocks(ops) => BodyRef::Blocks(ops),
             EntryBody::Flush => BodyRef::Flush,
+            EntryBody::Attach(node) => BodyRef::Attach(*node),
+            EntryBody::Fenced(epoch, ops) => BodyRef::Fenced(*epoch, ops),
         };
         encode_parts(self.leader_node, body)
     }
@@ -82,6 +98,8 @@ impl EntryPayload {
             1 => EntryBody::Membership(rest.to_vec()),
             2 => EntryBody::Blocks(decode_ops(rest)?),
             3 if rest.is_empty() => EntryBody::Flush,
+            4 if rest.len() == 8 => EntryBody::Attach(u64_at(rest, 0)),
+            5 if rest.len() >= 8 => EntryBody::Fenced(u64_at(rest, 0), decode_ops(&rest[8..])?),
             kind => return Err(format!("entry kind {kind} with {} body bytes", rest.len())),
         };
         Ok(EntryPayload { leader_node, body })
@@ -95,6 +113,19 @@ pub enum BodyRef<'a> {
     Membership(&'a [u8]),
     Blocks(&'a [BlockOp]),
     Flush,
+    Attach(u64),
+    Fenced(u64, &'a [BlockOp]),
+}
+
+impl BodyRef<'_> {
+    /// The block ops, with the epoch fenced ones carry.
+    fn ops(&self) -> Option<(Option<u64>, &[BlockOp])> {
+        match *self {
+            BodyRef::Blocks(ops) => Some((None, ops)),
+            BodyRef::Fenced(epoch, ops) => Some((Some(epoch), ops)),
+            _ => None,
+        }
+    }
 }
 
 /// The length of `encode_parts(_, body)`, without encoding.
@@ -103,7 +134,9 @@ pub fn encoded_len(body: BodyRef<'_>) -> usize {
         + match body {
             BodyRef::Blank | BodyRef::Flush => 0,
             BodyRef::Membership(bytes) => bytes.len(),
+            BodyRef::Attach(_) => 8,
             BodyRef::Blocks(ops) => 8 + ops.iter().map(BlockOp::encoded_len).sum::<usize>(),
+            BodyRef::Fenced(_, ops) => 16 + ops.iter().map(BlockOp::encoded_len).sum::<usize>(),
         }
 }
 
@@ -112,9 +145,9 @@ pub fn encode_parts(leader_node: u64, body: BodyRef<'_>) -> Vec<u8> {
     let mut out = Vec::with_capacity(encoded_len(body));
     encode_head(leader_node, body, &mut out);
     match body {
-        BodyRef::Blank | BodyRef::Flush => {}
+        BodyRef::Blank | BodyRef::Flush | BodyRef::Attach(_) => {}
         BodyRef::Membership(bytes) => out.extend_from_slice(bytes),
-        BodyRef::Blocks(ops) => {
+        BodyRef::Blocks(ops) | BodyRef::Fenced(_, ops) => {
             for op in ops {
                 out.extend_from_slice(&op_header(op));
                 if let BlockOp::Write { data, .. } = op {
@@ -129,7 +162,7 @@ pub fn encode_parts(leader_node: u64, body: BodyRef<'_>) -> Vec<u8> {
 /// The bytes of `encode_parts`, as a WAL payload whose block data are the ops' own buffers
 /// (shared, not copied); only the headers are new bytes.
 pub fn encode_shared(leader_node: u64, body: BodyRef<'_>) -> Payload {
-    let BodyRef::Blocks(ops) = body else {
+    let Some((_, ops)) = body.ops() else {
         return Payload::from(encode_parts(leader_node, body));
     };
     let mut parts = Vec::with_capacity(2 * ops.len() + 1);
@@ -148,7 +181,8 @@ pub fn encode_shared(leader_node: u64, body: BodyRef<'_>) -> Payload {
     Payload::from_parts(parts)
 }
 
-/// The entry header, and for blocks the op count: everything before the first op.
+/// The entry header, an attach entry's node, and for blocks the epoch (fenced) and the op
+/// count: everything before the first op.
 fn encode_head(leader_node: u64, body: BodyRef<'_>, out: &mut Vec<u8>) {
     let mut head = [0u8; HEADER_BYTES];
     head[0] = VERSION;
@@ -157,10 +191,18 @@ fn encode_head(leader_node: u64, body: BodyRef<'_>, out: &mut Vec<u8>) {
         BodyRef::Membership(_) => 1,
         BodyRef::Blocks(_) => 2,
         BodyRef::Flush => 3,
+        BodyRef::Attach(_) => 4,
+        BodyRef::Fenced(..) => 5,
     };
     put_u64(&mut head, 8, leader_node);
     out.extend_from_slice(&head);
-    if let BodyRef::Blocks(ops) = body {
+    if let BodyRef::Attach(node) = body {
+        out.extend_from_slice(&node.to_le_bytes());
+    }
+    if let Some((epoch, ops)) = body.ops() {
+        if let Some(epoch) = epoch {
+            out.extend_from_slice(&epoch.to_le_bytes());
+        }
         let mut count = [0u8; 8];
         put_u32(&mut count, 0, ops.len() as u32);
         out.extend_from_slice(&count);
@@ -232,6 +274,15 @@ mod tests {
                 BlockOp::Write { lba: 3, data: vec![5; 8192].into() },
                 BlockOp::Zero { lba: 9, blocks: 4 },
             ]),
+            EntryBody::Attach(3),
+            EntryBody::Attach(0),
+            EntryBody::Fenced(
+                41,
+                vec![
+                    BlockOp::Zero { lba: 2, blocks: 1 },
+                    BlockOp::Write { lba: 7, data: vec![6; 4096].into() },
+                ],
+            ),
         ];
         for body in bodies {
             let p = EntryPayload { leader_node: 7, body };
@@ -241,8 +292,11 @@ mod tests {
                 EntryBody::Flush => BodyRef::Flush,
                 EntryBody::Membership(m) => BodyRef::Membership(m),
                 EntryBody::Blocks(ops) => BodyRef::Blocks(ops),
+                EntryBody::Attach(node) => BodyRef::Attach(*node),
+                EntryBody::Fenced(epoch, ops) => BodyRef::Fenced(*epoch, ops),
             };
             assert_eq!(encoded_len(body), bytes.len());
+            assert_eq!(encode_shared(7, body).to_vec(), bytes, "{:?}", p.body);
             assert_eq!(EntryPayload::decode(&bytes).expect("decode"), p);
         }
     }
@@ -263,5 +317,21 @@ mod tests {
         let mut bad_op = bytes;
         bad_op[HEADER_BYTES + 8] = 9;
         assert!(EntryPayload::decode(&bad_op).is_err());
+
+        let attach = EntryPayload { leader_node: 1, body: EntryBody::Attach(2) }.encode();
+        for cut in HEADER_BYTES..attach.len() {
+            assert!(EntryPayload::decode(&attach[..cut]).is_err(), "attach cut at {cut} accepted");
+        }
+        let mut long = attach.clone();
+        long.push(0);
+        assert!(EntryPayload::decode(&long).is_err(), "attach with a trailing byte accepted");
+        let fenced = EntryPayload {
+            leader_node: 1,
+            body: EntryBody::Fenced(9, vec![BlockOp::Write { lba: 0, data: vec![1; 10].into() }]),
+        }
+        .encode();
+        for cut in 0..fenced.len() {
+            assert!(EntryPayload::decode(&fenced[..cut]).is_err(), "fenced cut at {cut} accepted");
+        }
     }
 }

@@ -15,11 +15,14 @@ use xdevice::device::{CacheMode, Device, DeviceConfig, DeviceError};
 use xdevice::entry::{BlockOp, EntryBody};
 use xdevice::replication::log_store::DEFAULT_CACHE_BYTES;
 use xdevice::replication::node::Node;
-use xdevice::replication::snapshot::{self, LiveStream, Shape, SnapshotData, SnapshotFiles};
+use xdevice::replication::snapshot::{
+    self, Described, LiveStream, Shape, SnapshotData, SnapshotFiles,
+};
 use xdevice::replication::types::{from_store_log_id, SnapshotMeta};
 use xdevice::replication::{open_replica, Replica};
 use xdevice::storage::disk::{Backend, DirVolume, Volume};
 use xdevice::storage::engine::{Engine, EngineConfig, FormatOptions};
+use xdevice::storage::image::Attachment;
 use xdevice::storage::layout::Location;
 use xdevice::storage::state::LogId as StoreLogId;
 use xdevice::storage::wal::{CommitMode, WalConfig};
@@ -551,15 +554,16 @@ fn apply(
 }
 
 /// Stages a snapshot of `source`'s live image into `files`' staging file.
-async fn stage_from(source: &Arc<Engine>, files: &SnapshotFiles) -> SnapshotMeta {
+async fn stage_from(source: &Arc<Engine>, files: &SnapshotFiles) -> Described {
     let applied = source.checkpoint().unwrap();
     let meta = SnapshotMeta {
         last_log_id: applied.log_id.map(from_store_log_id),
         last_membership: Default::default(),
     };
-    let mut data = SnapshotData::Live(LiveStream::new(source.clone(), &meta).unwrap());
+    let described = Described { meta, attachment: applied.attachment };
+    let mut data = SnapshotData::Live(LiveStream::new(source.clone(), &described).unwrap());
     snapshot::stage(files, &mut data).await.unwrap();
-    meta
+    described
 }
 
 /// A crash after the install intent is durable but before the install ran: opening the replica
@@ -578,6 +582,9 @@ fn interrupted_snapshot_install_is_redone_on_open() {
         apply(&source, 3, blocks - 10..blocks, 3, &mut want);
         source.image().zero_blocks(1050, 20).unwrap();
         want.retain(|lba, _| !(1050..1070).contains(lba));
+        // Member 2 attaches at index 4: the snapshot carries the attachment with the image.
+        let attach = StoreLogId { term: 1, node: 1, index: 4 };
+        source.apply_entries([(attach, &EntryBody::Attach(2))]).unwrap();
 
         // The receiver holds data of its own where the snapshot has none: it must read as zeros.
         let target = replica_in(dst_dir.path(), device_bytes);
@@ -585,9 +592,11 @@ fn interrupted_snapshot_install_is_redone_on_open() {
         apply(&target.engine, 1, 2000..2100, 9, &mut theirs);
         target.engine.checkpoint().unwrap();
         let files = SnapshotFiles::new(dst_dir.path(), "xdb0");
-        let meta = stage_from(&source, &files).await;
+        let described = stage_from(&source, &files).await;
+        assert_eq!(described.attachment, Some(Attachment { epoch: 4, node: 2 }));
+        let meta = described.meta.clone();
         let shape = Shape::of(&target.engine);
-        assert_eq!(snapshot::verify(&files.staging(), shape).await.unwrap(), meta);
+        assert_eq!(snapshot::verify(&files.staging(), shape).await.unwrap(), described);
         snapshot::begin_install(&files).unwrap();
         assert!(files.installing().exists() && !files.staging().exists());
         // Crash: the install never runs.
@@ -611,6 +620,13 @@ fn interrupted_snapshot_install_is_redone_on_open() {
         };
         check_engine(&reopened.engine, &want);
         check_engine(&source, &want);
+        // The attachment came with the image: the receiver fences what its leader fences.
+        assert_eq!(reopened.engine.attachment(), Some(Attachment { epoch: 4, node: 2 }));
+        let stale = vec![BlockOp::Write { lba: 0, data: block(0, 7).into() }];
+        let stale_id = StoreLogId { term: 1, node: 1, index: 5 };
+        reopened.engine.apply_entries([(stale_id, &EntryBody::Fenced(1, stale))]).unwrap();
+        assert_eq!(reopened.engine.fenced_writes(), 1);
+        check_engine(&reopened.engine, &want);
         reopened.engine.close().unwrap();
         drop(reopened);
         // Durable: a second open finds the same image and no intent to redo.

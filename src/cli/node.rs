@@ -3,22 +3,18 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 
-use super::StoreArgs;
-use crate::net::RpcServer;
-use crate::replication::log_store::DEFAULT_CACHE_BYTES;
-use crate::replication::node::{Node, RaftTuning};
+use super::serve::{check_pipeline, check_queues};
+use super::{size, StoreArgs};
+use crate::daemon::node::{DeviceShape, NodeRequest};
+use crate::device::CacheMode;
+use crate::replication::node::RaftTuning;
 use crate::replication::snapshot::ReceivePhase;
-use crate::replication::tcp::{
-    Admin, AdminReply, NodeClient, NodeService, NodeStatus, TcpTransport, MAX_PAYLOAD,
-};
+use crate::replication::tcp::{Admin, AdminReply, NodeClient, NodeStatus};
 use crate::replication::types::NodeId;
-use crate::replication::{network::Transport, open_replica};
-use crate::storage::engine::EngineConfig;
 
 /// Options of `xdevice node`.
 #[derive(clap::Args, Debug)]
@@ -32,11 +28,53 @@ pub struct NodeArgs {
     /// connections).
     #[arg(long)]
     pub listen: SocketAddr,
-    /// Where incoming snapshots are staged (default: the data directory).
+    /// Where incoming snapshots are staged and `member.json` is kept (default: the data
+    /// directory).
     #[arg(long)]
     pub snapshot_dir: Option<PathBuf>,
     #[command(flatten)]
     pub tuning: TuningArgs,
+    #[command(flatten)]
+    pub serve: MemberServeArgs,
+}
+
+/// How a member serves the device when attached (`--attach`, or `xdevice cluster attach`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct MemberServeArgs {
+    /// Attach the device and serve it as /dev/ublkbN as soon as the node runs (needs root and
+    /// ublk): win leadership, commit an attach entry that fences any earlier server, serve.
+    /// The path is printed on stdout once live.
+    #[arg(long)]
+    pub attach: bool,
+    /// writeback: volatile cache + FUA advertised; writethrough: neither. Either way a write
+    /// completes once committed on a majority.
+    #[arg(long, value_enum, default_value = "writeback")]
+    pub mode: CacheMode,
+    /// ublk hardware queues (one thread each).
+    #[arg(long, default_value_t = 1)]
+    pub queues: u16,
+    /// Requests in flight per queue.
+    #[arg(long, default_value_t = 64)]
+    pub depth: u16,
+    /// Largest READ/WRITE the kernel sends.
+    #[arg(long, default_value = "1M", value_parser = size::parse)]
+    pub max_io: u64,
+    /// Device number N of /dev/ublkbN (default: the one this member served before, else the
+    /// first free).
+    #[arg(long)]
+    pub ublk_id: Option<u32>,
+    /// Hot cache size.
+    #[arg(long, default_value = "256M", value_parser = size::parse)]
+    pub cache: u64,
+    /// Largest read-ahead window; 0 turns read-ahead off.
+    #[arg(long, default_value = "2M", value_parser = size::parse)]
+    pub readahead: u64,
+    /// Proposals in flight.
+    #[arg(long, default_value_t = 2)]
+    pub inflight_proposals: usize,
+    /// How long attaching may take, winning leadership included.
+    #[arg(long, default_value_t = 30)]
+    pub attach_secs: u64,
 }
 
 /// Raft timing and log retention, shared by `node` and `serve`.
@@ -100,50 +138,41 @@ fn parse_range(s: &str) -> Result<(u64, u64), String> {
     Ok((lo, hi))
 }
 
-/// Runs a replica until SIGTERM or SIGINT, then stops cleanly (everything queued committed).
+/// `xdevice node`: the flags checked, then the member daemon (`crate::daemon::node`).
 pub fn run_node(args: NodeArgs) -> Result<()> {
     if args.id == 0 {
         bail!("--id must be greater than 0");
     }
     let tuning = args.tuning.tuning()?;
-    let location = args.store.location(None)?;
-    let snapshot_dir = match (&args.snapshot_dir, &args.store.dir) {
+    let s = &args.serve;
+    let max_io = check_queues(s.queues, s.depth, s.max_io)?;
+    check_pipeline(s.inflight_proposals, s.cache, s.readahead)?;
+    if s.attach_secs == 0 {
+        bail!("--attach-secs must be at least 1");
+    }
+    let state_dir = match (&args.snapshot_dir, &args.store.dir) {
         (Some(d), _) | (None, Some(d)) => d.clone(),
         (None, None) => bail!("--snapshot-dir is required with --device"),
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    rt.block_on(async move {
-        let engine = EngineConfig { node_id: Some(args.id), ..EngineConfig::default() };
-        let replica = open_replica(&location, engine, &snapshot_dir, DEFAULT_CACHE_BYTES)
-            .with_context(|| format!("opening {}", location.describe()))?;
-        let cluster_id = replica.engine.superblock().cluster_id;
-        let transport: Arc<dyn Transport> =
-            Arc::new(TcpTransport::new(cluster_id, args.id, Some(args.listen.ip())));
-        let receiving = replica.sm.receive_progress();
-        let node = Node::start(args.id, replica, transport, &tuning).await?;
-        let listener = tokio::net::TcpListener::bind(args.listen)
-            .await
-            .with_context(|| format!("listening on {}", args.listen))?;
-        let service = NodeService::new(
-            args.id,
-            node.raft.clone(),
-            node.engine.clone(),
-            receiving,
-            node.inbox.clone(),
-            node.proposer.clone(),
-        );
-        let server = RpcServer::start(listener, cluster_id, MAX_PAYLOAD, service)?;
-        println!("node {} of cluster {cluster_id} listening on {}", args.id, server.local_addr());
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        tracing::info!("stopping");
-        server.shutdown().await;
-        node.shutdown().await?;
-        println!("node {} stopped", args.id);
-        Ok(())
+    let location = args.store.location(None)?;
+    crate::daemon::node::run_node(NodeRequest {
+        id: args.id,
+        listen: args.listen,
+        location,
+        state_dir,
+        tuning,
+        attach: s.attach,
+        shape: DeviceShape {
+            mode: s.mode,
+            queues: s.queues,
+            depth: s.depth,
+            max_io,
+            ublk_id: s.ublk_id,
+            cache: s.cache,
+            readahead: s.readahead,
+            inflight: s.inflight_proposals,
+            attach_within: Duration::from_secs(s.attach_secs),
+        },
     })
 }
 
@@ -192,6 +221,14 @@ pub enum ClusterOp {
     },
     /// Move leadership to --node (it starts an election).
     Transfer,
+    /// Serve the device from --node (a member started by root on a host with ublk): it wins
+    /// leadership, commits an attach entry that fences whichever member served before, and
+    /// serves /dev/ublkbN on its host. Prints the path, the attachment's epoch and the time it
+    /// took. The failover command once the serving host is lost.
+    Attach,
+    /// Stop serving the device from --node: its device is stopped (in-flight I/O drained),
+    /// everything completed committed, and a detach entry committed.
+    Detach,
     /// Show the node's view: role, term, leader, log positions, membership, incoming snapshot.
     Status,
 }
@@ -270,6 +307,28 @@ pub fn run_cluster(args: ClusterArgs) -> Result<()> {
             ClusterOp::Transfer => {
                 node.ask(Admin::Campaign, CHANGE_TIMEOUT).await?;
             }
+            ClusterOp::Attach => {
+                let a = match node.ask(Admin::Attach, CHANGE_TIMEOUT).await? {
+                    AdminReply::Attached(a) => a,
+                    other => bail!("{}: unexpected reply to attach: {other:?}", node.addr),
+                };
+                if args.json {
+                    println!("{}", serde_json::to_string(&a)?);
+                } else {
+                    println!("{}", a.path);
+                    eprintln!(
+                        "attached to {} at epoch {} (term {}) in {:.3}s",
+                        node.addr,
+                        a.epoch,
+                        a.term,
+                        a.millis as f64 / 1000.0
+                    );
+                }
+                return Ok(());
+            }
+            ClusterOp::Detach => {
+                node.ask(Admin::Detach, CHANGE_TIMEOUT).await?;
+            }
             ClusterOp::Status => {
                 let s = node.status().await?;
                 if args.json {
@@ -281,6 +340,14 @@ pub fn run_cluster(args: ClusterArgs) -> Result<()> {
                         s.last_log_index, s.last_applied, s.snapshot, s.purged
                     );
                     println!("voters {:?} learners {:?}", s.voters, s.learners);
+                    match s.attachment {
+                        Some((epoch, 0)) => println!("detached at epoch {epoch}"),
+                        Some((epoch, id)) => println!("served by node {id} at epoch {epoch}"),
+                        None => println!("never attached"),
+                    }
+                    if s.fenced_writes > 0 {
+                        println!("writes of superseded servers skipped: {}", s.fenced_writes);
+                    }
                     for (id, addr) in &s.nodes {
                         let matched = s.replication.get(id).copied().flatten();
                         println!("  node {id} {addr} matched {matched:?}");

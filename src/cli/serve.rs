@@ -80,25 +80,38 @@ pub struct DaemonArgs {
     pub metrics: Option<std::net::SocketAddr>,
 }
 
+/// Checks the device pipeline's flags, for `serve`, `recover` and `node` alike.
+pub(crate) fn check_pipeline(inflight: usize, cache: u64, readahead: u64) -> Result<()> {
+    if inflight == 0 {
+        bail!("--inflight-proposals must be at least 1");
+    }
+    if cache < crate::cache::MIN_CACHE_BYTES {
+        bail!(
+            "--cache {cache} is too small: at least {} MiB (two of the largest proposals pinned)",
+            crate::cache::MIN_CACHE_BYTES >> 20
+        );
+    }
+    if readahead > cache / 4 {
+        bail!("--readahead {readahead} is more than a quarter of --cache {cache}");
+    }
+    Ok(())
+}
+
+/// Checks the ublk queue shape's flags; the largest I/O as the kernel takes it.
+pub(crate) fn check_queues(queues: u16, depth: u16, max_io: u64) -> Result<u32> {
+    let max_io = u32::try_from(max_io)
+        .ok()
+        .filter(|m| (4096..=(8 << 20)).contains(m) && m % 4096 == 0)
+        .with_context(|| format!("--max-io {max_io} must be a multiple of 4096 in 4K..=8M"))?;
+    if queues == 0 || depth == 0 || depth > 4096 {
+        bail!("--queues must be at least 1 and --depth in 1..=4096");
+    }
+    Ok(max_io)
+}
+
 impl DaemonArgs {
     fn daemon(&self) -> Result<Daemon> {
-        if self.inflight_proposals == 0 {
-            bail!("--inflight-proposals must be at least 1");
-        }
-        if self.cache < crate::cache::MIN_CACHE_BYTES {
-            bail!(
-                "--cache {} is too small: at least {} MiB (two of the largest proposals pinned)",
-                self.cache,
-                crate::cache::MIN_CACHE_BYTES >> 20
-            );
-        }
-        if self.readahead > self.cache / 4 {
-            bail!(
-                "--readahead {} is more than a quarter of --cache {}",
-                self.readahead,
-                self.cache
-            );
-        }
+        check_pipeline(self.inflight_proposals, self.cache, self.readahead)?;
         Ok(Daemon {
             backend: self.backend,
             run_dir: self.run_dir.clone(),
@@ -138,19 +151,11 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
     if args.replicas == Some(0) {
         bail!("--replicas must be at least 1");
     }
-    let max_io = u32::try_from(args.max_io)
-        .ok()
-        .filter(|m| (4096..=(8 << 20)).contains(m) && m % 4096 == 0)
-        .with_context(|| {
-            format!("--max-io {} must be a multiple of 4096 in 4K..=8M", args.max_io)
-        })?;
+    let max_io = check_queues(args.queues, args.depth, args.max_io)?;
     if let Some(size) = args.size {
         if size == 0 || size % 4096 != 0 {
             bail!("--size {size} must be a positive multiple of the 4096-byte block");
         }
-    }
-    if args.queues == 0 || args.depth == 0 || args.depth > 4096 {
-        bail!("--queues must be at least 1 and --depth in 1..=4096");
     }
     let replica_dirs = args
         .replica_dirs

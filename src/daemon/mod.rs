@@ -42,6 +42,8 @@ use record::{Record, RECORD};
 use status::{start_status_socket, Served};
 use target::DeviceTarget;
 
+pub mod node;
+
 /// Where status sockets go unless told otherwise.
 pub const DEFAULT_RUN_DIR: &str = "/run/xdevice";
 
@@ -196,6 +198,63 @@ pub fn serve(args: ServeRequest, daemon: Daemon) -> Result<()> {
     serve_device(dir, record, id, recover, daemon)
 }
 
+/// A ublk device served from a thread of its own (`xdevice_ublk::serve`), answering through a
+/// `DeviceTarget`.
+pub(crate) struct Frontend {
+    pub live: xdevice_ublk::Live,
+    thread: Option<std::thread::JoinHandle<std::result::Result<(), xdevice_ublk::Error>>>,
+    /// Set once the serving thread has returned.
+    ended: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Frontend {
+    /// Creates (or, with `recover`, re-attaches to) the device and returns once it is live. On
+    /// failure the device pipeline is left to the caller.
+    pub async fn start(
+        cfg: xdevice_ublk::Config,
+        recover: bool,
+        device: Arc<Device>,
+    ) -> Result<Frontend> {
+        let target = Arc::new(DeviceTarget::new(device));
+        let (live_tx, live_rx) = tokio::sync::oneshot::channel();
+        let (ended_tx, ended) = tokio::sync::watch::channel(false);
+        let thread = std::thread::Builder::new().name("ublk".into()).spawn(move || {
+            let r = xdevice_ublk::serve(&cfg, recover, target, move |live| {
+                let _ = live_tx.send(live);
+            });
+            let _ = ended_tx.send(true);
+            r
+        })?;
+        match live_rx.await {
+            Ok(live) => Ok(Frontend { live, thread: Some(thread), ended }),
+            Err(_) => Err(match thread.join() {
+                Ok(Err(e)) => anyhow::Error::new(e),
+                Ok(Ok(())) => anyhow::anyhow!("the device stopped before it was live"),
+                Err(_) => anyhow::anyhow!("the ublk thread panicked"),
+            }),
+        }
+    }
+
+    /// Resolves once the serving thread has returned (the device was stopped, perhaps from
+    /// outside).
+    pub async fn ended(&mut self) {
+        let _ = self.ended.wait_for(|e| *e).await;
+    }
+
+    /// Stops the device: the kernel drains in-flight I/O through the queues, which then exit.
+    pub async fn stop(mut self) -> Result<()> {
+        let id = self.live.id;
+        tokio::task::spawn_blocking(move || xdevice_ublk::stop(id)).await??;
+        let Some(thread) = self.thread.take() else { return Ok(()) };
+        match tokio::task::spawn_blocking(move || thread.join()).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!("ublk: {e}"),
+            _ => tracing::warn!("the ublk thread ended abnormally"),
+        }
+        Ok(())
+    }
+}
+
 /// Re-attaches to the device `dir` served, which a crashed daemon left quiesced in the kernel.
 pub fn recover(given: &Path, daemon: Daemon) -> Result<()> {
     let dir =
@@ -312,26 +371,15 @@ fn serve_device(
             geometry,
             owner: record.owner(&dir),
         };
-        let target = Arc::new(DeviceTarget::new(device.clone()));
-        let (live_tx, live_rx) = tokio::sync::oneshot::channel();
-        let server = std::thread::Builder::new().name("ublk".into()).spawn(move || {
-            xdevice_ublk::serve(&ublk_cfg, recover, target, move |live| {
-                let _ = live_tx.send(live);
-            })
-        })?;
-        let live = match live_rx.await {
-            Ok(live) => live,
-            Err(_) => {
-                let err = match server.join() {
-                    Ok(Err(e)) => anyhow::Error::new(e),
-                    Ok(Ok(())) => anyhow::anyhow!("the device stopped before it was live"),
-                    Err(_) => anyhow::anyhow!("the ublk thread panicked"),
-                };
+        let mut frontend = match Frontend::start(ublk_cfg, recover, device.clone()).await {
+            Ok(f) => f,
+            Err(err) => {
                 device.close();
                 embedded.shutdown().await?;
                 return Err(err);
             }
         };
+        let live = frontend.live.clone();
         record.ublk_id = Some(live.id);
         record.store(&dir)?;
         let served = Arc::new(Served {
@@ -364,22 +412,14 @@ fn serve_device(
 
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-        let server_done = tokio::task::spawn_blocking(move || server.join());
-        tokio::pin!(server_done);
         let stopped_by_signal = tokio::select! {
             _ = term.recv() => true,
             _ = int.recv() => true,
-            _ = &mut server_done => false,
+            _ = frontend.ended() => false,
         };
         if stopped_by_signal {
             eprintln!("xdevice: stopping {}", live.path);
-            let id = live.id;
-            tokio::task::spawn_blocking(move || xdevice_ublk::stop(id)).await??;
-            match (&mut server_done).await {
-                Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(e))) => tracing::warn!("ublk: {e}"),
-                _ => tracing::warn!("the ublk thread ended abnormally"),
-            }
+            frontend.stop().await?;
         } else {
             eprintln!("xdevice: {} was removed from outside", live.path);
         }

@@ -32,29 +32,43 @@ pub struct Record {
     pub replica_dirs: Vec<std::path::PathBuf>,
 }
 
+/// Writes `value` as `dir/name` durably (temporary file, fsync, rename, fsync of the directory).
+pub fn store_json<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<()> {
+    use std::io::Write;
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(&serde_json::to_vec_pretty(value)?)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(name))?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+/// Reads `dir/name` as `what`; None if there is no such file.
+pub fn load_json<T: serde::de::DeserializeOwned>(
+    dir: &Path,
+    name: &str,
+    what: &str,
+) -> Result<Option<T>> {
+    let path = dir.join(name);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .with_context(|| format!("{} is not a valid {what}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
 impl Record {
     pub fn load(dir: &Path) -> Result<Option<Record>> {
-        let path = dir.join(RECORD);
-        match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .with_context(|| format!("{} is not a valid serve record", path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-        }
+        load_json(dir, RECORD, "serve record")
     }
 
-    /// Writes the record durably (temporary file, fsync, rename, fsync of the directory).
+    /// Writes the record durably.
     pub fn store(&self, dir: &Path) -> Result<()> {
-        use std::io::Write;
-        let tmp = dir.join(format!("{RECORD}.tmp"));
-        let mut f =
-            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(&serde_json::to_vec_pretty(self)?)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, dir.join(RECORD))?;
-        std::fs::File::open(dir)?.sync_all()?;
-        Ok(())
+        store_json(dir, RECORD, self)
     }
 
     pub fn owner(&self, dir: &Path) -> serde_json::Value {
@@ -74,7 +88,7 @@ impl Record {
 
 /// The largest discard or write-zeroes accepted at once: 256 MiB, whole blocks (the device
 /// splits it into zero entries; the block layer splits larger ones).
-fn discard_limit(block_bytes: u32) -> u32 {
+pub fn discard_limit(block_bytes: u32) -> u32 {
     (256u32 << 20) / block_bytes * block_bytes
 }
 

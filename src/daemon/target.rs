@@ -84,6 +84,7 @@ impl From<DeviceError> for xdevice_ublk::IoError {
             DeviceError::Timeout(d) => IoError::Timeout(format!("not committed within {d:?}")),
             DeviceError::Read(e) => IoError::Io(e),
             DeviceError::Closed => IoError::Closed,
+            e @ DeviceError::Fenced(_) => IoError::Io(e.to_string()),
         }
     }
 }

@@ -21,6 +21,7 @@
 //! never completes while a write before it is unconfirmed.
 
 pub mod local;
+pub mod member;
 pub mod pipeline;
 pub mod readers;
 pub mod remote;
@@ -68,6 +69,14 @@ pub trait Cluster: Send + Sync + 'static {
         blocks: u64,
         applied_at_least: u64,
     ) -> BoxFuture<Result<ReadOutcome, String>>;
+    /// Whether this device may still answer requests: Err (why) once its attachment is lost
+    /// (`member::Member`: another member may serve the device, so this one's cache may be stale
+    /// and its writes are refused). Once Err, always Err; the device then fails every waiting
+    /// and later request (`Device::fence`). Called on every request, on the request's thread:
+    /// it must not block. Clusters without attachments are always serving.
+    fn serving(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// A replica read's data, and what it met on the way.
@@ -148,6 +157,8 @@ pub enum DeviceError {
     Read(String),
     #[error("device is shut down")]
     Closed,
+    #[error("this server lost the device's attachment: {0}")]
+    Fenced(String),
 }
 
 /// What completes a request: the frontend's answer, or an async caller's channel. Run after the
@@ -398,6 +409,9 @@ impl Device {
     }
 
     fn submit_ops(&self, parts: Vec<BlockOp>, fua: bool, count_write: bool, done: Completion) {
+        if let Err(e) = self.gate() {
+            return done(Err(e));
+        }
         let need = if fua
             || self.cfg.mode == CacheMode::Writethrough
             || !self.cluster.acceptance_outlives_process()
@@ -426,6 +440,9 @@ impl Device {
     /// Hands a flush to the pipeline without waiting; `done` runs once every write completed
     /// before it is committed on a majority (at once when none is outstanding).
     pub fn submit_flush(&self, done: Completion) {
+        if let Err(e) = self.gate() {
+            return done(Err(e));
+        }
         let mut ready = Ready::new();
         let mut inner = self.lock();
         inner.stats.flushes += 1;
@@ -437,6 +454,9 @@ impl Device {
     /// Answers a flush on the caller's thread if it needs no waiting (every admitted write is
     /// committed): true if it did.
     pub fn try_flush_now(&self) -> bool {
+        if self.gate().is_err() {
+            return false;
+        }
         let mut inner = self.lock();
         if !inner.pipe.flush_is_free() {
             return false;
@@ -450,6 +470,7 @@ impl Device {
     /// through `read_into`).
     pub fn try_read_cached(&self, offset: u64, out: &mut [u8]) -> Result<bool, DeviceError> {
         let (lba, blocks) = self.check(offset, out.len() as u64)?;
+        self.gate()?;
         let bs = self.cfg.block_bytes as usize;
         let mut inner = self.lock();
         if !(lba..lba + blocks).all(|b| inner.cache.holds_data(b)) {
@@ -482,6 +503,7 @@ impl Device {
     /// device confirmed, filling the cache.
     pub async fn read_into(&self, offset: u64, out: &mut [u8]) -> Result<(), DeviceError> {
         let (lba, blocks) = self.check(offset, out.len() as u64)?;
+        self.gate()?;
         if blocks == 0 {
             return Ok(());
         }
@@ -509,6 +531,8 @@ impl Device {
         };
         let mut guard = FillGuard { dev: self, fills: missed, readahead: false };
         let got = self.read_span(first, last - first + 1, floor).await?;
+        // Fenced while the replica was read: another member may have written since.
+        self.gate()?;
         for &(b, _) in &guard.fills {
             let src = &got.data[((b - first) as usize) * bs..][..bs];
             out[((b - lba) as usize) * bs..][..bs].copy_from_slice(src);
@@ -576,6 +600,33 @@ impl Device {
             drop(guard);
             dev.lock().readahead.inflight = false;
         });
+    }
+
+    /// Refuses the request about to start if the cluster says this device lost its
+    /// attachment (`Cluster::serving`), fencing the device first.
+    fn gate(&self) -> Result<(), DeviceError> {
+        self.cluster.serving().map_err(|why| {
+            self.fence(&why);
+            DeviceError::Fenced(why)
+        })
+    }
+
+    /// The device lost its attachment: every waiting request fails (with EIO at the frontend),
+    /// queued writes are abandoned, and no request is answered again, not even a FLUSH with
+    /// nothing outstanding or a read the cache holds (`Cluster::serving` refuses them all from
+    /// now on). Idempotent.
+    pub fn fence(&self, why: &str) {
+        let mut ready = Ready::new();
+        let mut inner = self.lock();
+        if !inner.pipe.is_closed() {
+            tracing::error!(
+                reason = why,
+                "device fenced: failing every outstanding and later request"
+            );
+        }
+        inner.pipe.close(&mut ready);
+        drop(inner);
+        run(ready);
     }
 
     /// Stops accepting requests; queued ones are abandoned (as on power loss), and every

@@ -305,38 +305,52 @@ impl RemoteCluster {
         bs: usize,
         floor: u64,
     ) -> Result<(usize, Vec<u8>), String> {
-        let req = LocalRead { lba, blocks: 1, applied_at_least: floor };
-        let mut why = Vec::new();
-        for (i, node) in self.nodes.iter().enumerate().filter(|(i, _)| *i != leader) {
-            let got = node.read_local(req, self.timeout).await.and_then(|r| {
-                check_reply(&r, lba, 1)?;
-                if r.data.len() != bs {
-                    return Err(format!("answered {} bytes for one {bs}-byte block", r.data.len()));
-                }
-                if r.applied < floor {
-                    return Err(format!("answered at log index {} below {floor}", r.applied));
-                }
-                match r.bad.first() {
-                    None => Ok(r.data),
-                    Some(b) => Err(format!(
-                        "fails its checksum there too (expected {:#010x}, found {:#010x})",
-                        b.expected, b.found
-                    )),
-                }
-            });
-            match got {
-                Ok(block) => return Ok((i, block)),
-                Err(e) => {
-                    tracing::error!(node = %self.addrs[i], lba, error = %e, "no good copy here");
-                    why.push(format!("{}: {e}", self.addrs[i]));
-                }
+        let others = self.nodes.iter().enumerate().filter(|(i, _)| *i != leader);
+        let others = others.map(|(i, n)| (i, self.addrs[i].to_string(), n));
+        good_copy_from(others, lba, bs, floor, self.timeout).await
+    }
+}
+
+/// Block `lba` from the first of `nodes` (key, name, client) that has applied `floor` and whose
+/// copy passes its checksum there: that node's key and the block. Otherwise why not, per node.
+pub(crate) async fn good_copy_from<'a, K>(
+    nodes: impl Iterator<Item = (K, String, &'a NodeClient)>,
+    lba: u64,
+    bs: usize,
+    floor: u64,
+    timeout: Duration,
+) -> Result<(K, Vec<u8>), String> {
+    let req = LocalRead { lba, blocks: 1, applied_at_least: floor };
+    let mut why = Vec::new();
+    for (key, name, node) in nodes {
+        let got = node.read_local(req, timeout).await.and_then(|r| {
+            check_reply(&r, lba, 1)?;
+            if r.data.len() != bs {
+                return Err(format!("answered {} bytes for one {bs}-byte block", r.data.len()));
+            }
+            if r.applied < floor {
+                return Err(format!("answered at log index {} below {floor}", r.applied));
+            }
+            match r.bad.first() {
+                None => Ok(r.data),
+                Some(b) => Err(format!(
+                    "fails its checksum there too (expected {:#010x}, found {:#010x})",
+                    b.expected, b.found
+                )),
+            }
+        });
+        match got {
+            Ok(block) => return Ok((key, block)),
+            Err(e) => {
+                tracing::error!(node = %name, lba, error = %e, "no good copy here");
+                why.push(format!("{name}: {e}"));
             }
         }
-        if why.is_empty() {
-            why.push("no other replica".to_string());
-        }
-        Err(why.join("; "))
     }
+    if why.is_empty() {
+        why.push("no other replica".to_string());
+    }
+    Err(why.join("; "))
 }
 
 /// Checks a node's answer to a read of `blocks` blocks at `lba` before anything uses it: whole

@@ -232,10 +232,7 @@ impl Proposer {
     pub async fn propose_then(&self, req: Request, on_commit: OnCommit) -> Result<(), String> {
         wait_apply_lag(&self.raft, Duration::from_secs(1)).await?;
         let tag = Tag::fresh();
-        let req = match req {
-            Request::Blocks(ops, _) => Request::Blocks(ops, tag),
-            other => other,
-        };
+        let req = req.with_tag(tag);
         self.commits.register(tag, on_commit);
         let (responder, answer) = openraft::impls::ProgressResponder::complete_only();
         if let Err(e) = self.raft.client_write_ff(req, Some(responder)).await {

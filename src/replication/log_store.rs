@@ -18,7 +18,7 @@ use openraft::RaftLogReader;
 use super::commits::CommitWatch;
 use super::types::{
     decode_entry, encode_entry, from_store_log_id, from_store_vote, to_store_log_id, to_store_vote,
-    Entry, LogId, Request, TypeConfig, Vote,
+    Entry, LogId, TypeConfig, Vote,
 };
 use crate::storage::engine::Engine;
 use crate::storage::state::LogId as StoreLogId;
@@ -31,7 +31,9 @@ fn entry_bytes(e: &Entry) -> usize {
     use crate::entry::BlockOp;
     use openraft::EntryPayload as P;
     64 + match &e.payload {
-        P::Normal(super::types::Request::Blocks(ops, _)) => ops
+        P::Normal(req) => req
+            .ops()
+            .unwrap_or_default()
             .iter()
             .map(|op| if let BlockOp::Write { data, .. } = op { data.len() } else { 16 })
             .sum(),
@@ -323,8 +325,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let first_index = first.log_id.index;
         let last = entries.last().map(|e| e.log_id);
         self.inner.commits.appended(entries.iter().filter_map(|e| match &e.payload {
-            openraft::EntryPayload::Normal(Request::Blocks(_, tag)) if tag.0 != 0 => {
-                Some((e.log_id.index, *tag))
+            openraft::EntryPayload::Normal(req) if req.tag().0 != 0 => {
+                Some((e.log_id.index, req.tag()))
             }
             _ => None,
         }));

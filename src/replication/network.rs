@@ -14,7 +14,8 @@ use openraft::error::{
 };
 use openraft::network::{Backoff, RPCOption, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::{BasicNode, RaftNetworkV2};
 use serde::{Deserialize, Serialize};
@@ -32,6 +33,9 @@ pub enum RaftRpc {
     /// openraft 0.10's pre-vote: "would you vote for me", without raising any term.
     PreVote(VoteRequest<TypeConfig>),
     Snapshot(SnapshotChunk),
+    /// The leader hands its leadership to the receiver (`Trigger::transfer_leader`): the
+    /// receiver campaigns at once, and the other voters grant it despite the leader's lease.
+    TransferLeader(TransferLeaderRequest<TypeConfig>),
 }
 
 /// Its answer, with the remote Raft's own error when it refused.
@@ -42,6 +46,7 @@ pub enum RaftReply {
     PreVote(Result<VoteResponse<TypeConfig>, RaftError<TypeConfig>>),
     /// The receiver's vote (a higher one ends the transfer), or why the chunk was refused.
     Snapshot(Result<SnapshotResponse<TypeConfig>, String>),
+    TransferLeader(Result<TransferLeaderResponse<TypeConfig>, String>),
 }
 
 /// One record of a snapshot stream (`snapshot`), sent in order from offset 0; the last one
@@ -164,6 +169,9 @@ pub async fn dispatch(raft: &Raft, inbox: &SnapshotInbox, rpc: RaftRpc) -> RaftR
         RaftRpc::Vote(r) => RaftReply::Vote(raft.vote(r).await),
         RaftRpc::PreVote(r) => RaftReply::PreVote(raft.pre_vote(r).await),
         RaftRpc::Snapshot(c) => RaftReply::Snapshot(inbox.receive(raft, c).await),
+        RaftRpc::TransferLeader(r) => RaftReply::TransferLeader(
+            raft.handle_transfer_leader(r).await.map_err(|e| e.to_string()),
+        ),
     }
 }
 
@@ -450,6 +458,22 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
     ) -> RpcResult<VoteResponse<TypeConfig>> {
         match self.call(RaftRpc::PreVote(rpc), &option).await.map_err(|e| self.lift(e))? {
             RaftReply::PreVote(r) => r.map_err(|e| self.remote(e)),
+            _ => Err(self.mismatch()),
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.call(RaftRpc::TransferLeader(req), &option).await.map_err(|e| self.lift(e))? {
+            RaftReply::TransferLeader(r) => r.map_err(|e| {
+                RPCError::Unreachable(Unreachable::from_string(format!(
+                    "node {}: {e}",
+                    self.target
+                )))
+            }),
             _ => Err(self.mismatch()),
         }
     }

@@ -7,7 +7,8 @@
 //!          RECORD_HEAD + CHUNK_BLOCKS × block_bytes bytes (the last chunk is zero-padded)
 //! header record: [0,8) "XDEVSNAP" [8,12) version [12,16) block bytes [16,24) device bytes
 //!          [24,28) chunk blocks [28,32) meta length [32,36) crc32c of the head page with this
-//!          field zero [64,…) the snapshot meta (postcard), the rest zero
+//!          field zero [36,40) 1 if an attachment follows, else 0 [40,48) its epoch [48,56) its
+//!          node [64,…) the snapshot meta (postcard), the rest zero
 //! chunk record: [0,8) "XDEVSCHK" [8,16) chunk number [16,24) first lba [24,28) blocks
 //!          [28,32) crc32c of the head page with this field zero, then the data [32,64) zero
 //!          [64,…) a bitmap of the blocks holding data (others read as zeros), then the data
@@ -31,6 +32,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeek, AsyncSeekExt, AsyncWrite, Re
 
 use super::types::SnapshotMeta;
 use crate::storage::engine::Engine;
+use crate::storage::image::Attachment;
 use crate::storage::le::{put_u32, put_u64, u32_at, u64_at};
 
 /// Blocks per chunk record.
@@ -82,7 +84,17 @@ fn crc_with_zero_field(page: &[u8], field: usize, rest: &[u8]) -> u32 {
     crc32c::crc32c_append(c, rest)
 }
 
-fn header_record(shape: Shape, meta: &SnapshotMeta) -> io::Result<Vec<u8>> {
+/// What a snapshot stream's header says: openraft's meta, and the attachment as of the same
+/// index (the image's applied state at the checkpoint the snapshot was built at), which the
+/// receiver installs with the image so that it fences the same writes as its leader.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Described {
+    pub meta: SnapshotMeta,
+    pub attachment: Option<Attachment>,
+}
+
+fn header_record(shape: Shape, described: &Described) -> io::Result<Vec<u8>> {
+    let meta = &described.meta;
     let meta_bytes = postcard::to_allocvec(meta).map_err(io::Error::other)?;
     if META_AT + meta_bytes.len() > RECORD_HEAD as usize {
         return Err(io::Error::other(format!(
@@ -97,6 +109,11 @@ fn header_record(shape: Shape, meta: &SnapshotMeta) -> io::Result<Vec<u8>> {
     put_u64(&mut rec, 16, shape.device_bytes);
     put_u32(&mut rec, 24, CHUNK_BLOCKS as u32);
     put_u32(&mut rec, 28, meta_bytes.len() as u32);
+    if let Some(a) = described.attachment {
+        put_u32(&mut rec, 36, 1);
+        put_u64(&mut rec, 40, a.epoch);
+        put_u64(&mut rec, 48, a.node);
+    }
     rec[META_AT..META_AT + meta_bytes.len()].copy_from_slice(&meta_bytes);
     let crc = crc_with_zero_field(&rec[..RECORD_HEAD as usize], 32, &[]);
     put_u32(&mut rec, 32, crc);
@@ -104,7 +121,7 @@ fn header_record(shape: Shape, meta: &SnapshotMeta) -> io::Result<Vec<u8>> {
 }
 
 /// Parses and checks a header record against the receiving device's shape.
-pub fn parse_header(page: &[u8], shape: Shape) -> Result<SnapshotMeta, String> {
+pub fn parse_header(page: &[u8], shape: Shape) -> Result<Described, String> {
     if page.len() < RECORD_HEAD as usize {
         return Err(format!("snapshot header of {} bytes is truncated", page.len()));
     }
@@ -127,9 +144,15 @@ pub fn parse_header(page: &[u8], shape: Shape) -> Result<SnapshotMeta, String> {
             theirs.device_bytes, theirs.block_bytes, shape.device_bytes, shape.block_bytes
         ));
     }
+    let attachment = match u32_at(page, 36) {
+        0 if page[40..56].iter().all(|b| *b == 0) => None,
+        1 => Some(Attachment { epoch: u64_at(page, 40), node: u64_at(page, 48) }),
+        other => return Err(format!("snapshot attachment flag {other} is neither 0 nor 1")),
+    };
     let len = u32_at(page, 28) as usize;
     let meta = page.get(META_AT..META_AT + len).ok_or("snapshot meta length out of range")?;
-    postcard::from_bytes(meta).map_err(|e| format!("undecodable snapshot meta: {e}"))
+    let meta = postcard::from_bytes(meta).map_err(|e| format!("undecodable snapshot meta: {e}"))?;
+    Ok(Described { meta, attachment })
 }
 
 /// Builds chunk record `n` from the live image, with applies excluded while it is read.
@@ -303,9 +326,9 @@ impl std::fmt::Debug for LiveStream {
 }
 
 impl LiveStream {
-    pub fn new(engine: Arc<Engine>, meta: &SnapshotMeta) -> io::Result<LiveStream> {
+    pub fn new(engine: Arc<Engine>, described: &Described) -> io::Result<LiveStream> {
         let shape = Shape::of(&engine);
-        let header = Arc::new(header_record(shape, meta)?);
+        let header = Arc::new(header_record(shape, described)?);
         Ok(LiveStream { engine, shape, header, pos: 0, current: None, pending: None })
     }
 }
@@ -484,7 +507,7 @@ pub async fn stage(files: &SnapshotFiles, src: &mut SnapshotData) -> io::Result<
 }
 
 /// Reads the staged stream whole, checking the header against `shape` and every record.
-pub async fn verify(path: &Path, shape: Shape) -> Result<SnapshotMeta, String> {
+pub async fn verify(path: &Path, shape: Shape) -> Result<Described, String> {
     let mut f = tokio::fs::File::open(path)
         .await
         .map_err(|e| format!("open snapshot {}: {e}", path.display()))?;
@@ -518,14 +541,15 @@ pub fn begin_install(files: &SnapshotFiles) -> io::Result<()> {
 
 /// Writes the snapshot at `files.installing()` over the image, checkpoints it at the snapshot's
 /// index, then removes the intent. Idempotent: a crash anywhere is repaired by running it again.
-pub fn install(engine: &Engine, files: &SnapshotFiles) -> Result<SnapshotMeta, String> {
+pub fn install(engine: &Engine, files: &SnapshotFiles) -> Result<Described, String> {
     use std::io::Read;
     let shape = Shape::of(engine);
     let path = files.installing();
     let mut f = std::fs::File::open(&path).map_err(|e| format!("open {}: {e}", path.display()))?;
     let mut rec = vec![0u8; shape.record() as usize];
     f.read_exact(&mut rec).map_err(|e| format!("{}: {e}", path.display()))?;
-    let meta = parse_header(&rec, shape)?;
+    let described = parse_header(&rec, shape)?;
+    let meta = &described.meta;
     let bs = shape.block_bytes as usize;
     engine
         .with_applied(|applied| {
@@ -561,11 +585,12 @@ pub fn install(engine: &Engine, files: &SnapshotFiles) -> Result<SnapshotMeta, S
                     super::types::encode_membership(meta.last_membership.membership()),
                 )
             });
+            applied.attachment = described.attachment;
             Ok(())
         })
         .map_err(|e| format!("install snapshot: {e}"))?;
     engine.checkpoint().map_err(|e| format!("checkpoint after snapshot install: {e}"))?;
     std::fs::remove_file(&path).map_err(|e| format!("remove {}: {e}", path.display()))?;
     sync_dir(files.dir()).map_err(|e| format!("sync {}: {e}", files.dir().display()))?;
-    Ok(meta)
+    Ok(described)
 }

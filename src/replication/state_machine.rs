@@ -10,7 +10,7 @@ use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::RaftSnapshotBuilder;
 
 use super::snapshot::{
-    self, LiveStream, ReceiveProgress, Shape, SnapshotData, SnapshotFiles, Staging,
+    self, Described, LiveStream, ReceiveProgress, Shape, SnapshotData, SnapshotFiles, Staging,
 };
 use super::types::{
     decode_membership, from_store_log_id, into_entry_body, to_store_log_id, LogId, Response,
@@ -44,12 +44,14 @@ fn stored_membership(applied: &Applied) -> io::Result<StoredMembership> {
     }
 }
 
-fn meta_of(applied: &Applied) -> io::Result<Option<SnapshotMeta>> {
+/// The snapshot of an image checkpointed at `applied`: openraft's meta and the attachment.
+fn described(applied: &Applied) -> io::Result<Option<Described>> {
     let Some(id) = applied.log_id else { return Ok(None) };
-    Ok(Some(SnapshotMeta {
+    let meta = SnapshotMeta {
         last_log_id: Some(from_store_log_id(id)),
         last_membership: stored_membership(applied)?,
-    }))
+    };
+    Ok(Some(Described { meta, attachment: applied.attachment }))
 }
 
 /// openraft's state machine over one replica's engine.
@@ -57,7 +59,7 @@ fn meta_of(applied: &Applied) -> io::Result<Option<SnapshotMeta>> {
 pub struct StateMachine {
     engine: Arc<Engine>,
     files: SnapshotFiles,
-    current: Arc<Mutex<Option<SnapshotMeta>>>,
+    current: Arc<Mutex<Option<Described>>>,
     receiving: Arc<ReceiveProgress>,
 }
 
@@ -69,7 +71,7 @@ impl StateMachine {
             tracing::warn!(path = %files.installing().display(), "redoing an interrupted snapshot install");
             snapshot::install(&engine, &files).map_err(snap_err)?;
         }
-        let current = meta_of(&engine.image().applied())?;
+        let current = described(&engine.image().applied())?;
         Ok(StateMachine {
             engine,
             files,
@@ -93,11 +95,12 @@ impl StateMachine {
         drop(snapshot);
         let shape = Shape::of(&self.engine);
         let staged = snapshot::verify(&self.files.staging(), shape).await.map_err(snap_err)?;
-        if staged.last_log_id != meta.last_log_id || staged.last_membership != meta.last_membership
+        if staged.meta.last_log_id != meta.last_log_id
+            || staged.meta.last_membership != meta.last_membership
         {
             return Err(snap_err(format!(
                 "received snapshot is of {:?}, expected {:?}",
-                staged.last_log_id, meta.last_log_id
+                staged.meta.last_log_id, meta.last_log_id
             )));
         }
         let engine = self.engine.clone();
@@ -109,8 +112,8 @@ impl StateMachine {
         .await
         .map_err(snap_err)?
         .map_err(snap_err)?;
-        tracing::info!(last_log_id = ?meta.last_log_id, "snapshot installed");
-        self.set_current(meta.clone());
+        tracing::info!(last_log_id = ?meta.last_log_id, attachment = ?staged.attachment, "snapshot installed");
+        self.set_current(staged);
         Ok(())
     }
 
@@ -128,8 +131,8 @@ impl StateMachine {
         Ok(SnapshotData::File(Staging::new(file, self.receiving.clone())))
     }
 
-    fn set_current(&self, meta: SnapshotMeta) {
-        *self.current.lock().expect("snapshot lock") = Some(meta);
+    fn set_current(&self, described: Described) {
+        *self.current.lock().expect("snapshot lock") = Some(described);
     }
 }
 
@@ -148,16 +151,20 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             .await
             .map_err(snap_err)?
             .map_err(snap_err)?;
-        let meta = match meta_of(&applied)? {
-            Some(meta) => meta,
-            None => {
-                SnapshotMeta { last_log_id: None, last_membership: StoredMembership::default() }
-            }
+        let described = match described(&applied)? {
+            Some(d) => d,
+            None => Described {
+                meta: SnapshotMeta {
+                    last_log_id: None,
+                    last_membership: StoredMembership::default(),
+                },
+                attachment: applied.attachment,
+            },
         };
-        tracing::info!(last_log_id = ?meta.last_log_id, "snapshot built (image checkpointed)");
-        self.sm.set_current(meta.clone());
-        let stream = LiveStream::new(self.sm.engine.clone(), &meta).map_err(snap_err)?;
-        Ok(Snapshot { meta, snapshot: SnapshotData::Live(stream) })
+        tracing::info!(last_log_id = ?described.meta.last_log_id, "snapshot built (image checkpointed)");
+        self.sm.set_current(described.clone());
+        let stream = LiveStream::new(self.sm.engine.clone(), &described).map_err(snap_err)?;
+        Ok(Snapshot { meta: described.meta, snapshot: SnapshotData::Live(stream) })
     }
 }
 
@@ -236,10 +243,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> io::Result<Option<Snapshot>> {
-        let Some(meta) = self.current.lock().expect("snapshot lock").clone() else {
+        let Some(described) = self.current.lock().expect("snapshot lock").clone() else {
             return Ok(None);
         };
-        let stream = LiveStream::new(self.engine.clone(), &meta).map_err(snap_err)?;
-        Ok(Some(Snapshot { meta, snapshot: SnapshotData::Live(stream) }))
+        let stream = LiveStream::new(self.engine.clone(), &described).map_err(snap_err)?;
+        Ok(Some(Snapshot { meta: described.meta, snapshot: SnapshotData::Live(stream) }))
     }
 }

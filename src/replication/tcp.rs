@@ -120,6 +120,34 @@ pub enum Admin {
     Campaign,
     /// Answers `Status`: this node's view.
     Status,
+    /// To the leader: hand leadership to this node (openraft's `transfer_leader`: the node
+    /// campaigns at once and the voters grant it despite the leader's lease, so it works while
+    /// the leader is alive, unlike `Campaign`). Answers `Done`; ignored by a node not leading.
+    Handover(NodeId),
+    /// Serve the device from this node (`DeviceHost::attach`): lead, commit an attach entry
+    /// that raises the attachment epoch, serve `/dev/ublkbN`. Answers `Attached`.
+    Attach,
+    /// Stop serving the device here and commit a detach entry. Answers `Done`.
+    Detach,
+}
+
+/// Where a node serves the device once attached (the daemon, which owns the frontend; the
+/// replication layer knows none of it).
+pub trait DeviceHost: Send + Sync + 'static {
+    fn attach(self: Arc<Self>) -> BoxFuture<Result<Attached, String>>;
+    fn detach(self: Arc<Self>) -> BoxFuture<Result<(), String>>;
+}
+
+/// A node serving the device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attached {
+    /// `/dev/ublkbN`.
+    pub path: String,
+    /// The attachment's epoch: its attach entry's log index.
+    pub epoch: u64,
+    pub term: u64,
+    /// How long it took, from the request to the device being live.
+    pub millis: u64,
 }
 
 /// An incoming snapshot on a node.
@@ -153,6 +181,11 @@ pub struct NodeStatus {
     pub snapshot_in: Option<SnapshotTransfer>,
     /// Snapshots this node has installed since its process started.
     pub snapshots_installed: u64,
+    /// The attachment as of this node's applied index: (epoch, serving node, 0 once detached).
+    pub attachment: Option<(u64, NodeId)>,
+    /// Block-write entries this node skipped at apply because they came from a superseded
+    /// attachment (since its process started).
+    pub fenced_writes: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -161,6 +194,7 @@ pub enum AdminReply {
     /// A membership change committed at this log index.
     Index(u64),
     Status(Box<NodeStatus>),
+    Attached(Attached),
 }
 
 /// What a write or read answer says when this node is not the leader.
@@ -170,6 +204,7 @@ pub const NOT_LEADER: &str = "not the leader";
 pub fn status_of(
     raft: &Raft,
     id: NodeId,
+    engine: &Engine,
     receiving: &ReceiveProgress,
     stream_bytes: u64,
 ) -> NodeStatus {
@@ -198,6 +233,8 @@ pub fn status_of(
             total: stream_bytes,
         }),
         snapshots_installed: receiving.installed(),
+        attachment: engine.attachment().map(|a| (a.epoch, a.node)),
+        fenced_writes: engine.fenced_writes(),
     }
 }
 
@@ -268,6 +305,8 @@ pub struct NodeService {
     proposals: mpsc::UnboundedSender<Proposal>,
     /// Held while a WRITE is checked and queued, so the check and the queue order agree.
     order: Mutex<ClientOrder>,
+    /// Where `Attach` and `Detach` go; none: this node does not serve devices.
+    host: std::sync::OnceLock<Arc<dyn DeviceHost>>,
 }
 
 impl std::fmt::Debug for NodeService {
@@ -335,12 +374,20 @@ impl NodeService {
             inbox,
             proposals: tx,
             order: Mutex::new(ClientOrder::default()),
+            host: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Lets this node serve the device: `Attach` and `Detach` go to `host`. Set once.
+    pub fn set_host(&self, host: Arc<dyn DeviceHost>) {
+        if self.host.set(host).is_err() {
+            tracing::warn!("a device host was already set; keeping the first");
+        }
     }
 
     fn status(&self) -> NodeStatus {
         let stream_bytes = Shape::of(&self.engine).stream_bytes();
-        status_of(&self.raft, self.id, &self.receiving, stream_bytes)
+        status_of(&self.raft, self.id, &self.engine, &self.receiving, stream_bytes)
     }
 
     async fn admin(
@@ -397,7 +444,12 @@ impl NodeService {
             }
             // A forced election, without pre-vote: voters whose lease holds still refuse it.
             Admin::Campaign => raft.trigger().elect(false).await.map_err(|e| e.to_string())?,
-            Admin::Status => return Err("status is answered by `call`".to_string()),
+            Admin::Handover(to) => {
+                raft.trigger().transfer_leader(to).await.map_err(|e| e.to_string())?
+            }
+            Admin::Status | Admin::Attach | Admin::Detach => {
+                return Err("answered by `call`".to_string())
+            }
         }
         Ok(AdminReply::Done)
     }
@@ -464,6 +516,11 @@ impl Handler for NodeService {
                 let limit = self.engine.wal().max_record_bytes();
                 let queued = decode::<WriteRequest>(&payload, "write").and_then(|w| {
                     let WriteRequest { origin, req } = w;
+                    if matches!(req, Request::Attach(_)) {
+                        return Err("an attach entry is proposed only by the member that \
+                                    attaches (ADMIN Attach), never through WRITE"
+                            .to_string());
+                    }
                     if req.payload_len() > limit {
                         return Err(format!(
                             "a proposal of {} bytes exceeds the {limit}-byte entry limit",
@@ -552,9 +609,23 @@ impl Handler for NodeService {
                 let req = decode::<Admin>(&payload, "admin request");
                 // Status needs the service's snapshot progress: answered here.
                 let status = matches!(req, Ok(Admin::Status)).then(|| self.status());
+                let host = self.host.get().cloned();
                 Box::pin(async move {
                     if let Some(s) = status {
                         return encode(&AdminReply::Status(Box::new(s)));
+                    }
+                    match (&req, host) {
+                        (Ok(Admin::Attach), Some(h)) => {
+                            return encode(&AdminReply::Attached(h.attach().await?))
+                        }
+                        (Ok(Admin::Detach), Some(h)) => {
+                            h.detach().await?;
+                            return encode(&AdminReply::Done);
+                        }
+                        (Ok(Admin::Attach | Admin::Detach), None) => {
+                            return Err(format!("node {id} does not serve devices"))
+                        }
+                        _ => {}
                     }
                     encode(&NodeService::admin(raft, id, cluster_id, req?).await?)
                 })

@@ -16,8 +16,14 @@ pub enum Request {
     /// Block writes and zero-fills, applied in order; the tag (never encoded) lets a proposer
     /// in this process learn when the entry commits (`commits`).
     Blocks(Vec<BlockOp>, #[serde(skip)] Tag),
+    /// Block writes from the member attached at the epoch given (`entry::EntryBody::Fenced`):
+    /// applied only while that attachment is current.
+    Fenced(u64, Vec<BlockOp>, #[serde(skip)] Tag),
     /// A barrier: committing it commits every entry before it.
     Flush,
+    /// Member `node` serves the device from this entry on (0: nobody does); its epoch is the
+    /// entry's index.
+    Attach(NodeId),
 }
 
 impl Request {
@@ -28,9 +34,41 @@ impl Request {
 
     /// The bytes of the WAL record payload an entry of this request takes (`encode_entry`).
     pub fn payload_len(&self) -> usize {
+        encoded_len(self.body())
+    }
+
+    /// The entry body this request becomes.
+    pub fn body(&self) -> BodyRef<'_> {
         match self {
-            Request::Blocks(ops, _) => encoded_len(BodyRef::Blocks(ops)),
-            Request::Flush => encoded_len(BodyRef::Flush),
+            Request::Blocks(ops, _) => BodyRef::Blocks(ops),
+            Request::Fenced(epoch, ops, _) => BodyRef::Fenced(*epoch, ops),
+            Request::Flush => BodyRef::Flush,
+            Request::Attach(node) => BodyRef::Attach(*node),
+        }
+    }
+
+    /// The block ops it carries, if any.
+    pub fn ops(&self) -> Option<&[BlockOp]> {
+        match self {
+            Request::Blocks(ops, _) | Request::Fenced(_, ops, _) => Some(ops),
+            Request::Flush | Request::Attach(_) => None,
+        }
+    }
+
+    /// The tag of a block request (a default one for the others).
+    pub fn tag(&self) -> Tag {
+        match self {
+            Request::Blocks(_, tag) | Request::Fenced(_, _, tag) => *tag,
+            Request::Flush | Request::Attach(_) => Tag::default(),
+        }
+    }
+
+    /// The request with `tag`, if it can carry one (block requests do).
+    pub fn with_tag(self, tag: Tag) -> Request {
+        match self {
+            Request::Blocks(ops, _) => Request::Blocks(ops, tag),
+            Request::Fenced(epoch, ops, _) => Request::Fenced(epoch, ops, tag),
+            other => other,
         }
     }
 }
@@ -42,7 +80,12 @@ impl std::fmt::Display for Request {
             Request::Blocks(ops, _) => {
                 write!(f, "blocks({} ops, {} bytes)", ops.len(), self.payload_len())
             }
+            Request::Fenced(epoch, ops, _) => {
+                write!(f, "blocks(epoch {epoch}, {} ops, {} bytes)", ops.len(), self.payload_len())
+            }
             Request::Flush => write!(f, "flush"),
+            Request::Attach(0) => write!(f, "detach"),
+            Request::Attach(node) => write!(f, "attach(node {node})"),
         }
     }
 }
@@ -115,8 +158,7 @@ pub fn encode_entry(entry: &Entry) -> Payload {
     let leader = entry.log_id.leader_id.node_id;
     match &entry.payload {
         RaftPayload::Blank => encode_shared(leader, BodyRef::Blank),
-        RaftPayload::Normal(Request::Blocks(ops, _)) => encode_shared(leader, BodyRef::Blocks(ops)),
-        RaftPayload::Normal(Request::Flush) => encode_shared(leader, BodyRef::Flush),
+        RaftPayload::Normal(req) => encode_shared(leader, req.body()),
         RaftPayload::Membership(m) => {
             encode_shared(leader, BodyRef::Membership(&encode_membership(m)))
         }
@@ -132,6 +174,10 @@ pub fn decode_entry(index: u64, term: u64, payload: &[u8]) -> Result<Entry, Stri
         EntryBody::Blank => RaftPayload::Blank,
         EntryBody::Flush => RaftPayload::Normal(Request::Flush),
         EntryBody::Blocks(ops) => RaftPayload::Normal(Request::Blocks(ops, Tag::default())),
+        EntryBody::Fenced(epoch, ops) => {
+            RaftPayload::Normal(Request::Fenced(epoch, ops, Tag::default()))
+        }
+        EntryBody::Attach(node) => RaftPayload::Normal(Request::Attach(node)),
         EntryBody::Membership(bytes) => RaftPayload::Membership(decode_membership(&bytes)?),
     };
     Ok(Entry { log_id, payload })
@@ -144,6 +190,8 @@ pub fn into_entry_body(entry: Entry) -> EntryBody {
         RaftPayload::Blank => EntryBody::Blank,
         RaftPayload::Normal(Request::Flush) => EntryBody::Flush,
         RaftPayload::Normal(Request::Blocks(ops, _)) => EntryBody::Blocks(ops),
+        RaftPayload::Normal(Request::Fenced(epoch, ops, _)) => EntryBody::Fenced(epoch, ops),
+        RaftPayload::Normal(Request::Attach(node)) => EntryBody::Attach(node),
         RaftPayload::Membership(m) => EntryBody::Membership(encode_membership(&m)),
     }
 }
@@ -174,6 +222,15 @@ mod tests {
                     BlockOp::Write { lba: 9, data: vec![5; 4096].into() },
                     BlockOp::Zero { lba: 1, blocks: 7 },
                 ])),
+            },
+            Entry { log_id: id(2, 3, 4), payload: RaftPayload::Normal(Request::Attach(3)) },
+            Entry {
+                log_id: id(2, 3, 5),
+                payload: RaftPayload::Normal(Request::Fenced(
+                    4,
+                    vec![BlockOp::Write { lba: 2, data: vec![1; 4096].into() }],
+                    Tag::default(),
+                )),
             },
         ];
         for e in entries {

@@ -9,7 +9,7 @@ use uuid::Uuid;
 use super::disk::lock::Hold;
 use super::disk::{AlignedBuf, Disk, Volume};
 use super::error::{Result, StorageError};
-use super::image::{Applied, Image, ImageGeometry};
+use super::image::{Applied, Attachment, Image, ImageGeometry};
 use super::layout::{self, Layout, Location};
 use super::poison::Poison;
 use super::segment::{SegmentStore, SEGMENT_HEADER_BYTES};
@@ -94,6 +94,8 @@ pub struct Engine {
     /// This process's exclusive hold on the store, released by `close` or when the engine is
     /// dropped.
     hold: Mutex<Option<Hold>>,
+    /// Block-write entries skipped at apply: sent under an attachment no longer current.
+    fenced_writes: std::sync::atomic::AtomicU64,
 }
 
 impl Engine {
@@ -241,6 +243,7 @@ impl Engine {
             applied: Mutex::new(applied),
             committed: Mutex::new(None),
             hold: Mutex::new(Some(hold)),
+            fenced_writes: Default::default(),
         };
         let replayed = engine.replay()?;
         let recovery = Recovery {
@@ -347,14 +350,55 @@ impl Engine {
         Ok(())
     }
 
+    /// Applies one entry. Block writes apply only if the attachment state admits their epoch
+    /// (`Attachment::admits`): a write from a server whose attachment was superseded (it was
+    /// paused or cut off while another member attached) is skipped, on every replica alike,
+    /// since each applies the same log from the same state.
     fn apply_one(&self, applied: &mut Applied, id: LogId, body: &EntryBody) -> Result<()> {
         match body {
-            EntryBody::Blocks(ops) => self.apply_ops(ops)?,
+            EntryBody::Blocks(ops) => {
+                if Attachment::admits(applied.attachment, None) {
+                    self.apply_ops(ops)?
+                } else {
+                    self.fenced_off(id, applied.attachment, None);
+                }
+            }
+            EntryBody::Fenced(epoch, ops) => {
+                if Attachment::admits(applied.attachment, Some(*epoch)) {
+                    self.apply_ops(ops)?
+                } else {
+                    self.fenced_off(id, applied.attachment, Some(*epoch));
+                }
+            }
+            EntryBody::Attach(node) => {
+                applied.attachment = Some(Attachment { epoch: id.index, node: *node })
+            }
             EntryBody::Membership(m) => applied.membership = Some((id, m.clone())),
             EntryBody::Blank | EntryBody::Flush => {}
         }
         applied.log_id = Some(id);
         Ok(())
+    }
+
+    fn fenced_off(&self, id: LogId, current: Option<Attachment>, epoch: Option<u64>) {
+        self.fenced_writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(
+            index = id.index,
+            epoch = ?epoch,
+            attached = ?current,
+            "block writes of a superseded attachment (or of a writer outside it) skipped"
+        );
+    }
+
+    /// Block-write entries skipped at apply because their epoch was not the current attachment's
+    /// (since this engine was opened).
+    pub fn fenced_writes(&self) -> u64 {
+        self.fenced_writes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The attachment as of the applied index.
+    pub fn attachment(&self) -> Option<Attachment> {
+        self.applied.lock().expect("applied lock").attachment
     }
 
     /// Runs `f` with applies excluded, on the in-memory applied state (snapshot reads and

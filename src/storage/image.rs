@@ -66,11 +66,41 @@ pub struct Applied {
     /// The last applied membership entry: its log id and the replication layer's bytes.
     #[serde(skip)]
     pub membership: Option<(LogId, Vec<u8>)>,
+    /// The last applied attach entry (`entry::EntryBody::Attach`): which member serves the
+    /// device, under which epoch. None: no member ever attached.
+    pub attachment: Option<Attachment>,
+}
+
+/// Which member serves the device, as the log last said.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Attachment {
+    /// The attach entry's index.
+    pub epoch: u64,
+    /// The member serving the device; 0 once it detached.
+    pub node: u64,
+}
+
+impl Attachment {
+    /// Whether block writes sent under `epoch` (None: by a writer outside the attachment
+    /// scheme) apply under this attachment state (None: no member ever attached): fenced writes
+    /// only under the attachment they name while it is held, unfenced ones only while no member
+    /// is attached.
+    pub fn admits(current: Option<Attachment>, epoch: Option<u64>) -> bool {
+        match (current, epoch) {
+            (Some(a), Some(e)) => a.node != 0 && a.epoch == e,
+            (Some(a), None) => a.node == 0,
+            (None, Some(_)) => false,
+            (None, None) => true,
+        }
+    }
 }
 
 const APPLIED_FIXED: usize = 56;
 const HAS_LOG_ID: u8 = 1;
 const HAS_MEMBERSHIP: u8 = 2;
+const HAS_ATTACHMENT: u8 = 4;
+/// An attachment (epoch, node) follows the membership bytes.
+const ATTACHMENT_BYTES: usize = 16;
 
 fn put_log_id(buf: &mut [u8], at: usize, id: LogId) {
     put_u64(buf, at, id.term);
@@ -85,7 +115,8 @@ fn log_id_at(buf: &[u8], at: usize) -> LogId {
 impl Applied {
     fn encode(&self) -> Vec<u8> {
         let bytes = self.membership.as_ref().map_or(&[][..], |(_, b)| b.as_slice());
-        let mut buf = vec![0u8; APPLIED_FIXED + bytes.len()];
+        let attachment = if self.attachment.is_some() { ATTACHMENT_BYTES } else { 0 };
+        let mut buf = vec![0u8; APPLIED_FIXED + bytes.len() + attachment];
         if let Some(id) = self.log_id {
             buf[0] |= HAS_LOG_ID;
             put_log_id(&mut buf, 8, id);
@@ -95,22 +126,37 @@ impl Applied {
             put_log_id(&mut buf, 32, *id);
         }
         put_u32(&mut buf, 4, bytes.len() as u32);
-        buf[APPLIED_FIXED..].copy_from_slice(bytes);
+        buf[APPLIED_FIXED..APPLIED_FIXED + bytes.len()].copy_from_slice(bytes);
+        if let Some(a) = self.attachment {
+            buf[0] |= HAS_ATTACHMENT;
+            let at = APPLIED_FIXED + bytes.len();
+            put_u64(&mut buf, at, a.epoch);
+            put_u64(&mut buf, at + 8, a.node);
+        }
         buf
     }
 
     fn decode(buf: &[u8]) -> std::result::Result<Applied, String> {
+        let bad = || format!("malformed applied state of {} bytes", buf.len());
         if buf.len() < APPLIED_FIXED
-            || buf[0] & !(HAS_LOG_ID | HAS_MEMBERSHIP) != 0
-            || APPLIED_FIXED + u32_at(buf, 4) as usize != buf.len()
-            || (buf[0] & HAS_MEMBERSHIP == 0 && buf.len() != APPLIED_FIXED)
+            || buf[0] & !(HAS_LOG_ID | HAS_MEMBERSHIP | HAS_ATTACHMENT) != 0
         {
-            return Err(format!("malformed applied state of {} bytes", buf.len()));
+            return Err(bad());
+        }
+        let m_len = u32_at(buf, 4) as usize;
+        let a_len = if buf[0] & HAS_ATTACHMENT != 0 { ATTACHMENT_BYTES } else { 0 };
+        if APPLIED_FIXED.checked_add(m_len).and_then(|n| n.checked_add(a_len)) != Some(buf.len())
+            || (buf[0] & HAS_MEMBERSHIP == 0 && m_len != 0)
+        {
+            return Err(bad());
         }
         let log_id = (buf[0] & HAS_LOG_ID != 0).then(|| log_id_at(buf, 8));
+        let m_end = APPLIED_FIXED + m_len;
         let membership = (buf[0] & HAS_MEMBERSHIP != 0)
-            .then(|| (log_id_at(buf, 32), buf[APPLIED_FIXED..].to_vec()));
-        Ok(Applied { log_id, membership })
+            .then(|| (log_id_at(buf, 32), buf[APPLIED_FIXED..m_end].to_vec()));
+        let attachment = (a_len != 0)
+            .then(|| Attachment { epoch: u64_at(buf, m_end), node: u64_at(buf, m_end + 8) });
+        Ok(Applied { log_id, membership, attachment })
     }
 }
 
@@ -559,13 +605,39 @@ mod tests {
     #[test]
     fn applied_round_trip() {
         let id = LogId { term: 2, node: 3, index: 4 };
-        let a = Applied { log_id: Some(id), membership: Some((id, vec![9; 10])) };
+        let a = Applied { log_id: Some(id), membership: Some((id, vec![9; 10])), attachment: None };
         assert_eq!(Applied::decode(&a.encode()).expect("decode"), a);
+        let attached = Applied { attachment: Some(Attachment { epoch: 40, node: 2 }), ..a.clone() };
+        assert_eq!(Applied::decode(&attached.encode()).expect("decode"), attached);
+        let bare =
+            Applied { attachment: Some(Attachment { epoch: 7, node: 0 }), ..Applied::default() };
+        assert_eq!(Applied::decode(&bare.encode()).expect("decode"), bare);
         let empty = Applied::default();
         assert_eq!(Applied::decode(&empty.encode()).expect("decode"), empty);
-        assert!(Applied::decode(&[4u8; 56]).is_err());
+        assert!(Applied::decode(&[8u8; 56]).is_err(), "an unknown flag");
         let mut no_flag = a.encode();
         no_flag[0] = HAS_LOG_ID;
         assert!(Applied::decode(&no_flag).is_err(), "membership bytes without the flag");
+        let mut cut = attached.encode();
+        cut.pop();
+        assert!(Applied::decode(&cut).is_err(), "a truncated attachment");
+        let mut lost = attached.encode();
+        lost[0] &= !HAS_ATTACHMENT;
+        assert!(Applied::decode(&lost).is_err(), "attachment bytes without the flag");
+    }
+
+    #[test]
+    fn attachments_admit_only_their_own_writes() {
+        let held = Some(Attachment { epoch: 9, node: 2 });
+        let detached = Some(Attachment { epoch: 12, node: 0 });
+        assert!(Attachment::admits(None, None), "no attachment ever: unfenced writes apply");
+        assert!(!Attachment::admits(None, Some(9)));
+        assert!(Attachment::admits(held, Some(9)));
+        assert!(!Attachment::admits(held, Some(5)), "an older epoch");
+        assert!(!Attachment::admits(held, Some(12)), "an epoch not (yet) attached");
+        assert!(!Attachment::admits(held, None), "an unfenced writer while a member serves");
+        assert!(!Attachment::admits(detached, Some(9)), "the detached server's epoch");
+        assert!(!Attachment::admits(detached, Some(12)), "the detach entry's own index");
+        assert!(Attachment::admits(detached, None));
     }
 }

@@ -303,6 +303,15 @@ pub fn stop(id: u32) -> Result<(), Error> {
         .map_err(ublk(format!("stopping ublk device {id}")))
 }
 
+/// Removes device `id`, which no daemon serves (one a crashed daemon left quiesced): the kernel
+/// fails the I/O it held with EIO, then the device is deleted.
+pub fn remove(id: u32) -> Result<(), Error> {
+    let ctrl =
+        UblkCtrl::new_simple(id as i32).map_err(ublk(format!("opening ublk device {id}")))?;
+    ctrl.kill_dev().map_err(ublk(format!("stopping ublk device {id}")))?;
+    ctrl.del_dev().map(|_| ()).map_err(ublk(format!("deleting ublk device {id}")))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

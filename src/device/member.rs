@@ -1,0 +1,377 @@
+//! A `Cluster` for a device served by one member of a node cluster, from its own replica: the
+//! device across hosts. The member leads (leadership moves to it on attach), so a write costs
+//! its own WAL append and the followers' round trip, and reads come from its own image.
+//!
+//! Attaching (`Member::attach`):
+//! 1. The member wins leadership: it asks the leader it knows to hand over (openraft's
+//!    `transfer_leader`, which the voters grant despite the leader's lease), or, with no leader
+//!    (the serving host was lost), stands for election itself once the leases have run out.
+//! 2. As leader it commits an attach entry naming itself; the entry's log index is the
+//!    attachment's epoch, higher than every earlier one. Every replica's state machine from
+//!    then on applies only block writes carrying that epoch (`Attachment::admits`).
+//! 3. It serves only while it still leads in the term it attached in and a quorum acknowledged
+//!    it within the lease (`election_min`, below the `election_max` every follower waits
+//!    before it may vote for anyone else). `serving` checks that on every request; the first
+//!    failure fences the device for good.
+//!
+//! Why a lost lease is final: by the time another member can attach, this one cannot reach a
+//! quorum, so what it holds in its cache may be stale and nothing it sends can commit. Failing
+//! every request (the frontend answers EIO) is the only answer that never lies; the operator
+//! (or the unit that restarts it) attaches again.
+//!
+//! Why a write that commits here is never one the state machine refuses: an entry this member
+//! commits as leader of term `t` follows its own attach entry (made in `t`) in the log, and no
+//! other attach entry can lie between them, since another member attaches only as leader of a
+//! later term, after this one's entries. The epoch check at apply is what stops a superseded
+//! server's writes that reach a later leader's log another way.
+
+use openraft::async_runtime::WatchReceiver;
+use std::net::IpAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use openraft::{Instant as _, ServerState};
+
+use super::readers::{ReaderPool, DEFAULT_READERS};
+use super::remote::good_copy_from;
+use super::{BoxFuture, Cluster, ReadOutcome};
+use crate::replication::commits::OnCommit;
+use crate::replication::node::{applied_index, Node};
+use crate::replication::tcp::{Admin, NodeClient};
+use crate::replication::types::{NodeId, Request};
+use crate::storage::image::Attachment;
+
+/// How a member attaches.
+#[derive(Clone, Debug)]
+pub struct MemberOptions {
+    /// The cluster's id (its peers' connections are checked against it).
+    pub cluster_id: uuid::Uuid,
+    /// The address this member's connections leave from (its listen address).
+    pub bind: Option<IpAddr>,
+    /// How long a quorum's acknowledgement keeps this member serving: below the time a
+    /// follower waits for its leader before it may vote for another (`election_max`).
+    pub lease: Duration,
+    /// One election timeout: how long to wait for leadership to move before asking again.
+    pub election_max: Duration,
+    /// How long attaching may take in all.
+    pub attach_within: Duration,
+    /// Each request to a peer (a repair read).
+    pub timeout: Duration,
+}
+
+/// The device's cluster as one member serving it sees it.
+pub struct Member {
+    node: Arc<Node>,
+    opts: MemberOptions,
+    /// The attachment's epoch (its attach entry's index) and the term it was made in.
+    epoch: u64,
+    term: u64,
+    /// Set once, when the attachment is lost: why.
+    fenced: OnceLock<String>,
+    /// The other members (id, address), for repair reads.
+    peers: Vec<(NodeId, String, NodeClient)>,
+    readers: ReaderPool,
+}
+
+impl std::fmt::Debug for Member {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Member")
+            .field("node", &self.node.id)
+            .field("epoch", &self.epoch)
+            .field("term", &self.term)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Member {
+    /// Attaches the device to `node` (steps 1 and 2 above); the device may be served once this
+    /// returns.
+    pub async fn attach(node: Arc<Node>, opts: MemberOptions) -> anyhow::Result<Arc<Member>> {
+        let deadline = Instant::now() + opts.attach_within;
+        let term = win_leadership(&node, &opts, deadline).await?;
+        let commit = node
+            .proposer
+            .propose(Request::Attach(node.id))
+            .await
+            .map_err(|e| anyhow::anyhow!("proposing the attach entry: {e}"))?;
+        let epoch = tokio::time::timeout(
+            deadline.saturating_duration_since(Instant::now()).max(opts.election_max),
+            commit,
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("the attach entry did not commit in time"))?
+        .map_err(|e| anyhow::anyhow!("the attach entry failed: {e}"))?;
+        let peers = {
+            let m = node.raft.metrics().borrow_watched().clone();
+            m.membership_config
+                .membership()
+                .nodes()
+                .filter(|(id, _)| **id != node.id)
+                .filter_map(|(id, n)| {
+                    let addr = n.addr.parse().ok()?;
+                    Some((*id, n.addr.clone(), NodeClient::new(addr, opts.bind, opts.cluster_id)))
+                })
+                .collect()
+        };
+        let member = Member {
+            node,
+            opts,
+            epoch,
+            term,
+            fenced: OnceLock::new(),
+            peers,
+            readers: ReaderPool::new(DEFAULT_READERS, "xdevice-read")?,
+        };
+        // The attach entry is applied (the proposal resolves after apply): the image holds
+        // every write before it, and the state machine names this member.
+        let held = member.node.engine.attachment();
+        anyhow::ensure!(
+            held == Some(Attachment { epoch, node: member.node.id }),
+            "the attach entry at index {epoch} committed, but the applied attachment is {held:?}"
+        );
+        member.serving().map_err(|why| anyhow::anyhow!("attached at epoch {epoch}, then {why}"))?;
+        tracing::info!(epoch, term, node = member.node.id, "device attached to this member");
+        Ok(Arc::new(member))
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    pub fn term(&self) -> u64 {
+        self.term
+    }
+
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    /// Why this member stopped serving, if it did.
+    pub fn fenced(&self) -> Option<&str> {
+        self.fenced.get().map(String::as_str)
+    }
+
+    /// Ends the attachment cleanly: commits a detach entry (no member serves; this epoch's
+    /// writes are refused from then on) and fences this side. The device must have stopped and
+    /// committed everything it completed first.
+    pub async fn detach(&self) -> anyhow::Result<u64> {
+        self.serving().map_err(|why| anyhow::anyhow!("cannot detach: {why}"))?;
+        let commit = self
+            .node
+            .proposer
+            .propose(Request::Attach(0))
+            .await
+            .map_err(|e| anyhow::anyhow!("proposing the detach entry: {e}"))?;
+        let index = tokio::time::timeout(self.opts.attach_within, commit)
+            .await
+            .map_err(|_| anyhow::anyhow!("the detach entry did not commit in time"))?
+            .map_err(|e| anyhow::anyhow!("the detach entry failed: {e}"))?;
+        let _ = self.fenced.set(format!("detached at log index {index}"));
+        Ok(index)
+    }
+
+    /// Fails `why` once: the attachment is lost for good.
+    fn fence(&self, why: String) -> String {
+        let why = self.fenced.get_or_init(|| why).clone();
+        // Proposals still waiting for their commit will not see it from this leader.
+        self.node.proposer.abandon(&why);
+        why
+    }
+}
+
+/// Step 1: until `node` leads, asks the leader it knows to hand over, or stands for election
+/// when there is none. The term it leads in.
+async fn win_leadership(
+    node: &Arc<Node>,
+    opts: &MemberOptions,
+    deadline: Instant,
+) -> anyhow::Result<u64> {
+    let mut rx = node.raft.metrics();
+    loop {
+        let (state, leader, term, addr) = {
+            let m = rx.borrow_watched();
+            let addr = m.current_leader.and_then(|l| {
+                m.membership_config.membership().get_node(&l).map(|n| n.addr.clone())
+            });
+            (m.state, m.current_leader, m.current_term, addr)
+        };
+        if state == ServerState::Leader && leader == Some(node.id) {
+            // openraft reports leadership once elected; its blank entry commits next. The
+            // attach entry follows it in the log either way.
+            return Ok(term);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "node {} did not become the leader within the attach time (state {state:?}, \
+             leader {leader:?}, term {term})",
+            node.id
+        );
+        match (leader, addr) {
+            (Some(l), Some(addr)) if l != node.id => {
+                tracing::info!(leader = l, "asking the leader to hand leadership over");
+                match addr.parse() {
+                    Ok(sock) => {
+                        let client = NodeClient::new(sock, opts.bind, opts.cluster_id);
+                        if let Err(e) = client.admin(Admin::Handover(node.id), opts.timeout).await {
+                            tracing::warn!(leader = l, error = %e, "handover request failed");
+                        }
+                    }
+                    Err(e) => tracing::warn!(leader = l, %addr, error = %e, "leader address"),
+                }
+            }
+            _ => {
+                // No leader known: the serving host may be gone. An election without pre-vote;
+                // voters whose lease still holds refuse it, and it is tried again.
+                tracing::info!("no leader known: standing for election");
+                if let Err(e) = node.raft.trigger().elect(false).await {
+                    anyhow::bail!("node {} cannot stand for election: {e}", node.id);
+                }
+            }
+        }
+        let wait = opts.election_max.min(deadline.saturating_duration_since(Instant::now()));
+        let _ = tokio::time::timeout(wait, rx.changed()).await;
+        // Let a burst of changes settle rather than asking again on each.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+impl Cluster for Member {
+    /// The member's own process holds the leader's only copy of what it accepted.
+    fn acceptance_outlives_process(&self) -> bool {
+        false
+    }
+
+    /// Proposes to this member's replica, as leader, with the attachment's epoch: `on_commit`
+    /// runs at commit, on openraft's core task.
+    fn submit(self: Arc<Self>, req: Request, on_commit: OnCommit) -> BoxFuture<Result<(), String>> {
+        let req = match req {
+            Request::Blocks(ops, tag) => Request::Fenced(self.epoch, ops, tag),
+            other => other,
+        };
+        Box::pin(async move {
+            self.serving()?;
+            self.node.proposer.propose_then(req, on_commit).await
+        })
+    }
+
+    /// From this member's own image, once it has applied `applied_at_least` and its attach
+    /// entry (so every write before the attachment). A block failing its checksum is taken
+    /// from another member that has applied as far (`READ_LOCAL`), and rewritten here when the
+    /// good copy is exactly what this image's checksum table promises.
+    fn read(
+        self: Arc<Self>,
+        lba: u64,
+        blocks: u64,
+        applied_at_least: u64,
+    ) -> BoxFuture<Result<ReadOutcome, String>> {
+        Box::pin(async move {
+            self.serving()?;
+            let floor = applied_at_least.max(self.epoch);
+            wait_applied(&self.node, floor, Duration::from_secs(10)).await?;
+            let bs = self.node.engine.superblock().block_bytes as usize;
+            let node = self.node.clone();
+            let (mut out, bad) = self
+                .readers
+                .run(move || {
+                    let mut out = vec![0u8; blocks as usize * bs];
+                    let bad = node
+                        .engine
+                        .image()
+                        .read_verified(lba, &mut out)
+                        .map_err(|e| e.to_string())?;
+                    Ok::<_, String>((out, bad))
+                })
+                .await??;
+            let mut outcome = ReadOutcome::clean(Vec::new());
+            for bad in bad {
+                outcome.corrupt_blocks += 1;
+                tracing::error!(
+                    lba = bad.lba,
+                    location = %bad.location,
+                    expected = format_args!("{:#010x}", bad.expected),
+                    found = format_args!("{:#010x}", bad.found),
+                    "data block fails its checksum; reading it from another member"
+                );
+                let others = self.peers.iter().map(|(id, addr, c)| (*id, addr.clone(), c));
+                let (from, block) = good_copy_from(others, bad.lba, bs, floor, self.opts.timeout)
+                    .await
+                    .map_err(|why| {
+                        format!(
+                            "{}; no other member holds a good copy: {why}",
+                            bad.clone().into_error()
+                        )
+                    })?;
+                out[((bad.lba - lba) as usize) * bs..][..bs].copy_from_slice(&block);
+                let node = self.node.clone();
+                let lba = bad.lba;
+                let repaired =
+                    self.readers.run(move || node.engine.image().repair_block(lba, &block)).await?;
+                match repaired {
+                    Ok(true) => {
+                        outcome.repaired_blocks += 1;
+                        tracing::warn!(from, lba, "data block repaired from another member");
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::error!(lba, error = %e, "repairing a data block failed"),
+                }
+            }
+            outcome.data = out;
+            Ok(outcome)
+        })
+    }
+
+    /// Step 3: serving while this member leads in the term it attached in and a quorum
+    /// acknowledged it within the lease. The first failure is final.
+    fn serving(&self) -> Result<(), String> {
+        if let Some(why) = self.fenced.get() {
+            return Err(why.clone());
+        }
+        let why = {
+            let m = self.node.raft.metrics();
+            let m = m.borrow_watched();
+            if m.state != ServerState::Leader || m.current_leader != Some(self.node.id) {
+                format!(
+                    "node {} no longer leads (state {:?}, leader {:?}, term {})",
+                    self.node.id, m.state, m.current_leader, m.current_term
+                )
+            } else if m.current_term != self.term {
+                format!(
+                    "node {} leads in term {}, not term {} in which it attached",
+                    self.node.id, m.current_term, self.term
+                )
+            } else {
+                match m.last_quorum_acked.as_ref().map(|t| t.elapsed()) {
+                    Some(age) if age <= self.opts.lease => return Ok(()),
+                    Some(age) => format!(
+                        "no quorum acknowledged node {} for {age:?} (lease {:?}): another member \
+                         may have attached",
+                        self.node.id, self.opts.lease
+                    ),
+                    None => format!("no quorum has acknowledged node {} yet", self.node.id),
+                }
+            }
+        };
+        Err(self.fence(why))
+    }
+}
+
+/// Waits until `node` has applied `index`, up to `within`.
+async fn wait_applied(node: &Node, index: u64, within: Duration) -> Result<(), String> {
+    if applied_index(&node.raft) >= index {
+        return Ok(());
+    }
+    let mut rx = node.raft.metrics();
+    let wait = async {
+        loop {
+            if rx.borrow_watched().last_applied.as_ref().map_or(0, |l| l.index) >= index {
+                return Ok(());
+            }
+            if rx.changed().await.is_err() {
+                return Err("the replica stopped".to_string());
+            }
+        }
+    };
+    tokio::time::timeout(within, wait)
+        .await
+        .map_err(|_| format!("this member has not applied log index {index} within {within:?}"))?
+}
