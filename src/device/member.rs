@@ -88,19 +88,19 @@ impl Member {
     /// returns.
     pub async fn attach(node: Arc<Node>, opts: MemberOptions) -> anyhow::Result<Arc<Member>> {
         let deadline = Instant::now() + opts.attach_within;
-        let term = win_leadership(&node, &opts, deadline).await?;
-        let commit = node
-            .proposer
-            .propose(Request::Attach(node.id))
-            .await
-            .map_err(|e| anyhow::anyhow!("proposing the attach entry: {e}"))?;
-        let epoch = tokio::time::timeout(
-            deadline.saturating_duration_since(Instant::now()).max(opts.election_max),
-            commit,
-        )
-        .await
-        .map_err(|_| anyhow::anyhow!("the attach entry did not commit in time"))?
-        .map_err(|e| anyhow::anyhow!("the attach entry failed: {e}"))?;
+        // Leadership can be lost between winning it and committing the attach entry (another
+        // member's election timer fired at the same time): then it is won again.
+        let (term, epoch) = loop {
+            let term = win_leadership(&node, &opts, deadline).await?;
+            match propose_attach(&node, deadline, &opts).await {
+                Ok(epoch) => break (term, epoch),
+                Err(e) if Instant::now() < deadline => {
+                    tracing::warn!(error = %e, "the attach entry failed; winning leadership again");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let peers = {
             let m = node.raft.metrics().borrow_watched().clone();
             m.membership_config
@@ -179,14 +179,37 @@ impl Member {
     }
 }
 
+/// Step 2: proposes the attach entry; its index, once committed and applied.
+async fn propose_attach(
+    node: &Arc<Node>,
+    deadline: Instant,
+    opts: &MemberOptions,
+) -> anyhow::Result<u64> {
+    let commit = node
+        .proposer
+        .propose(Request::Attach(node.id))
+        .await
+        .map_err(|e| anyhow::anyhow!("proposing the attach entry: {e}"))?;
+    tokio::time::timeout(
+        deadline.saturating_duration_since(Instant::now()).max(opts.election_max),
+        commit,
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("the attach entry did not commit in time"))?
+    .map_err(|e| anyhow::anyhow!("the attach entry failed: {e}"))
+}
+
 /// Step 1: until `node` leads, asks the leader it knows to hand over, or stands for election
-/// when there is none. The term it leads in.
+/// when there is none; at most once per election timeout, so that a campaign (a vote round
+/// under emulation takes a good part of one) is never cut short by the next. The term it leads
+/// in.
 async fn win_leadership(
     node: &Arc<Node>,
     opts: &MemberOptions,
     deadline: Instant,
 ) -> anyhow::Result<u64> {
     let mut rx = node.raft.metrics();
+    let mut last_try: Option<Instant> = None;
     loop {
         let (state, leader, term, addr) = {
             let m = rx.borrow_watched();
@@ -200,38 +223,45 @@ async fn win_leadership(
             // attach entry follows it in the log either way.
             return Ok(term);
         }
+        let now = Instant::now();
         anyhow::ensure!(
-            Instant::now() < deadline,
+            now < deadline,
             "node {} did not become the leader within the attach time (state {state:?}, \
              leader {leader:?}, term {term})",
             node.id
         );
-        match (leader, addr) {
-            (Some(l), Some(addr)) if l != node.id => {
-                tracing::info!(leader = l, "asking the leader to hand leadership over");
-                match addr.parse() {
-                    Ok(sock) => {
-                        let client = NodeClient::new(sock, opts.bind, opts.cluster_id);
-                        if let Err(e) = client.admin(Admin::Handover(node.id), opts.timeout).await {
-                            tracing::warn!(leader = l, error = %e, "handover request failed");
+        let due = last_try.is_none_or(|t| now.duration_since(t) >= opts.election_max);
+        if due && state != ServerState::Candidate {
+            last_try = Some(now);
+            match (leader, addr) {
+                (Some(l), Some(addr)) if l != node.id => {
+                    tracing::info!(leader = l, "asking the leader to hand leadership over");
+                    match addr.parse() {
+                        Ok(sock) => {
+                            // Bounded by an election timeout: a leader that is gone (or cut
+                            // off) does not answer, and then there is an election to stand in.
+                            let client = NodeClient::new(sock, opts.bind, opts.cluster_id);
+                            let ask = client.admin(Admin::Handover(node.id), opts.election_max);
+                            if let Err(e) = ask.await {
+                                tracing::warn!(leader = l, error = %e, "handover request failed");
+                            }
                         }
+                        Err(e) => tracing::warn!(leader = l, %addr, error = %e, "leader address"),
                     }
-                    Err(e) => tracing::warn!(leader = l, %addr, error = %e, "leader address"),
                 }
-            }
-            _ => {
-                // No leader known: the serving host may be gone. An election without pre-vote;
-                // voters whose lease still holds refuse it, and it is tried again.
-                tracing::info!("no leader known: standing for election");
-                if let Err(e) = node.raft.trigger().elect(false).await {
-                    anyhow::bail!("node {} cannot stand for election: {e}", node.id);
+                _ => {
+                    // No leader known: the serving host may be gone. An election without
+                    // pre-vote; voters whose lease still holds refuse it, and it is tried again
+                    // an election timeout later.
+                    tracing::info!(term, "no leader known: standing for election");
+                    if let Err(e) = node.raft.trigger().elect(false).await {
+                        anyhow::bail!("node {} cannot stand for election: {e}", node.id);
+                    }
                 }
             }
         }
-        let wait = opts.election_max.min(deadline.saturating_duration_since(Instant::now()));
+        let wait = Duration::from_millis(50).min(deadline.saturating_duration_since(Instant::now()));
         let _ = tokio::time::timeout(wait, rx.changed()).await;
-        // Let a burst of changes settle rather than asking again on each.
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
