@@ -42,6 +42,7 @@ pub struct DeviceStatus {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ReplicaStatus {
+    /// The replica's Raft node id: its position's, or the new id a rebuilt replica got.
     pub id: u64,
     pub role: String,
     pub term: u64,
@@ -78,8 +79,9 @@ impl Served {
             .map(|r| r.iter().map(|(id, l)| (*id, l.map(|l| l.index))).collect())
             .unwrap_or_default();
         let replicas = (1..=self.record.replicas)
-            .map(|id| match self.embedded.node(id) {
+            .map(|slot| match self.embedded.node(slot) {
                 Some(node) => {
+                    let id = node.id;
                     let m = node.raft.metrics().borrow_watched().clone();
                     ReplicaStatus {
                         id,
@@ -105,7 +107,7 @@ impl Served {
                     }
                 }
                 None => ReplicaStatus {
-                    id,
+                    id: self.embedded.node_id(slot),
                     role: "Stopped".into(),
                     term: 0,
                     last_log_index: None,

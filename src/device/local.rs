@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openraft::ServerState;
+use openraft::{BasicNode, ServerState};
 
 use super::readers::{ReaderPool, DEFAULT_READERS};
 use super::{BoxFuture, Cluster, ReadOutcome};
@@ -53,10 +53,18 @@ impl EmbeddedOptions {
 }
 
 /// Formats (first start) or opens every replica's store, starts them, and makes them one
-/// cluster. A restart recovers each replica from its own directory.
+/// cluster. A restart recovers each replica from its own directory, and rebuilds a replica whose
+/// store is gone from the others (`rebuild`).
+///
+/// Replicas are numbered by position (slot) 1..=N: slot `s` lives in `replica_dir(s)`. A slot's
+/// Raft node id is the one its store is bound to: `s` from the first start, a new id (above every
+/// id the cluster has known) once the slot was rebuilt.
 pub struct Embedded {
     pub router: Arc<LocalRouter>,
+    /// The running replica of each slot.
     nodes: Mutex<Vec<Option<Arc<Node>>>>,
+    /// Each slot's Raft node id (0 until its store is opened).
+    ids: Mutex<Vec<NodeId>>,
     opts: EmbeddedOptions,
     /// The commit index a leader of this process confirmed with a quorum before the first read:
     /// entries committed before this process started (which no device of this process
@@ -114,6 +122,7 @@ impl Embedded {
         let embedded = Arc::new(Embedded {
             router,
             nodes: Mutex::new(vec![None; opts.replicas as usize]),
+            ids: Mutex::new(vec![0; opts.replicas as usize]),
             opts,
             recovered: tokio::sync::OnceCell::new(),
             readers: ReaderPool::new(DEFAULT_READERS, "xdevice-read")?,
@@ -122,17 +131,17 @@ impl Embedded {
             cluster_id: Mutex::new(None),
         });
         tokio::spawn(leadership_watch(Arc::downgrade(&embedded), embedded.proposed.clone()));
-        embedded.refuse_lost_replicas()?;
+        let lost = embedded.lost_replicas()?;
         let mut fresh = false;
-        for id in 1..=embedded.opts.replicas {
-            match embedded.start_replica(id).await {
+        for slot in (1..=embedded.opts.replicas).filter(|s| !lost.contains(s)) {
+            match embedded.start_replica(slot).await {
                 Ok(formatted) => fresh |= formatted,
                 Err(e) => {
                     // Stop the replicas already started: they hold their stores.
                     if let Err(stop) = embedded.shutdown().await {
                         tracing::warn!(error = %stop, "stopping the replicas started so far");
                     }
-                    return Err(e.context(format!("starting replica {id}")));
+                    return Err(e.context(format!("starting replica {slot}")));
                 }
             }
         }
@@ -145,81 +154,111 @@ impl Embedded {
                 .bootstrap(&members)
                 .await?;
         }
+        if let Err(e) = embedded.rebuild(&lost).await {
+            if let Err(stop) = embedded.shutdown().await {
+                tracing::warn!(error = %stop, "stopping the replicas after a failed rebuild");
+            }
+            return Err(e.context("rebuilding the lost replicas"));
+        }
         Ok(embedded)
     }
 
-    /// Whether replica `id`'s store exists (looked at without creating anything).
-    fn store_exists(&self, id: NodeId) -> anyhow::Result<bool> {
+    /// Whether replica `slot`'s store exists (looked at without creating anything).
+    fn store_exists(&self, slot: u64) -> anyhow::Result<bool> {
         let name = &self.opts.format.device_name;
         Ok(match &self.volumes {
             Some(volumes) => {
                 let volume = volumes
-                    .get((id - 1) as usize)
-                    .ok_or_else(|| anyhow::anyhow!("no volume for replica {id}"))?;
+                    .get((slot - 1) as usize)
+                    .ok_or_else(|| anyhow::anyhow!("no volume for replica {slot}"))?;
                 crate::storage::layout::devices_in(&**volume)?.contains(name)
             }
             None => self
                 .opts
-                .replica_dir(id)
+                .replica_dir(slot)
                 .join(crate::storage::layout::superblock_file(name))
                 .exists(),
         })
     }
 
-    /// Refuses to start when some replicas' stores exist and others are gone (a lost disk or
-    /// a removed directory). A replica formatted afresh would come back with an empty log and
-    /// no vote, as a voter: it would grant its vote to a replica missing entries it had
-    /// acknowledged, and with one more fault a completed write could be voted away. Rebuilding
-    /// a lost replica safely takes a membership change (it rejoins as a learner under a new id),
-    /// which the embedded mode does not do yet; until then nothing is started or formatted.
-    fn refuse_lost_replicas(&self) -> anyhow::Result<()> {
-        let ids = 1..=self.opts.replicas;
+    /// The slots whose store is gone (a lost disk, a removed directory) while other replicas
+    /// hold the device: `rebuild` makes them anew. None on a first start (no store at all).
+    /// Refused when fewer than a majority of the stores remain: the survivors cannot elect a
+    /// leader to rebuild from, and a replica formatted afresh must never vote as the one it
+    /// replaces (it would grant its vote to a replica missing writes it had acknowledged).
+    fn lost_replicas(&self) -> anyhow::Result<Vec<u64>> {
+        let slots = 1..=self.opts.replicas;
         let present =
-            ids.clone().map(|id| self.store_exists(id)).collect::<anyhow::Result<Vec<_>>>()?;
-        let missing: Vec<NodeId> =
-            ids.zip(&present).filter(|(_, p)| !**p).map(|(id, _)| id).collect();
-        if present.iter().any(|p| *p) && !missing.is_empty() {
+            slots.clone().map(|s| self.store_exists(s)).collect::<anyhow::Result<Vec<_>>>()?;
+        let missing: Vec<u64> = slots.zip(&present).filter(|(_, p)| !**p).map(|(s, _)| s).collect();
+        let kept = present.iter().filter(|p| **p).count() as u64;
+        if kept == 0 || missing.is_empty() {
+            return Ok(Vec::new());
+        }
+        if kept * 2 <= self.opts.replicas {
             let dirs: Vec<String> =
-                missing.iter().map(|id| self.opts.replica_dir(*id).display().to_string()).collect();
+                missing.iter().map(|s| self.opts.replica_dir(*s).display().to_string()).collect();
             anyhow::bail!(
-                "the store of replica(s) {missing:?} ({}) is gone while the other replicas hold \
-                 the device; a replica formatted afresh could vote away writes it had \
-                 acknowledged, and rebuilding one (as a learner under a new id) is not supported \
-                 yet: nothing was started. Restore the replica's directory to serve the device \
-                 (or, if the device was never served, a first start having failed part-way, \
-                 empty every replica's directory and start again).",
-                dirs.join(", ")
+                "the stores of replicas {missing:?} ({}) are gone and only {kept} of {} remain, \
+                 not a majority: the device cannot be rebuilt from them, and a replica formatted \
+                 afresh could vote away writes it had acknowledged. Nothing was started. Restore \
+                 the replicas' directories to serve the device.",
+                dirs.join(", "),
+                self.opts.replicas
             );
         }
-        Ok(())
+        tracing::warn!(replicas = ?missing, "replica stores are gone: rebuilding them from the others");
+        Ok(missing)
     }
 
-    fn location(&self, id: NodeId) -> anyhow::Result<Location> {
-        let dir = self.opts.replica_dir(id);
+    fn location(&self, slot: u64) -> anyhow::Result<Location> {
+        let dir = self.opts.replica_dir(slot);
         std::fs::create_dir_all(&dir)?;
         let volume = match &self.volumes {
             Some(volumes) => volumes
-                .get((id - 1) as usize)
+                .get((slot - 1) as usize)
                 .cloned()
-                .ok_or_else(|| anyhow::anyhow!("no volume for replica {id}"))?,
+                .ok_or_else(|| anyhow::anyhow!("no volume for replica {slot}"))?,
             None => Arc::new(DirVolume::open(&dir, self.opts.backend)?) as Arc<dyn Volume>,
         };
         Ok(Location::Directory { volume, name: self.opts.format.device_name.clone() })
     }
 
-    /// Starts replica `id`; true if its store was formatted just now.
-    pub async fn start_replica(&self, id: NodeId) -> anyhow::Result<bool> {
-        let location = self.location(id)?;
+    /// Starts the replica in slot `slot`; true if its store was formatted just now (a first
+    /// start: it is bound to node id `slot`).
+    pub async fn start_replica(&self, slot: u64) -> anyhow::Result<bool> {
+        self.start_slot(slot, None).await
+    }
+
+    /// Starts slot `slot`: its existing store as the node it is bound to, or a store formatted
+    /// now, for node `new_id` (a rebuild: the cluster's id) or node `slot` (a first start).
+    async fn start_slot(&self, slot: u64, new_id: Option<NodeId>) -> anyhow::Result<bool> {
+        let location = self.location(slot)?;
         let mut fresh = false;
         let mut format = self.opts.format.clone();
         format.device_uuid = uuid::Uuid::new_v4();
-        format.node_id = id;
+        format.node_id = new_id.unwrap_or(slot);
+        if new_id.is_some() {
+            format.cluster_id = self
+                .cluster_id
+                .lock()
+                .expect("cluster id lock")
+                .ok_or_else(|| anyhow::anyhow!("rebuilding before any replica was opened"))?;
+        }
         match Engine::format(&location, &format) {
-            Ok(_) => fresh = true,
-            Err(StorageError::AlreadyFormatted(_)) => {}
+            Ok(_) => fresh = new_id.is_none(),
+            Err(StorageError::AlreadyFormatted(_)) if new_id.is_none() => {}
             Err(e) => return Err(e.into()),
         }
-        let dir = self.opts.replica_dir(id);
+        // The node the store is bound to: a rebuilt slot's is above the first ids. A store of
+        // one of the first ids in another slot (swapped directories) is refused by the engine.
+        let bound = store_node_id(&location)?;
+        let id = match bound {
+            0 => slot,
+            id if id > self.opts.replicas => id,
+            _ => slot,
+        };
+        let dir = self.opts.replica_dir(slot);
         let engine = EngineConfig { node_id: Some(id), ..self.opts.engine.clone() };
         let replica = open_replica(&location, engine, &dir, self.opts.log_cache_bytes)?;
         // Replicas of one device share its cluster id: a directory of another device's replica
@@ -239,22 +278,84 @@ impl Embedded {
             Arc::new(LocalTransport { router: self.router.clone(), me: id });
         let node = Arc::new(Node::start(id, replica, transport, &self.opts.tuning).await?);
         self.router.register(id, node.raft.clone(), node.inbox.clone());
-        self.nodes.lock().expect("nodes lock")[(id - 1) as usize] = Some(node);
+        self.ids.lock().expect("ids lock")[(slot - 1) as usize] = id;
+        self.nodes.lock().expect("nodes lock")[(slot - 1) as usize] = Some(node);
         Ok(fresh)
     }
 
-    /// Stops replica `id` (its store stays; `start_replica` recovers it).
-    pub async fn stop_replica(&self, id: NodeId) -> anyhow::Result<()> {
-        self.router.unregister(id);
-        let node = self.nodes.lock().expect("nodes lock")[(id - 1) as usize].take();
+    /// Makes each slot of `lost` a replica again: a store formatted for a new node id (never
+    /// the lost one's: a blank store must not vote as a replica that had acknowledged writes),
+    /// added as a learner, caught up from the leader (by snapshot when the log no longer
+    /// reaches back), then made a voter in place of the lost one, in one membership change.
+    /// Also finishes a rebuild a crash interrupted: a running replica that is not a voter
+    /// replaces a voter whose store is gone.
+    async fn rebuild(&self, lost: &[u64]) -> anyhow::Result<()> {
+        let running_ids =
+            |me: &Embedded| -> Vec<NodeId> { me.running().iter().map(|n| n.id).collect() };
+        let voters: Vec<NodeId> = {
+            let Some(any) = self.running().into_iter().next() else { return Ok(()) };
+            let m = any.raft.metrics().borrow_watched().clone();
+            m.membership_config.membership().voter_ids().collect()
+        };
+        let unvoted = running_ids(self).iter().any(|id| !voters.contains(id));
+        if lost.is_empty() && !unvoted {
+            return Ok(());
+        }
+        let leader = self.wait_leader(Duration::from_secs(30)).await?;
+        let membership = leader.raft.metrics().borrow_watched().membership_config.clone();
+        let known = membership.membership().nodes().map(|(id, _)| *id).chain(running_ids(self));
+        let first = known.max().unwrap_or(self.opts.replicas) + 1;
+        for (id, &slot) in (first..).zip(lost) {
+            tracing::warn!(
+                replica = slot,
+                node = id,
+                dir = %self.opts.replica_dir(slot).display(),
+                "rebuilding a lost replica under a new node id"
+            );
+            self.start_slot(slot, Some(id)).await?;
+        }
+        let running = running_ids(self);
+        for id in running.iter().filter(|id| !voters.contains(id)) {
+            let started = std::time::Instant::now();
+            leader
+                .raft
+                .add_learner(*id, BasicNode::new(format!("local:{id}")), true)
+                .await
+                .map_err(|e| anyhow::anyhow!("adding node {id} as a learner: {e}"))?;
+            tracing::info!(
+                node = id,
+                secs = started.elapsed().as_secs_f64(),
+                "rebuilt replica caught up"
+            );
+        }
+        let voters: std::collections::BTreeSet<NodeId> = running.iter().copied().collect();
+        leader
+            .raft
+            .change_membership(voters.clone(), false)
+            .await
+            .map_err(|e| anyhow::anyhow!("making {voters:?} the voters: {e}"))?;
+        tracing::warn!(voters = ?voters, "replicas rebuilt: the voters are the running replicas");
+        Ok(())
+    }
+
+    /// Stops the replica in slot `slot` (its store stays; `start_replica` recovers it).
+    pub async fn stop_replica(&self, slot: u64) -> anyhow::Result<()> {
+        let node = self.nodes.lock().expect("nodes lock")[(slot - 1) as usize].take();
         if let Some(node) = node {
+            self.router.unregister(node.id);
             node.shutdown().await?;
         }
         Ok(())
     }
 
-    pub fn node(&self, id: NodeId) -> Option<Arc<Node>> {
-        self.nodes.lock().expect("nodes lock").get((id - 1) as usize).cloned().flatten()
+    /// Slot `slot`'s Raft node id (0 if its store was never opened).
+    pub fn node_id(&self, slot: u64) -> NodeId {
+        self.ids.lock().expect("ids lock").get((slot - 1) as usize).copied().unwrap_or(0)
+    }
+
+    /// The running replica of slot `slot`.
+    pub fn node(&self, slot: u64) -> Option<Arc<Node>> {
+        self.nodes.lock().expect("nodes lock").get((slot - 1) as usize).cloned().flatten()
     }
 
     pub fn running(&self) -> Vec<Arc<Node>> {
@@ -290,8 +391,8 @@ impl Embedded {
 
     /// Stops every replica.
     pub async fn shutdown(&self) -> anyhow::Result<()> {
-        for id in 1..=self.opts.replicas {
-            self.stop_replica(id).await?;
+        for slot in 1..=self.opts.replicas {
+            self.stop_replica(slot).await?;
         }
         Ok(())
     }
@@ -490,6 +591,12 @@ impl Embedded {
             let _ = tokio::time::timeout(wait, futures_select_any(changes)).await;
         }
     }
+}
+
+/// The node id the store at `location` is bound to (0: none yet), read without opening it.
+fn store_node_id(location: &Location) -> anyhow::Result<NodeId> {
+    let copies = crate::storage::layout::superblock_copies(location)?;
+    Ok(crate::storage::superblock::choose(&copies)?.superblock.node_id)
 }
 
 /// Resolves when the first of `futures` does.

@@ -260,7 +260,8 @@ async fn win_leadership(
                 }
             }
         }
-        let wait = Duration::from_millis(50).min(deadline.saturating_duration_since(Instant::now()));
+        let wait =
+            Duration::from_millis(50).min(deadline.saturating_duration_since(Instant::now()));
         let _ = tokio::time::timeout(wait, rx.changed()).await;
     }
 }
