@@ -492,6 +492,20 @@ fn oversized_proposal_is_refused_not_fatal() {
         }
         assert_eq!((after.id, after.term), (leader.id, leader.term));
         assert!(after.last_applied >= Some(index), "{index} not applied: {after:?}");
+        // An attach entry comes only from the member attaching (ADMIN Attach), never through
+        // WRITE: a client could otherwise fence the serving member, or name another.
+        let e = client.write(&Request::Attach(leader.id), t).await.unwrap_err();
+        assert!(e.contains("attach entry") && e.contains("never through WRITE"), "{e}");
+        // A node that cannot serve a device here (not root, or no ublk) refuses ADMIN Attach by
+        // name before anything changes: no attachment, the same leader.
+        let can_serve = nix::unistd::geteuid().is_root() && Path::new("/dev/ublk-control").exists();
+        if !can_serve {
+            let e = client.admin(Admin::Attach, t).await.unwrap_err();
+            assert!(e.contains("needs root") || e.contains("ublk"), "{e}");
+            let after = leader_status(&procs, cluster).await;
+            assert_eq!(after.attachment, None, "an attachment appeared: {after:?}");
+            assert_eq!((after.id, after.term), (leader.id, leader.term));
+        }
         for p in &mut procs {
             p.stop();
         }

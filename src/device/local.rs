@@ -297,8 +297,12 @@ impl Embedded {
             let m = any.raft.metrics().borrow_watched().clone();
             m.membership_config.membership().voter_ids().collect()
         };
-        let unvoted = running_ids(self).iter().any(|id| !voters.contains(id));
-        if lost.is_empty() && !unvoted {
+        // A rebuild a crash interrupted: a running replica that is not a voter, and a voter
+        // that is not running (its store gone). Not on a first start: no voters yet.
+        let running = running_ids(self);
+        let unvoted = running.iter().any(|id| !voters.contains(id));
+        let orphaned = voters.iter().any(|id| !running.contains(id));
+        if lost.is_empty() && !(unvoted && orphaned) {
             return Ok(());
         }
         let leader = self.wait_leader(Duration::from_secs(30)).await?;
