@@ -68,6 +68,7 @@ fn main() -> Result<()> {
         tuning: RaftTuning::default(),
         log_cache_bytes: EMBEDDED_LOG_CACHE_BYTES,
         replica_dirs: Vec::new(),
+        rebuild_lost: false,
     };
     let embedded = rt.block_on(Embedded::start(opts)).context("start the replica")?;
     rt.block_on(embedded.wait_leader(Duration::from_secs(30)))?;

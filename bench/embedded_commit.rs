@@ -82,6 +82,7 @@ impl Served {
             tuning: RaftTuning::default(),
             log_cache_bytes: EMBEDDED_LOG_CACHE_BYTES,
             replica_dirs: Vec::new(),
+            rebuild_lost: false,
         };
         let embedded = Embedded::start(opts).await.context("start the replicas")?;
         embedded.wait_leader(Duration::from_secs(30)).await?;

@@ -17,9 +17,8 @@
 //!
 //! An attachment's epoch is the log index of its attach entry, so each one is higher than any
 //! before it without anyone having to know the last. Blocks (kind 2) carry no epoch: they come
-//! from writers outside the attachment scheme (the embedded mode, a remote client), and apply
-//! only while no member is attached; fenced blocks apply only under the attachment they name
-//! (`Engine::apply_entries`).
+//! from writers outside the attachment scheme (the embedded mode, a remote client) and always
+//! apply; fenced blocks apply only under the attachment they name (`Engine::apply_entries`).
 
 use bytes::Bytes;
 

@@ -495,7 +495,12 @@ fn oversized_proposal_is_refused_not_fatal() {
         // An attach entry comes only from the member attaching (ADMIN Attach), never through
         // WRITE: a client could otherwise fence the serving member, or name another.
         let e = client.write(&Request::Attach(leader.id), t).await.unwrap_err();
-        assert!(e.contains("attach entry") && e.contains("never through WRITE"), "{e}");
+        assert!(e.contains("attach entries") && e.contains("never through WRITE"), "{e}");
+        // Nor a write under some attachment's epoch: only that member's device sends those.
+        let fenced =
+            Request::Fenced(7, vec![BlockOp::Zero { lba: 0, blocks: 1 }], Default::default());
+        let e = client.write(&fenced, t).await.unwrap_err();
+        assert!(e.contains("fenced writes") && e.contains("never through WRITE"), "{e}");
         // A node that cannot serve a device here (not root, or no ublk) refuses ADMIN Attach by
         // name before anything changes: no attachment, the same leader.
         let can_serve = nix::unistd::geteuid().is_root() && Path::new("/dev/ublk-control").exists();

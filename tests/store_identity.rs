@@ -338,6 +338,19 @@ fn a_lost_embedded_replica_comes_back_under_a_new_id_never_as_the_lost_voter() {
         for f in std::fs::read_dir(&lost).unwrap() {
             std::fs::remove_file(f.unwrap().path()).unwrap();
         }
+        // Not asked to rebuild (the disk may only be unmounted): refused, nothing formatted.
+        let kept = listing(&base.path().join("replica-1"));
+        let e = format!(
+            "{:#}",
+            xdevice::device::local::Embedded::start(opts.clone()).await.unwrap_err()
+        );
+        assert!(e.contains("replicas [2]") && e.contains("--rebuild"), "{e}");
+        assert!(
+            std::fs::read_dir(&lost).unwrap().next().is_none(),
+            "the lost replica was formatted"
+        );
+        assert_eq!(listing(&base.path().join("replica-1")), kept, "replica 1 changed");
+        let opts = xdevice::device::local::EmbeddedOptions { rebuild_lost: true, ..opts };
         let cluster = xdevice::device::local::Embedded::start(opts).await.unwrap();
         let location = xdevice::storage::layout::Location::Directory {
             volume: std::sync::Arc::new(

@@ -75,6 +75,9 @@ pub struct MemberServeArgs {
     /// How long attaching may take, winning leadership included.
     #[arg(long, default_value_t = 30)]
     pub attach_secs: u64,
+    /// Directory for the status socket of the device while served here.
+    #[arg(long, default_value = crate::daemon::DEFAULT_RUN_DIR, env = "XDEVICE_RUN_DIR")]
+    pub run_dir: PathBuf,
 }
 
 /// Raft timing and log retention, shared by `node` and `serve`.
@@ -172,6 +175,7 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
             readahead: s.readahead,
             inflight: s.inflight_proposals,
             attach_within: Duration::from_secs(s.attach_secs),
+            run_dir: s.run_dir.clone(),
         },
     })
 }

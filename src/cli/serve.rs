@@ -78,6 +78,11 @@ pub struct DaemonArgs {
     /// 127.0.0.1:9477.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<std::net::SocketAddr>,
+    /// Rebuild a replica whose store is gone (a lost disk) from the others, under a new node id,
+    /// while a majority of the replicas remain. Without it such a start is refused: a disk that
+    /// is only not mounted looks the same as a lost one.
+    #[arg(long)]
+    pub rebuild: bool,
 }
 
 /// Checks the device pipeline's flags, for `serve`, `recover` and `node` alike.
@@ -120,6 +125,7 @@ impl DaemonArgs {
             cache: self.cache,
             readahead: self.readahead,
             metrics: self.metrics,
+            rebuild_lost: self.rebuild,
         })
     }
 }

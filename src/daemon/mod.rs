@@ -63,6 +63,8 @@ pub struct Daemon {
     pub readahead: u64,
     /// Where Prometheus metrics are served, if anywhere.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Rebuild replicas whose store is gone from the others (`EmbeddedOptions::rebuild_lost`).
+    pub rebuild_lost: bool,
 }
 
 /// What `xdevice serve` asks for: the data directory, and for a new device its shape (an
@@ -316,7 +318,8 @@ fn serve_device(
     recover: bool,
     daemon: Daemon,
 ) -> Result<()> {
-    let Daemon { backend, run_dir, tuning, inflight, cache, readahead, metrics } = daemon;
+    let Daemon { backend, run_dir, tuning, inflight, cache, readahead, metrics, rebuild_lost } =
+        daemon;
     let rt = runtime()?;
     rt.block_on(async move {
         let started = Instant::now();
@@ -344,6 +347,7 @@ fn serve_device(
             tuning,
             log_cache_bytes: crate::device::local::EMBEDDED_LOG_CACHE_BYTES,
             replica_dirs: record.replica_dirs.clone(),
+            rebuild_lost,
         };
         let embedded = Embedded::start(opts).await.context("starting the replicas")?;
         let leader = embedded.wait_leader(Duration::from_secs(30)).await?;
@@ -388,7 +392,7 @@ fn serve_device(
             id: live.id,
             recovered: live.recovered,
             started,
-            embedded: embedded.clone(),
+            replicas: status::Replicas::Embedded(embedded.clone()),
             device: device.clone(),
         });
         let socket = start_status_socket(&run_dir, live.id, served.clone()).await;

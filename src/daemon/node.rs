@@ -16,6 +16,7 @@
 //! file system above it was changed elsewhere and its held writes are stale, so the device is
 //! removed (its I/O fails with EIO) and a fresh one made.
 
+use openraft::async_runtime::WatchReceiver;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,7 +25,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::record::{load_json, store_json};
+use super::record::{load_json, store_json, Record};
+use super::status::{start_status_socket, Replicas, Served};
 use super::{require_ublk, Frontend};
 use crate::device::member::{Member, MemberOptions};
 use crate::device::{CacheMode, Device, DeviceConfig};
@@ -70,6 +72,8 @@ pub struct DeviceShape {
     pub inflight: usize,
     /// How long attaching may take (winning leadership included).
     pub attach_within: Duration,
+    /// Where the status socket goes (`xdevice status`).
+    pub run_dir: PathBuf,
 }
 
 /// `STATE/member.json`.
@@ -129,6 +133,7 @@ pub fn run_node(req: NodeRequest) -> Result<()> {
             state_dir: req.state_dir.clone(),
             heartbeat: req.tuning.heartbeat,
             serving: tokio::sync::Mutex::new(None),
+            active: std::sync::Mutex::new(None),
         });
         service.set_host(host.clone());
         let server = RpcServer::start(listener, cluster_id, MAX_PAYLOAD, service)?;
@@ -162,6 +167,20 @@ struct Serving {
     frontend: Frontend,
     watchdog: tokio::task::JoinHandle<()>,
     attached: Attached,
+    /// The status socket, removed when the device stops.
+    socket: Option<PathBuf>,
+}
+
+impl Serving {
+    /// Stops the device (the kernel drains in-flight I/O) and its status socket.
+    async fn stop(self) -> Result<(Arc<Member>, Arc<Device>)> {
+        self.watchdog.abort();
+        if let Some(path) = &self.socket {
+            let _ = std::fs::remove_file(path);
+        }
+        self.frontend.stop().await?;
+        Ok((self.member, self.device))
+    }
 }
 
 /// Attaches and detaches this member (`DeviceHost`, reached through `ADMIN`).
@@ -173,6 +192,9 @@ struct MemberHost {
     heartbeat: Duration,
     /// One attach or detach at a time.
     serving: tokio::sync::Mutex<Option<Serving>>,
+    /// The attachment being served, reachable without waiting for an attach or detach under
+    /// way (`relinquish`).
+    active: std::sync::Mutex<Option<(Arc<Member>, Arc<Device>)>>,
 }
 
 impl MemberHost {
@@ -185,15 +207,15 @@ impl MemberHost {
             }
         }
         if let Some(old) = slot.take() {
+            *self.active.lock().expect("active lock") = None;
             tracing::warn!(
                 epoch = old.member.epoch(),
                 reason = old.member.fenced().unwrap_or("unknown"),
                 "the previous attachment was lost; stopping its device before attaching again"
             );
             old.device.fence("attaching again");
-            old.watchdog.abort();
-            old.frontend.stop().await?;
-            old.device.close();
+            let (_, device) = old.stop().await?;
+            device.close();
         }
         require_ublk()?;
         let mut record: MemberRecord =
@@ -206,44 +228,74 @@ impl MemberHost {
             "dir": self.state_dir.display().to_string(),
             "member": self.node.id,
         });
-        // What the log said before this attach: whether the device this member left (if any)
-        // may be re-attached.
-        let before = self.node.engine.attachment();
-        let member = Member::attach(self.node.clone(), self.opts.clone()).await?;
-        let mut id = self.shape.ublk_id.or(record.ublk_id);
-        let mut recover = false;
-        if let Some(old) = record.ublk_id {
-            if let Some(info) = xdevice_ublk::device_info(old)? {
-                let ours = info.owner.as_ref() == Some(&owner);
-                let unchanged =
-                    before == Some(Attachment { epoch: record.epoch, node: self.node.id });
-                match (ours, info.state) {
-                    (true, "quiesced") if unchanged => {
-                        recover = true;
-                        id = Some(old);
-                    }
-                    (true, "quiesced") => {
-                        tracing::warn!(
-                            device = old,
-                            epoch = record.epoch,
-                            now = ?before,
-                            "another member served the device since this member's daemon \
-                             stopped: its quiesced device holds stale I/O; removing it (the \
-                             I/O fails with EIO)"
-                        );
-                        tokio::task::spawn_blocking(move || xdevice_ublk::remove(old)).await??;
-                        if id == Some(old) && self.shape.ublk_id.is_none() {
-                            id = None;
-                        }
-                    }
-                    (true, state) => bail!(
+        // The kernel side is checked before the attach entry is committed, so a refusal here
+        // fences nobody: a device this member left that is still live (its daemon runs), or a
+        // device number that belongs to another daemon.
+        let left = match record.ublk_id {
+            Some(old) => match xdevice_ublk::device_info(old)? {
+                Some(info) if info.owner.as_ref() == Some(&owner) => match info.state {
+                    "quiesced" => Some(old),
+                    state => bail!(
                         "/dev/ublkb{old} of this member is already {state}, served by pid {}",
                         info.daemon_pid
                     ),
-                    (false, _) if self.shape.ublk_id == Some(old) => {
-                        bail!("/dev/ublkb{old} exists and belongs to another daemon")
-                    }
-                    (false, _) => id = self.shape.ublk_id,
+                },
+                Some(_) if self.shape.ublk_id == Some(old) => {
+                    bail!("/dev/ublkb{old} exists and belongs to another daemon")
+                }
+                _ => None,
+            },
+            None => None,
+        };
+        let member = Member::attach(self.node.clone(), self.opts.clone()).await?;
+        match self.serve_attached(&member, record, owner, left, started).await {
+            Ok(serving) => {
+                let attached = serving.attached.clone();
+                *self.active.lock().expect("active lock") =
+                    Some((member.clone(), serving.device.clone()));
+                *slot = Some(serving);
+                Ok(attached)
+            }
+            Err(e) => {
+                // The attach entry is committed but nothing serves: commit a detach, so the
+                // log does not name a server that is not there.
+                if let Err(d) = member.detach().await {
+                    tracing::warn!(error = %d, "detaching after a failed attach");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Serves the device once `member` is attached: re-attaches to the device `left` (quiesced
+    /// by this member's crashed daemon) if no other member attached since, so the kernel
+    /// reissues what it held; otherwise removes it (its I/O is stale) and makes a new one.
+    async fn serve_attached(
+        &self,
+        member: &Arc<Member>,
+        mut record: MemberRecord,
+        owner: serde_json::Value,
+        left: Option<u32>,
+        started: Instant,
+    ) -> Result<Serving> {
+        let mut id = self.shape.ublk_id.or(record.ublk_id);
+        let mut recover = false;
+        if let Some(old) = left {
+            let mine = Attachment { epoch: record.epoch, node: self.node.id };
+            if member.replaced() == Some(mine) {
+                recover = true;
+                id = Some(old);
+            } else {
+                tracing::warn!(
+                    device = old,
+                    epoch = record.epoch,
+                    replaced = ?member.replaced(),
+                    "another member served the device since this member's daemon stopped: its \
+                     quiesced device holds stale I/O; removing it (the I/O fails with EIO)"
+                );
+                tokio::task::spawn_blocking(move || xdevice_ublk::remove(old)).await??;
+                if id == Some(old) && self.shape.ublk_id.is_none() {
+                    id = None;
                 }
             }
         }
@@ -282,37 +334,66 @@ impl MemberHost {
         };
         record.ublk_id = Some(frontend.live.id);
         record.epoch = member.epoch();
-        store_json(&self.state_dir, MEMBER_RECORD, &record)?;
+        if let Err(e) = store_json(&self.state_dir, MEMBER_RECORD, &record) {
+            device.fence("the member record could not be written");
+            frontend.stop().await?;
+            device.close();
+            return Err(e);
+        }
         let watchdog =
             tokio::spawn(watch_attachment(member.clone(), device.clone(), self.heartbeat));
+        let voters =
+            self.node.raft.metrics().borrow_watched().membership_config.voter_ids().count();
+        let shown = Record {
+            serve_uuid: record.serve_uuid,
+            ublk_id: Some(frontend.live.id),
+            replicas: voters as u64,
+            mode: self.shape.mode,
+            size_bytes: sb.device_bytes,
+            block_bytes: sb.block_bytes,
+            queues: self.shape.queues,
+            depth: self.shape.depth,
+            max_io_bytes: self.shape.max_io,
+            replica_dirs: Vec::new(),
+        };
+        let served = Arc::new(Served {
+            record: shown,
+            dir: self.state_dir.clone(),
+            id: frontend.live.id,
+            recovered: frontend.live.recovered,
+            started,
+            replicas: Replicas::Member(self.node.clone()),
+            device: device.clone(),
+        });
+        let socket = start_status_socket(&self.shape.run_dir, frontend.live.id, served).await;
         let attached = Attached {
             path: frontend.live.path.clone(),
             epoch: member.epoch(),
             term: member.term(),
             millis: started.elapsed().as_millis() as u64,
+            recovered: frontend.live.recovered,
         };
         tracing::info!(
             path = %attached.path,
             epoch = attached.epoch,
             term = attached.term,
-            recovered = frontend.live.recovered,
+            recovered = attached.recovered,
             millis = attached.millis,
             "serving the device from this member"
         );
-        *slot = Some(Serving { member, device, frontend, watchdog, attached: attached.clone() });
-        Ok(attached)
+        Ok(Serving { member: member.clone(), device, frontend, watchdog, attached, socket })
     }
 
     async fn detach_now(&self) -> Result<()> {
         let mut slot = self.serving.lock().await;
         let Some(s) = slot.take() else { bail!("node {} is not serving the device", self.node.id) };
-        s.frontend.stop().await?;
+        *self.active.lock().expect("active lock") = None;
+        let (member, device) = s.stop().await?;
         // Everything completed must be committed before the attachment ends.
-        let flushed = s.device.flush().await;
-        s.device.close();
-        s.watchdog.abort();
+        let flushed = device.flush().await;
+        device.close();
         flushed.context("committing the writes accepted before the detach")?;
-        let index = s.member.detach().await?;
+        let index = member.detach().await?;
         tracing::info!(index, "detached: the device is served by no member");
         Ok(())
     }
@@ -324,6 +405,12 @@ impl DeviceHost for MemberHost {
     }
     fn detach(self: Arc<Self>) -> BoxFuture<Result<(), String>> {
         Box::pin(async move { self.detach_now().await.map_err(|e| format!("{e:#}")) })
+    }
+    fn relinquish(&self, why: &str) {
+        if let Some((member, device)) = self.active.lock().expect("active lock").as_ref() {
+            member.relinquish(why);
+            device.fence(why);
+        }
     }
 }
 

@@ -15,6 +15,7 @@ use super::record::Record;
 use crate::cache::CacheStats;
 use crate::device::local::Embedded;
 use crate::device::{CacheMode, Device, DeviceStats, PipelineStats};
+use crate::replication::node::Node;
 
 /// The status of one device, as `xdevice status --json` prints it.
 #[derive(Debug, Serialize, Deserialize)]
@@ -58,6 +59,15 @@ pub struct ReplicaStatus {
     pub matched: Option<u64>,
 }
 
+/// Where a served device's replicas run.
+#[derive(Debug)]
+pub enum Replicas {
+    /// Every replica in this process.
+    Embedded(Arc<Embedded>),
+    /// This member's replica; the others run on their own hosts.
+    Member(Arc<Node>),
+}
+
 /// A device being served, for its status.
 #[derive(Debug)]
 pub struct Served {
@@ -66,59 +76,94 @@ pub struct Served {
     pub id: u32,
     pub recovered: bool,
     pub started: Instant,
-    pub embedded: Arc<Embedded>,
+    pub replicas: Replicas,
     pub device: Arc<Device>,
+}
+
+/// One running replica's status; `matched`: what the leader knows it holds.
+fn replica_status(node: &Node, matched: Option<u64>) -> ReplicaStatus {
+    let id = node.id;
+    let m = node.raft.metrics().borrow_watched().clone();
+    ReplicaStatus {
+        id,
+        role: format!("{:?}", m.state),
+        term: m.current_term,
+        last_log_index: m.last_log_index,
+        committed: match &m.replication {
+            Some(r) => majority_index(m.membership_config.membership().voter_ids().map(|v| {
+                if v == id {
+                    m.last_log_index
+                } else {
+                    r.get(&v).copied().flatten().map(|l| l.index)
+                }
+            })),
+            None => m.last_applied.map(|l| l.index),
+        },
+        applied: m.last_applied.map(|l| l.index),
+        snapshot: m.snapshot.map(|l| l.index),
+        purged: m.purged.map(|l| l.index),
+        matched,
+    }
+}
+
+/// A replica known only by what the leader says of it.
+fn remote_status(id: u64, role: &str, matched: Option<u64>) -> ReplicaStatus {
+    ReplicaStatus {
+        id,
+        role: role.into(),
+        term: 0,
+        last_log_index: None,
+        committed: None,
+        applied: None,
+        snapshot: None,
+        purged: None,
+        matched,
+    }
+}
+
+/// The leader's matched index per follower, if `leader` leads.
+fn matched_by(leader: Option<&Node>) -> std::collections::BTreeMap<u64, Option<u64>> {
+    leader
+        .and_then(|l| l.raft.metrics().borrow_watched().replication.clone())
+        .map(|r| r.iter().map(|(id, l)| (*id, l.map(|l| l.index))).collect())
+        .unwrap_or_default()
 }
 
 impl Served {
     pub fn status(&self) -> DeviceStatus {
-        let leader = self.embedded.leader();
-        let matched: std::collections::BTreeMap<u64, Option<u64>> = leader
-            .as_ref()
-            .and_then(|l| l.raft.metrics().borrow_watched().replication.clone())
-            .map(|r| r.iter().map(|(id, l)| (*id, l.map(|l| l.index))).collect())
-            .unwrap_or_default();
-        let replicas = (1..=self.record.replicas)
-            .map(|slot| match self.embedded.node(slot) {
-                Some(node) => {
-                    let id = node.id;
-                    let m = node.raft.metrics().borrow_watched().clone();
-                    ReplicaStatus {
-                        id,
-                        role: format!("{:?}", m.state),
-                        term: m.current_term,
-                        last_log_index: m.last_log_index,
-                        committed: match &m.replication {
-                            Some(r) => majority_index(
-                                m.membership_config.membership().voter_ids().map(|v| {
-                                    if v == id {
-                                        m.last_log_index
-                                    } else {
-                                        r.get(&v).copied().flatten().map(|l| l.index)
-                                    }
-                                }),
-                            ),
-                            None => m.last_applied.map(|l| l.index),
-                        },
-                        applied: m.last_applied.map(|l| l.index),
-                        snapshot: m.snapshot.map(|l| l.index),
-                        purged: m.purged.map(|l| l.index),
-                        matched: matched.get(&id).copied().flatten(),
-                    }
-                }
-                None => ReplicaStatus {
-                    id: self.embedded.node_id(slot),
-                    role: "Stopped".into(),
-                    term: 0,
-                    last_log_index: None,
-                    committed: None,
-                    applied: None,
-                    snapshot: None,
-                    purged: None,
-                    matched: None,
-                },
-            })
-            .collect();
+        let (leader, replicas) = match &self.replicas {
+            Replicas::Embedded(embedded) => {
+                let leader = embedded.leader();
+                let matched = matched_by(leader.as_deref());
+                let replicas = (1..=self.record.replicas)
+                    .map(|slot| match embedded.node(slot) {
+                        Some(node) => {
+                            replica_status(&node, matched.get(&node.id).copied().flatten())
+                        }
+                        None => remote_status(embedded.node_id(slot), "Stopped", None),
+                    })
+                    .collect();
+                (leader.map(|l| l.id), replicas)
+            }
+            Replicas::Member(node) => {
+                let m = node.raft.metrics().borrow_watched().clone();
+                let leads = m.current_leader == Some(node.id);
+                let matched = matched_by(leads.then_some(&**node));
+                let membership = m.membership_config.membership();
+                let voters: Vec<u64> = membership.voter_ids().collect();
+                let replicas = membership
+                    .nodes()
+                    .map(|(id, _)| match *id == node.id {
+                        true => replica_status(node, None),
+                        false => {
+                            let role = if voters.contains(id) { "Voter" } else { "Learner" };
+                            remote_status(*id, role, matched.get(id).copied().flatten())
+                        }
+                    })
+                    .collect();
+                (m.current_leader, replicas)
+            }
+        };
         DeviceStatus {
             id: self.id,
             path: format!("/dev/ublkb{}", self.id),
@@ -132,7 +177,7 @@ impl Served {
             depth: self.record.depth,
             recovered: self.recovered,
             uptime_secs: self.started.elapsed().as_secs_f64(),
-            leader: leader.map(|l| l.id),
+            leader,
             replicas,
             io: self.device.stats(),
             pipeline: self.device.pipeline(),

@@ -26,6 +26,10 @@ use crate::storage::StorageError;
 /// replication from memory.
 pub const EMBEDDED_LOG_CACHE_BYTES: usize = 16 << 20;
 
+/// How long a rebuilt replica may take to catch up (a snapshot of the whole device included)
+/// before the start gives up; the next start carries on from where it stopped.
+const REBUILD_CATCH_UP: Duration = Duration::from_secs(1800);
+
 /// Where and how the embedded replicas live.
 #[derive(Clone, Debug)]
 pub struct EmbeddedOptions {
@@ -40,6 +44,10 @@ pub struct EmbeddedOptions {
     /// Each replica's data directory, replica 1 first (one per disk, so the device survives
     /// the loss of one); empty: `dir/replica-N` for replica N.
     pub replica_dirs: Vec<PathBuf>,
+    /// Rebuild replicas whose store is gone (`Embedded::rebuild`). Asked for explicitly: a
+    /// disk that is merely not mounted looks the same as a lost one, and a rebuild on the empty
+    /// mount point would drop that replica from the cluster for good.
+    pub rebuild_lost: bool,
 }
 
 impl EmbeddedOptions {
@@ -195,9 +203,20 @@ impl Embedded {
         if kept == 0 || missing.is_empty() {
             return Ok(Vec::new());
         }
+        let dirs: Vec<String> =
+            missing.iter().map(|s| self.opts.replica_dir(*s).display().to_string()).collect();
+        if !self.opts.rebuild_lost && kept * 2 > self.opts.replicas {
+            anyhow::bail!(
+                "the stores of replicas {missing:?} ({}) are gone while {kept} of {} remain: \
+                 nothing was started. If the disk is only not mounted, mount it and start again; \
+                 if it is lost, start with --rebuild to rebuild the replica from the others \
+                 under a new node id (or, if the device was never served, a first start having \
+                 failed part-way, empty every replica's directory and start again).",
+                dirs.join(", "),
+                self.opts.replicas
+            );
+        }
         if kept * 2 <= self.opts.replicas {
-            let dirs: Vec<String> =
-                missing.iter().map(|s| self.opts.replica_dir(*s).display().to_string()).collect();
             anyhow::bail!(
                 "the stores of replicas {missing:?} ({}) are gone and only {kept} of {} remain, \
                  not a majority: the device cannot be rebuilt from them, and a replica formatted \
@@ -292,17 +311,20 @@ impl Embedded {
     async fn rebuild(&self, lost: &[u64]) -> anyhow::Result<()> {
         let running_ids =
             |me: &Embedded| -> Vec<NodeId> { me.running().iter().map(|n| n.id).collect() };
-        let voters: Vec<NodeId> = {
+        let (voters, joint): (Vec<NodeId>, bool) = {
             let Some(any) = self.running().into_iter().next() else { return Ok(()) };
             let m = any.raft.metrics().borrow_watched().clone();
-            m.membership_config.membership().voter_ids().collect()
+            let membership = m.membership_config.membership();
+            (membership.voter_ids().collect(), membership.get_joint_config().len() > 1)
         };
         // A rebuild a crash interrupted: a running replica that is not a voter, and a voter
         // that is not running (its store gone). Not on a first start: no voters yet.
+        // A change that stopped half-way leaves a joint configuration (the union of the two
+        // voter sets): finish it too.
         let running = running_ids(self);
         let unvoted = running.iter().any(|id| !voters.contains(id));
         let orphaned = voters.iter().any(|id| !running.contains(id));
-        if lost.is_empty() && !(unvoted && orphaned) {
+        if lost.is_empty() && !(orphaned && (unvoted || joint)) {
             return Ok(());
         }
         let leader = self.wait_leader(Duration::from_secs(30)).await?;
@@ -321,10 +343,15 @@ impl Embedded {
         let running = running_ids(self);
         for id in running.iter().filter(|id| !voters.contains(id)) {
             let started = std::time::Instant::now();
-            leader
-                .raft
-                .add_learner(*id, BasicNode::new(format!("local:{id}")), true)
+            let add = leader.raft.add_learner(*id, BasicNode::new(format!("local:{id}")), true);
+            tokio::time::timeout(REBUILD_CATCH_UP, add)
                 .await
+                .map_err(|_| {
+                    anyhow::anyhow!(
+                        "node {id} did not catch up within {REBUILD_CATCH_UP:?}; start again to \
+                         go on"
+                    )
+                })?
                 .map_err(|e| anyhow::anyhow!("adding node {id} as a learner: {e}"))?;
             tracing::info!(
                 node = id,

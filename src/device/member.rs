@@ -66,6 +66,8 @@ pub struct Member {
     /// The attachment's epoch (its attach entry's index) and the term it was made in.
     epoch: u64,
     term: u64,
+    /// The attachment the log held just before this one's entry.
+    replaced: Option<Attachment>,
     /// Set once, when the attachment is lost: why.
     fenced: OnceLock<String>,
     /// The other members (id, address), for repair reads.
@@ -90,12 +92,23 @@ impl Member {
         let deadline = Instant::now() + opts.attach_within;
         // Leadership can be lost between winning it and committing the attach entry (another
         // member's election timer fired at the same time): then it is won again.
-        let (term, epoch) = loop {
+        let (term, epoch, replaced) = loop {
             let term = win_leadership(&node, &opts, deadline).await?;
-            match propose_attach(&node, deadline, &opts).await {
-                Ok(epoch) => break (term, epoch),
+            // Everything committed before this leadership applied: the attachment this one
+            // replaces is then known (a restarted member's own state may be behind the log).
+            let attempt = async {
+                node.raft
+                    .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("confirming the leadership: {e}"))?;
+                let replaced = node.engine.attachment();
+                let epoch = propose_attach(&node, deadline, &opts).await?;
+                Ok::<_, anyhow::Error>((epoch, replaced))
+            };
+            match attempt.await {
+                Ok((epoch, replaced)) => break (term, epoch, replaced),
                 Err(e) if Instant::now() < deadline => {
-                    tracing::warn!(error = %e, "the attach entry failed; winning leadership again");
+                    tracing::warn!(error = %e, "attaching failed; winning leadership again");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 Err(e) => return Err(e),
@@ -118,6 +131,7 @@ impl Member {
             opts,
             epoch,
             term,
+            replaced,
             fenced: OnceLock::new(),
             peers,
             readers: ReaderPool::new(DEFAULT_READERS, "xdevice-read")?,
@@ -144,6 +158,17 @@ impl Member {
 
     pub fn node(&self) -> &Arc<Node> {
         &self.node
+    }
+
+    /// The attachment the log held just before this one (None: no member had attached).
+    pub fn replaced(&self) -> Option<Attachment> {
+        self.replaced
+    }
+
+    /// Gives the attachment up (this member is about to hand its leadership to another): from
+    /// now on `serving` fails, before any other member can be elected.
+    pub fn relinquish(&self, why: &str) {
+        self.fence(why.to_string());
     }
 
     /// Why this member stopped serving, if it did.
@@ -262,7 +287,9 @@ async fn win_leadership(
         }
         let wait =
             Duration::from_millis(50).min(deadline.saturating_duration_since(Instant::now()));
-        let _ = tokio::time::timeout(wait, rx.changed()).await;
+        if let Ok(Err(_)) = tokio::time::timeout(wait, rx.changed()).await {
+            anyhow::bail!("node {} stopped while attaching", node.id);
+        }
     }
 }
 

@@ -147,6 +147,7 @@ pub fn parse_header(page: &[u8], shape: Shape) -> Result<Described, String> {
     let attachment = match u32_at(page, 36) {
         0 if page[40..56].iter().all(|b| *b == 0) => None,
         1 => Some(Attachment { epoch: u64_at(page, 40), node: u64_at(page, 48) }),
+        0 => return Err("snapshot header: attachment bytes set without the flag".into()),
         other => return Err(format!("snapshot attachment flag {other} is neither 0 nor 1")),
     };
     let len = u32_at(page, 28) as usize;

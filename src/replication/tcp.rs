@@ -136,6 +136,10 @@ pub enum Admin {
 pub trait DeviceHost: Send + Sync + 'static {
     fn attach(self: Arc<Self>) -> BoxFuture<Result<Attached, String>>;
     fn detach(self: Arc<Self>) -> BoxFuture<Result<(), String>>;
+    /// This node is about to hand its leadership over (`Admin::Handover`): a device it serves
+    /// must stop answering first. openraft's transfer lets the voters elect the other node at
+    /// once, without waiting out this leader's lease, so the lease no longer protects it.
+    fn relinquish(&self, why: &str);
 }
 
 /// A node serving the device.
@@ -148,6 +152,9 @@ pub struct Attached {
     pub term: u64,
     /// How long it took, from the request to the device being live.
     pub millis: u64,
+    /// The device is the one this member's crashed daemon left, re-attached (the kernel
+    /// reissued what it held); false: a new device.
+    pub recovered: bool,
 }
 
 /// An incoming snapshot on a node.
@@ -516,10 +523,24 @@ impl Handler for NodeService {
                 let limit = self.engine.wal().max_record_bytes();
                 let queued = decode::<WriteRequest>(&payload, "write").and_then(|w| {
                     let WriteRequest { origin, req } = w;
-                    if matches!(req, Request::Attach(_)) {
-                        return Err("an attach entry is proposed only by the member that \
-                                    attaches (ADMIN Attach), never through WRITE"
-                            .to_string());
+                    match &req {
+                        Request::Attach(_) | Request::Fenced(..) => {
+                            return Err("attach entries and fenced writes are proposed only by \
+                                        the member serving the device (ADMIN Attach), never \
+                                        through WRITE"
+                                .to_string())
+                        }
+                        // A member serves the device: its cache would not see this write.
+                        Request::Blocks(..) => {
+                            if let Some(a) = self.engine.attachment().filter(|a| a.node != 0) {
+                                return Err(format!(
+                                    "the device is served by member {} (attachment epoch {}): \
+                                     write through its /dev/ublkbN, or detach it first",
+                                    a.node, a.epoch
+                                ));
+                            }
+                        }
+                        Request::Flush => {}
                     }
                     if req.payload_len() > limit {
                         return Err(format!(
@@ -624,6 +645,9 @@ impl Handler for NodeService {
                         }
                         (Ok(Admin::Attach | Admin::Detach), None) => {
                             return Err(format!("node {id} does not serve devices"))
+                        }
+                        (Ok(Admin::Handover(to)), Some(h)) => {
+                            h.relinquish(&format!("node {id} hands its leadership to node {to}"))
                         }
                         _ => {}
                     }

@@ -350,19 +350,13 @@ impl Engine {
         Ok(())
     }
 
-    /// Applies one entry. Block writes apply only if the attachment state admits their epoch
-    /// (`Attachment::admits`): a write from a server whose attachment was superseded (it was
-    /// paused or cut off while another member attached) is skipped, on every replica alike,
+    /// Applies one entry. Fenced block writes apply only if the attachment state admits their
+    /// epoch (`Attachment::admits`): a write from a server whose attachment was superseded (it
+    /// was paused or cut off while another member attached) is skipped, on every replica alike,
     /// since each applies the same log from the same state.
     fn apply_one(&self, applied: &mut Applied, id: LogId, body: &EntryBody) -> Result<()> {
         match body {
-            EntryBody::Blocks(ops) => {
-                if Attachment::admits(applied.attachment, None) {
-                    self.apply_ops(ops)?
-                } else {
-                    self.fenced_off(id, applied.attachment, None);
-                }
-            }
+            EntryBody::Blocks(ops) => self.apply_ops(ops)?,
             EntryBody::Fenced(epoch, ops) => {
                 if Attachment::admits(applied.attachment, Some(*epoch)) {
                     self.apply_ops(ops)?
@@ -386,7 +380,7 @@ impl Engine {
             index = id.index,
             epoch = ?epoch,
             attached = ?current,
-            "block writes of a superseded attachment (or of a writer outside it) skipped"
+            "block writes of a superseded attachment skipped"
         );
     }
 

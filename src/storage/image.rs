@@ -82,15 +82,16 @@ pub struct Attachment {
 
 impl Attachment {
     /// Whether block writes sent under `epoch` (None: by a writer outside the attachment
-    /// scheme) apply under this attachment state (None: no member ever attached): fenced writes
-    /// only under the attachment they name while it is held, unfenced ones only while no member
-    /// is attached.
+    /// scheme: the embedded mode, a remote client) apply under this attachment state (None: no
+    /// member ever attached). Fenced writes apply only under the attachment they name while it
+    /// is held. Unfenced writes always apply: their writer was answered at commit and is not a
+    /// server that can be superseded, so skipping one would lose a write it was told is durable
+    /// (a node refuses an unfenced `WRITE` while a member serves the device instead).
     pub fn admits(current: Option<Attachment>, epoch: Option<u64>) -> bool {
         match (current, epoch) {
             (Some(a), Some(e)) => a.node != 0 && a.epoch == e,
-            (Some(a), None) => a.node == 0,
             (None, Some(_)) => false,
-            (None, None) => true,
+            (_, None) => true,
         }
     }
 }
@@ -635,7 +636,7 @@ mod tests {
         assert!(Attachment::admits(held, Some(9)));
         assert!(!Attachment::admits(held, Some(5)), "an older epoch");
         assert!(!Attachment::admits(held, Some(12)), "an epoch not (yet) attached");
-        assert!(!Attachment::admits(held, None), "an unfenced writer while a member serves");
+        assert!(Attachment::admits(held, None), "an unfenced write was answered: it applies");
         assert!(!Attachment::admits(detached, Some(9)), "the detached server's epoch");
         assert!(!Attachment::admits(detached, Some(12)), "the detach entry's own index");
         assert!(Attachment::admits(detached, None));

@@ -122,5 +122,6 @@ pub fn embedded_options(
         },
         log_cache_bytes: xdevice::replication::log_store::DEFAULT_CACHE_BYTES,
         replica_dirs: Vec::new(),
+        rebuild_lost: false,
     }
 }
