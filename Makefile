@@ -39,9 +39,10 @@ test-long:
 	XDEVICE_LONG=1 $(CARGO) test --release --workspace $(TEST_ARGS)
 
 # ublk-device needs root; on a kernel without ublk it runs itself in the QEMU guest (docs/guest.md).
+# pgbench always runs in the guest, on a virtio disk backed by a file here (docs/benchmarks.md).
 bench:
 	$(CARGO) bench --bench wal-append --bench group-commit --bench replay --bench replicated-commit --bench embedded-commit \
-		--bench ublk-device --bench cache-read --bench cache-hit-ratio --bench cache-memory
+		--bench ublk-device --bench cache-read --bench cache-hit-ratio --bench cache-memory --bench pgbench
 
 # The ublk end-to-end tests alone (docs/guest.md), natively when this kernel has ublk, otherwise
 # in the QEMU guest; as root. Pick tests or groups: make e2e E2E='ext4 kill'
