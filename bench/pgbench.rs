@@ -3,7 +3,8 @@
 //! streaming replication (a primary and a standby, `synchronous_commit = on`, the standby named
 //! in `synchronous_standby_names`) and against one unreplicated server, all on the same real
 //! disk. Goal: xdevice's TPS ≥ 1.0× synchronous replication's at 1 and at 8 clients; the ratio
-//! to the unreplicated server is reported beside it.
+//! to the unreplicated server is reported beside it, and so is the device served by member 1 of
+//! three `xdevice node` members (their stores on the same disk) instead of the embedded three.
 //!
 //! It always runs in the QEMU guest of `ublk/guest/run` (docs/guest.md), given a raw image file
 //! on this machine as a virtio disk with `cache=none` (`XDEVICE_GUEST_DISK`), so a guest fsync
@@ -130,15 +131,26 @@ fn main() -> Result<()> {
     };
     println!();
     println!("medians over the rounds (TPS, pgbench -N, scale 10):");
-    println!("  clients      plain    syncrep    xdevice  ÷ syncrep  ÷ plain");
-    println!("  -------  ---------  ---------  ---------  ---------  -------");
+    println!(
+        "  clients      plain    syncrep    xdevice  ÷ syncrep  ÷ plain     member  ÷ syncrep"
+    );
+    println!(
+        "  -------  ---------  ---------  ---------  ---------  -------  ---------  ---------"
+    );
     let mut rows = Vec::new();
     let mut worst: Option<(u32, f64, f64, f64)> = None;
     for &c in &clients {
         let (p, s, x) = (med("plain", c)?, med("syncrep", c)?, med("xdevice", c)?);
-        println!("  {c:>7}  {p:>9.1}  {s:>9.1}  {x:>9.1}  {:>9.2}  {:>7.2}", x / s, x / p);
+        let m = med("member", c)?;
+        println!(
+            "  {c:>7}  {p:>9.1}  {s:>9.1}  {x:>9.1}  {:>9.2}  {:>7.2}  {m:>9.1}  {:>9.2}",
+            x / s,
+            x / p,
+            m / s
+        );
         rows.push(json!({"clients": c, "plain_tps": p, "syncrep_tps": s, "xdevice_tps": x,
-            "ratio_syncrep": x / s, "ratio_plain": x / p}));
+            "ratio_syncrep": x / s, "ratio_plain": x / p, "member_tps": m,
+            "member_ratio_syncrep": m / s}));
         if worst.is_none_or(|(_, r, _, _)| x / s < r) {
             worst = Some((c, x / s, x, s));
         }

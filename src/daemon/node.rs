@@ -100,7 +100,10 @@ pub fn run_node(req: NodeRequest) -> Result<()> {
     }
     let rt = super::runtime()?;
     rt.block_on(async move {
-        let engine = EngineConfig { node_id: Some(req.id), ..EngineConfig::default() };
+        // Segments are filled with zeros as they are made (off the commit path), as `serve`
+        // does: a sync then never waits on extent allocation.
+        let engine =
+            EngineConfig { node_id: Some(req.id), fill_segments: true, ..EngineConfig::default() };
         let replica = open_replica(&req.location, engine, &req.state_dir, DEFAULT_CACHE_BYTES)
             .with_context(|| format!("opening {}", req.location.describe()))?;
         let cluster_id = replica.engine.superblock().cluster_id;
@@ -124,7 +127,11 @@ pub fn run_node(req: NodeRequest) -> Result<()> {
             opts: MemberOptions {
                 cluster_id,
                 bind: Some(req.listen.ip()),
-                lease: req.tuning.election_min,
+                // A follower votes for no one until `election_max` after it last heard this
+                // leader; openraft dates an acknowledgement by when its request was sent. One
+                // heartbeat is left for the clocks' rates to differ. (`election_min` fenced a
+                // member whose heartbeats a loaded TCG guest delayed past 600 ms.)
+                lease: req.tuning.election_max - req.tuning.heartbeat,
                 election_max: req.tuning.election_max,
                 attach_within: req.shape.attach_within,
                 timeout: Duration::from_secs(5),

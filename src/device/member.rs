@@ -10,9 +10,9 @@
 //!    attachment's epoch, higher than every earlier one. Every replica's state machine from
 //!    then on applies only block writes carrying that epoch (`Attachment::admits`).
 //! 3. It serves only while it still leads in the term it attached in and a quorum acknowledged
-//!    it within the lease (`election_min`, below the `election_max` every follower waits
-//!    before it may vote for anyone else). `serving` checks that on every request; the first
-//!    failure fences the device for good.
+//!    it within the lease (`election_max` less a heartbeat, below the `election_max` every
+//!    follower waits before it may vote for anyone else). `serving` checks that on every
+//!    request; the first failure fences the device for good.
 //!
 //! Why a lost lease is final: by the time another member can attach, this one cannot reach a
 //! quorum, so what it holds in its cache may be stale and nothing it sends can commit. Failing
