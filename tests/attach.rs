@@ -35,6 +35,7 @@ fn options(election_max: Duration, election_min: Duration) -> MemberOptions {
         election_max,
         attach_within: Duration::from_secs(20),
         timeout: Duration::from_secs(2),
+        relinquished: Default::default(),
     }
 }
 
@@ -211,6 +212,44 @@ fn the_attachment_survives_a_restart() {
                 n.id
             );
         }
+        cluster.shutdown().await.unwrap();
+    });
+}
+
+/// A member that hands its leadership over stops serving first: openraft's transfer lets the
+/// voters elect another member at once, without waiting out this one's lease, so nothing the
+/// lease promised holds any more. Its device fails reads the cache holds and flushes from then on.
+#[test]
+fn a_member_that_hands_its_leadership_over_stops_serving_first() {
+    runtime().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = common::embedded_options(dir.path(), 3);
+        let (emin, emax) = (opts.tuning.election_min, opts.tuning.election_max);
+        let cluster = Embedded::start(opts).await.unwrap();
+        let blocks = cluster.device_bytes() / BS as u64;
+        let node1 = lead(&cluster, 1).await;
+        let member_opts = options(emax, emin);
+        let m1 = Member::attach(node1.clone(), member_opts.clone()).await.unwrap();
+        let d1 = device(&m1, blocks);
+        d1.write(0, &[1u8; BS], true).await.unwrap();
+        assert_eq!(d1.read(0, BS as u64).await.unwrap(), vec![1u8; BS]);
+        assert!(m1.serving().is_ok());
+        // The handover's first step (`DeviceHost::relinquish`): this term's attachments end,
+        // while node 1 still leads with a fresh lease.
+        member_opts.relinquished.store(m1.term(), std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(cluster.leader().map(|l| l.id), Some(1));
+        assert!(matches!(d1.read(0, BS as u64).await, Err(DeviceError::Fenced(_))));
+        assert!(!d1.try_flush_now());
+        // An attachment of a later term is not affected.
+        node1.raft.trigger().transfer_leader(2).await.unwrap();
+        let node2 = lead(&cluster, 2).await;
+        let m2 = Member::attach(node2, options(emax, emin)).await.unwrap();
+        lead(&cluster, 1).await;
+        let m1b = Member::attach(node1, member_opts.clone()).await.unwrap();
+        assert!(m1b.term() > m1.term());
+        assert!(m1b.serving().is_ok(), "a later term's attachment was fenced");
+        assert!(m2.serving().is_err());
+        d1.close();
         cluster.shutdown().await.unwrap();
     });
 }

@@ -135,7 +135,9 @@ pub fn run_node(req: NodeRequest) -> Result<()> {
                 election_max: req.tuning.election_max,
                 attach_within: req.shape.attach_within,
                 timeout: Duration::from_secs(5),
+                relinquished: Arc::default(),
             },
+            service: Arc::downgrade(&service),
             shape: req.shape.clone(),
             state_dir: req.state_dir.clone(),
             heartbeat: req.tuning.heartbeat,
@@ -179,14 +181,18 @@ struct Serving {
 }
 
 impl Serving {
-    /// Stops the device (the kernel drains in-flight I/O) and its status socket.
-    async fn stop(self) -> Result<(Arc<Member>, Arc<Device>)> {
-        self.watchdog.abort();
+    /// Stops the device (the kernel drains in-flight I/O, the watchdog still fencing it if the
+    /// attachment is lost meanwhile) and its status socket. A failure to stop is logged: the
+    /// caller goes on ending the attachment either way.
+    async fn stop(self) -> (Arc<Member>, Arc<Device>) {
         if let Some(path) = &self.socket {
             let _ = std::fs::remove_file(path);
         }
-        self.frontend.stop().await?;
-        Ok((self.member, self.device))
+        if let Err(e) = self.frontend.stop().await {
+            tracing::error!(error = %e, "stopping the ublk device");
+        }
+        self.watchdog.abort();
+        (self.member, self.device)
     }
 }
 
@@ -202,6 +208,8 @@ struct MemberHost {
     /// The attachment being served, reachable without waiting for an attach or detach under
     /// way (`relinquish`).
     active: std::sync::Mutex<Option<(Arc<Member>, Arc<Device>)>>,
+    /// This node's service, whose unfenced `WRITE`s are held off while it attaches.
+    service: std::sync::Weak<NodeService>,
 }
 
 impl MemberHost {
@@ -221,7 +229,7 @@ impl MemberHost {
                 "the previous attachment was lost; stopping its device before attaching again"
             );
             old.device.fence("attaching again");
-            let (_, device) = old.stop().await?;
+            let (_, device) = old.stop().await;
             device.close();
         }
         require_ublk()?;
@@ -250,11 +258,22 @@ impl MemberHost {
                 Some(_) if self.shape.ublk_id == Some(old) => {
                     bail!("/dev/ublkb{old} exists and belongs to another daemon")
                 }
-                _ => None,
+                Some(_) => {
+                    // The recorded number went to another daemon: take the first free one.
+                    record.ublk_id = None;
+                    None
+                }
+                None => None,
             },
             None => None,
         };
-        let member = Member::attach(self.node.clone(), self.opts.clone()).await?;
+        // No unfenced WRITE lands after the attach entry (it would apply under this member,
+        // unseen by its cache).
+        let service = self.service.upgrade().context("the node is stopping")?;
+        service.begin_attach().await;
+        let member = Member::attach(self.node.clone(), self.opts.clone()).await;
+        service.end_attach();
+        let member = member?;
         match self.serve_attached(&member, record, owner, left, started).await {
             Ok(serving) => {
                 let attached = serving.attached.clone();
@@ -266,9 +285,7 @@ impl MemberHost {
             Err(e) => {
                 // The attach entry is committed but nothing serves: commit a detach, so the
                 // log does not name a server that is not there.
-                if let Err(d) = member.detach().await {
-                    tracing::warn!(error = %d, "detaching after a failed attach");
-                }
+                member.abandon().await;
                 Err(e)
             }
         }
@@ -395,7 +412,7 @@ impl MemberHost {
         let mut slot = self.serving.lock().await;
         let Some(s) = slot.take() else { bail!("node {} is not serving the device", self.node.id) };
         *self.active.lock().expect("active lock") = None;
-        let (member, device) = s.stop().await?;
+        let (member, device) = s.stop().await;
         // Everything completed must be committed before the attachment ends.
         let flushed = device.flush().await;
         device.close();
@@ -414,6 +431,10 @@ impl DeviceHost for MemberHost {
         Box::pin(async move { self.detach_now().await.map_err(|e| format!("{e:#}")) })
     }
     fn relinquish(&self, why: &str) {
+        // Every attachment of this term stops serving, including one being made or ended
+        // right now (not yet, or no longer, in `active`).
+        let term = self.node.raft.metrics().borrow_watched().current_term;
+        self.opts.relinquished.fetch_max(term, std::sync::atomic::Ordering::SeqCst);
         if let Some((member, device)) = self.active.lock().expect("active lock").as_ref() {
             member.relinquish(why);
             device.fence(why);

@@ -57,6 +57,9 @@ pub struct MemberOptions {
     pub attach_within: Duration,
     /// Each request to a peer (a repair read).
     pub timeout: Duration,
+    /// The term in which this node handed its leadership over (0: never): no attachment made
+    /// in that term or before serves again (`relinquish`, set before openraft's transfer).
+    pub relinquished: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The device's cluster as one member serving it sees it.
@@ -105,6 +108,13 @@ impl Member {
                 let epoch = propose_attach(&node, deadline, &opts).await?;
                 Ok::<_, anyhow::Error>((epoch, replaced))
             };
+            // Bounded: openraft's wait for apply has no limit of its own.
+            let left = deadline.saturating_duration_since(Instant::now()).max(opts.election_max);
+            let attempt = async {
+                tokio::time::timeout(left, attempt).await.unwrap_or_else(|_| {
+                    Err(anyhow::anyhow!("confirming the leadership did not finish in {left:?}"))
+                })
+            };
             match attempt.await {
                 Ok((epoch, replaced)) => break (term, epoch, replaced),
                 Err(e) if Instant::now() < deadline => {
@@ -114,6 +124,8 @@ impl Member {
                 Err(e) => return Err(e),
             }
         };
+        // The attach entry is committed: from here on, a failure commits a detach entry, so the
+        // log never names a server that is not there.
         let peers = {
             let m = node.raft.metrics().borrow_watched().clone();
             m.membership_config
@@ -126,26 +138,41 @@ impl Member {
                 })
                 .collect()
         };
-        let member = Member {
-            node,
-            opts,
-            epoch,
-            term,
-            replaced,
-            fenced: OnceLock::new(),
-            peers,
-            readers: ReaderPool::new(DEFAULT_READERS, "xdevice-read")?,
+        let readers = match ReaderPool::new(DEFAULT_READERS, "xdevice-read") {
+            Ok(r) => r,
+            Err(e) => {
+                abandon_attach(&node, epoch, &opts).await;
+                return Err(e.into());
+            }
         };
-        // The attach entry is applied (the proposal resolves after apply): the image holds
-        // every write before it, and the state machine names this member.
-        let held = member.node.engine.attachment();
-        anyhow::ensure!(
-            held == Some(Attachment { epoch, node: member.node.id }),
-            "the attach entry at index {epoch} committed, but the applied attachment is {held:?}"
-        );
-        member.serving().map_err(|why| anyhow::anyhow!("attached at epoch {epoch}, then {why}"))?;
+        let member =
+            Member { node, opts, epoch, term, replaced, fenced: OnceLock::new(), peers, readers };
+        let checked = async {
+            // The proposal resolves at commit: once the entry is applied too, the image holds
+            // every write before it and the state machine names this member.
+            wait_applied(&member.node, epoch, member.opts.attach_within)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let held = member.node.engine.attachment();
+            anyhow::ensure!(
+                held == Some(Attachment { epoch, node: member.node.id }),
+                "the attach entry at index {epoch} is applied, but the attachment is {held:?}"
+            );
+            member.serving().map_err(|why| anyhow::anyhow!("attached at epoch {epoch}, then {why}"))
+        };
+        if let Err(e) = checked.await {
+            abandon_attach(&member.node, epoch, &member.opts).await;
+            return Err(e);
+        }
         tracing::info!(epoch, term, node = member.node.id, "device attached to this member");
         Ok(Arc::new(member))
+    }
+
+    /// After the attach entry committed, a failure commits a detach entry (best effort: a
+    /// member that lost its leadership cannot, and is superseded anyway).
+    pub async fn abandon(&self) {
+        let _ = self.fenced.set("the attach was abandoned".to_string());
+        abandon_attach(&self.node, self.epoch, &self.opts).await;
     }
 
     pub fn epoch(&self) -> u64 {
@@ -204,7 +231,27 @@ impl Member {
     }
 }
 
-/// Step 2: proposes the attach entry; its index, once committed and applied.
+/// Commits a detach entry for the attachment at `epoch` if this node still leads and the log
+/// still names it; logs what happened.
+async fn abandon_attach(node: &Arc<Node>, epoch: u64, opts: &MemberOptions) {
+    if node.engine.attachment() != Some(Attachment { epoch, node: node.id }) {
+        return;
+    }
+    let proposed = node.proposer.propose(Request::Attach(0)).await;
+    let outcome = match proposed {
+        Ok(commit) => tokio::time::timeout(opts.election_max.max(Duration::from_secs(5)), commit)
+            .await
+            .map_err(|_| "not committed in time".to_string())
+            .and_then(|r| r),
+        Err(e) => Err(e),
+    };
+    match outcome {
+        Ok(index) => tracing::warn!(epoch, index, "attach abandoned: detach entry committed"),
+        Err(e) => tracing::warn!(epoch, error = %e, "attach abandoned; no detach entry committed"),
+    }
+}
+
+/// Step 2: proposes the attach entry; its index, once committed.
 async fn propose_attach(
     node: &Arc<Node>,
     deadline: Instant,
@@ -383,6 +430,13 @@ impl Cluster for Member {
     fn serving(&self) -> Result<(), String> {
         if let Some(why) = self.fenced.get() {
             return Err(why.clone());
+        }
+        let given_up = self.opts.relinquished.load(std::sync::atomic::Ordering::SeqCst);
+        if given_up >= self.term {
+            return Err(self.fence(format!(
+                "node {} handed its leadership over in term {given_up}",
+                self.node.id
+            )));
         }
         let why = {
             let m = self.node.raft.metrics();

@@ -312,6 +312,8 @@ pub struct NodeService {
     proposals: mpsc::UnboundedSender<Proposal>,
     /// Held while a WRITE is checked and queued, so the check and the queue order agree.
     order: Mutex<ClientOrder>,
+    /// Unfenced writes and an attach on this node (`begin_attach`).
+    gate: Arc<WriteGate>,
     /// Where `Attach` and `Detach` go; none: this node does not serve devices.
     host: std::sync::OnceLock<Arc<dyn DeviceHost>>,
 }
@@ -372,7 +374,8 @@ impl NodeService {
         proposer: Proposer,
     ) -> Arc<NodeService> {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(propose_in_order(raft.clone(), proposer, rx));
+        let gate = Arc::new(WriteGate::default());
+        tokio::spawn(propose_in_order(raft.clone(), proposer, rx, gate.clone()));
         Arc::new(NodeService {
             id,
             raft,
@@ -381,8 +384,32 @@ impl NodeService {
             inbox,
             proposals: tx,
             order: Mutex::new(ClientOrder::default()),
+            gate,
             host: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Before this node proposes an attach entry: refuses unfenced `WRITE`s from now on, and
+    /// waits until every one admitted before has been handed to openraft (`WriteGate`).
+    pub async fn begin_attach(&self) {
+        let target = {
+            let _order = self.order.lock().unwrap_or_else(|p| p.into_inner());
+            self.gate.attaching.store(true, std::sync::atomic::Ordering::SeqCst);
+            self.gate.admitted.load(std::sync::atomic::Ordering::SeqCst)
+        };
+        loop {
+            let progressed = self.gate.progress.notified();
+            if self.gate.handled.load(std::sync::atomic::Ordering::SeqCst) >= target {
+                return;
+            }
+            progressed.await;
+        }
+    }
+
+    /// The attach is over (done or failed): unfenced `WRITE`s are admitted again while no
+    /// member is attached.
+    pub fn end_attach(&self) {
+        self.gate.attaching.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Lets this node serve the device: `Attach` and `Detach` go to `host`. Set once.
@@ -488,16 +515,31 @@ async fn propose_in_order(
     raft: Raft,
     proposer: Proposer,
     mut rx: mpsc::UnboundedReceiver<Proposal>,
+    gate: Arc<WriteGate>,
 ) {
     while let Some((req, done)) = rx.recv().await {
         if raft.metrics().borrow_watched().state != ServerState::Leader {
             let leader = raft.metrics().borrow_watched().current_leader;
             let _ = done.send(Err(format!("{NOT_LEADER}; leader is {leader:?}")));
-            continue;
+        } else {
+            // The request's own task awaits the outcome: no task in between on the way back.
+            let _ = done.send(proposer.propose(req).await);
         }
-        // The request's own task awaits the outcome: no task in between on the way back.
-        let _ = done.send(proposer.propose(req).await);
+        gate.handled.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        gate.progress.notify_waiters();
     }
+}
+
+/// Keeps unfenced `WRITE`s from landing after an attach entry this node proposes: while it
+/// attaches none is admitted, and the attach entry is proposed only once every one admitted
+/// before has been handed to openraft (so it precedes the attach entry in the log, and applies
+/// under no attachment).
+#[derive(Debug, Default)]
+struct WriteGate {
+    attaching: std::sync::atomic::AtomicBool,
+    admitted: std::sync::atomic::AtomicU64,
+    handled: std::sync::atomic::AtomicU64,
+    progress: tokio::sync::Notify,
 }
 
 impl Handler for NodeService {
@@ -530,8 +572,14 @@ impl Handler for NodeService {
                                         through WRITE"
                                 .to_string())
                         }
-                        // A member serves the device: its cache would not see this write.
+                        // A member serves the device (or this one is attaching): its cache would
+                        // not see this write.
                         Request::Blocks(..) => {
+                            if self.gate.attaching.load(std::sync::atomic::Ordering::SeqCst) {
+                                return Err("this member is attaching the device: write through \
+                                            its /dev/ublkbN"
+                                    .to_string());
+                            }
                             if let Some(a) = self.engine.attachment().filter(|a| a.node != 0) {
                                 return Err(format!(
                                     "the device is served by member {} (attachment epoch {}): \
@@ -549,11 +597,19 @@ impl Handler for NodeService {
                         ));
                     }
                     let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
+                    // Checked again under the lock `begin_attach` takes: no write is admitted
+                    // after it counted the admitted ones.
+                    if self.gate.attaching.load(std::sync::atomic::Ordering::SeqCst)
+                        && matches!(req, Request::Blocks(..))
+                    {
+                        return Err("this member is attaching the device".to_string());
+                    }
                     if let Some((client, seq)) = origin {
                         order.admit(client, seq)?;
                     }
                     let (tx, rx) = oneshot::channel();
                     let _ = self.proposals.send((req, tx));
+                    self.gate.admitted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     drop(order);
                     Ok(rx)
                 });
