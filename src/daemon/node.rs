@@ -145,6 +145,7 @@ pub fn run_node(req: NodeRequest) -> Result<()> {
             active: std::sync::Mutex::new(None),
         });
         service.set_host(host.clone());
+        service.quiet_votes_for(req.tuning.election_max);
         let server = RpcServer::start(listener, cluster_id, MAX_PAYLOAD, service)?;
         println!("node {} of cluster {cluster_id} listening on {}", req.id, server.local_addr());
         if req.attach {

@@ -314,6 +314,9 @@ pub struct NodeService {
     order: Mutex<ClientOrder>,
     /// Unfenced writes and an attach on this node (`begin_attach`).
     gate: Arc<WriteGate>,
+    /// When this service started, and how long after it no vote is granted.
+    started: std::time::Instant,
+    vote_quiet: std::sync::OnceLock<Duration>,
     /// Where `Attach` and `Detach` go; none: this node does not serve devices.
     host: std::sync::OnceLock<Arc<dyn DeviceHost>>,
 }
@@ -385,6 +388,8 @@ impl NodeService {
             proposals: tx,
             order: Mutex::new(ClientOrder::default()),
             gate,
+            started: std::time::Instant::now(),
+            vote_quiet: std::sync::OnceLock::new(),
             host: std::sync::OnceLock::new(),
         })
     }
@@ -410,6 +415,14 @@ impl NodeService {
     /// member is attached.
     pub fn end_attach(&self) {
         self.gate.attaching.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Grants no vote or pre-vote for `quiet` after this service started. openraft keeps a
+    /// follower's leader lease in memory only: restarted, a follower would vote at once, while
+    /// a member serving the device counts on no election before its lease ends
+    /// (`device::member`). Set once.
+    pub fn quiet_votes_for(&self, quiet: Duration) {
+        let _ = self.vote_quiet.set(quiet);
     }
 
     /// Lets this node serve the device: `Attach` and `Detach` go to `host`. Set once.
@@ -552,8 +565,15 @@ impl Handler for NodeService {
         match kind {
             KIND_RAFT => {
                 let inbox = self.inbox.clone();
+                let quiet = self.vote_quiet.get().copied().unwrap_or_default();
+                let young = self.started.elapsed() < quiet;
                 Box::pin(async move {
                     let rpc: RaftRpc = decode(&payload, "Raft RPC")?;
+                    if young && matches!(rpc, RaftRpc::Vote(_) | RaftRpc::PreVote(_)) {
+                        return Err(format!(
+                            "this node started less than {quiet:?} ago and grants no vote yet"
+                        ));
+                    }
                     encode(&dispatch(&raft, &inbox, rpc).await)
                 })
             }
