@@ -337,17 +337,27 @@ impl MemberHost {
             ..cfg
         };
         let device = Device::start(cfg, member.clone());
+        // What this member serves, as `serve` records it: the ublk geometry comes from it, and
+        // the status shows it.
+        let voters =
+            self.node.raft.metrics().borrow_watched().membership_config.voter_ids().count();
+        let mut shown = Record {
+            serve_uuid: record.serve_uuid,
+            ublk_id: None,
+            replicas: voters as u64,
+            mode: self.shape.mode,
+            size_bytes: sb.device_bytes,
+            block_bytes: sb.block_bytes,
+            queues: self.shape.queues,
+            depth: self.shape.depth,
+            max_io_bytes: self.shape.max_io,
+            replica_dirs: Vec::new(),
+        };
         let ublk_cfg = xdevice_ublk::Config {
             id,
             queues: self.shape.queues,
             depth: self.shape.depth,
-            geometry: xdevice_ublk::Geometry {
-                block_bytes: sb.block_bytes,
-                size_bytes: sb.device_bytes,
-                max_io_bytes: self.shape.max_io,
-                max_discard_bytes: super::record::discard_limit(sb.block_bytes),
-                volatile_cache: self.shape.mode == CacheMode::Writeback,
-            },
+            geometry: shown.geometry(),
             owner,
         };
         let frontend = match Frontend::start(ublk_cfg, recover, device.clone()).await {
@@ -367,20 +377,7 @@ impl MemberHost {
         }
         let watchdog =
             tokio::spawn(watch_attachment(member.clone(), device.clone(), self.heartbeat));
-        let voters =
-            self.node.raft.metrics().borrow_watched().membership_config.voter_ids().count();
-        let shown = Record {
-            serve_uuid: record.serve_uuid,
-            ublk_id: Some(frontend.live.id),
-            replicas: voters as u64,
-            mode: self.shape.mode,
-            size_bytes: sb.device_bytes,
-            block_bytes: sb.block_bytes,
-            queues: self.shape.queues,
-            depth: self.shape.depth,
-            max_io_bytes: self.shape.max_io,
-            replica_dirs: Vec::new(),
-        };
+        shown.ublk_id = Some(frontend.live.id);
         let served = Arc::new(Served {
             record: shown,
             dir: self.state_dir.clone(),

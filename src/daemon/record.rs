@@ -88,7 +88,7 @@ impl Record {
 
 /// The largest discard or write-zeroes accepted at once: 256 MiB, whole blocks (the device
 /// splits it into zero entries; the block layer splits larger ones).
-pub fn discard_limit(block_bytes: u32) -> u32 {
+fn discard_limit(block_bytes: u32) -> u32 {
     (256u32 << 20) / block_bytes * block_bytes
 }
 
