@@ -2,7 +2,8 @@
 //! attaches serves the device; when another attaches while the first is cut off, the first's
 //! device fails every request (reads from its cache and free flushes included) and nothing it
 //! sends under its old epoch reaches any replica's image; a detach lets unfenced writers in
-//! again. The same paths over real processes and ublk are in the guest (`ublk/guest/e2e`,
+//! again; a lease that lapses while the member still leads holds requests and serving resumes
+//! once a quorum answers. The same paths over real processes and ublk are in the guest (`ublk/guest/e2e`,
 //! the `members-*` tests).
 
 #![allow(clippy::unwrap_used)]
@@ -33,6 +34,7 @@ fn options(election_max: Duration, election_min: Duration) -> MemberOptions {
         bind: None,
         lease: election_min,
         election_max,
+        hold: election_max * 2,
         attach_within: Duration::from_secs(20),
         timeout: Duration::from_secs(2),
         relinquished: Default::default(),
@@ -249,6 +251,73 @@ fn a_member_that_hands_its_leadership_over_stops_serving_first() {
         assert!(m1b.term() > m1.term());
         assert!(m1b.serving().is_ok(), "a later term's attachment was fenced");
         assert!(m2.serving().is_err());
+        d1.close();
+        cluster.shutdown().await.unwrap();
+    });
+}
+
+/// A lease that runs out while the member still leads in its term (a stall, a short cut) is a
+/// lapse, not a loss: while it lasts nothing is answered from the member alone (not a read its
+/// cache holds, not a flush with nothing outstanding), and once a quorum acknowledges it again
+/// the device goes on serving, the requests held meanwhile answered with the right data.
+#[test]
+fn a_lapsed_lease_holds_requests_until_a_quorum_answers_again() {
+    runtime().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = common::embedded_options(dir.path(), 3);
+        // The followers wait at least 1.8 s before electing anyone; the lease is 300 ms.
+        opts.tuning.election_min = Duration::from_millis(300);
+        opts.tuning.election_max = Duration::from_millis(1500);
+        let (emin, emax) = (opts.tuning.election_min, opts.tuning.election_max);
+        let cluster = Embedded::start(opts).await.unwrap();
+        let blocks = cluster.device_bytes() / BS as u64;
+        let node1 = lead(&cluster, 1).await;
+        let m1 = Member::attach(node1.clone(), options(emax, emin)).await.unwrap();
+        let d1 = device(&m1, blocks);
+        d1.write(0, &[5u8; BS], true).await.unwrap();
+        let mut buf = vec![0u8; BS];
+        assert!(d1.try_read_cached(0, &mut buf).unwrap(), "the write is not in the cache");
+
+        cluster.router.isolate(1, true);
+        let cut = std::time::Instant::now();
+        while !matches!(m1.serving(), Err(xdevice::device::NotServing::Lapsed(_))) {
+            assert!(
+                cut.elapsed() < emax,
+                "no lapse {:?} after the cut: {:?}",
+                cut.elapsed(),
+                m1.serving()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!d1.try_read_cached(0, &mut buf).unwrap(), "a lapsed device answered from cache");
+        assert!(!d1.try_flush_now(), "a lapsed device answered a flush");
+        let read = tokio::spawn({
+            let d1 = d1.clone();
+            async move { d1.read(0, BS as u64).await }
+        });
+        let write = tokio::spawn({
+            let d1 = d1.clone();
+            async move { d1.write(BS as u64, &[6u8; BS], true).await }
+        });
+        let flush = tokio::spawn({
+            let d1 = d1.clone();
+            async move { d1.flush().await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !read.is_finished() && !write.is_finished() && !flush.is_finished(),
+            "a request was answered during the lapse"
+        );
+        assert!(cut.elapsed() < emax + emin, "the cut outlasted the followers' patience");
+        cluster.router.isolate(1, false);
+
+        assert_eq!(read.await.unwrap().unwrap(), vec![5u8; BS]);
+        write.await.unwrap().unwrap();
+        flush.await.unwrap().unwrap();
+        assert!(m1.serving().is_ok(), "{:?}", m1.serving());
+        assert!(m1.fenced().is_none());
+        assert_eq!(node1.raft.metrics().borrow_watched().current_term, m1.term());
+        assert_eq!(d1.read(BS as u64, BS as u64).await.unwrap(), vec![6u8; BS]);
         d1.close();
         cluster.shutdown().await.unwrap();
     });

@@ -133,6 +133,8 @@ pub fn run_node(req: NodeRequest) -> Result<()> {
                 // member whose heartbeats a loaded TCG guest delayed past 600 ms.)
                 lease: req.tuning.election_max - req.tuning.heartbeat,
                 election_max: req.tuning.election_max,
+                // Four election timeouts past the lease: a stall of that long is survived.
+                hold: req.tuning.election_max * 4,
                 attach_within: req.shape.attach_within,
                 timeout: Duration::from_secs(5),
                 relinquished: Arc::default(),
@@ -218,7 +220,11 @@ impl MemberHost {
         let started = Instant::now();
         let mut slot = self.serving.lock().await;
         if let Some(s) = slot.as_ref() {
-            if s.member.fenced().is_none() && crate::device::Cluster::serving(&*s.member).is_ok() {
+            let lost = matches!(
+                crate::device::Cluster::serving(&*s.member),
+                Err(crate::device::NotServing::Lost(_))
+            );
+            if s.member.fenced().is_none() && !lost {
                 return Ok(s.attached.clone());
             }
         }
@@ -441,13 +447,29 @@ impl DeviceHost for MemberHost {
 }
 
 /// Fences `device` as soon as `member` loses its attachment, so requests waiting inside the
-/// device fail too, not only the next one to arrive. Checked every heartbeat.
+/// device fail too, not only the next one to arrive. Checked every heartbeat; a lapsed lease
+/// is first put to a quorum again (`Cluster::reconfirm`), and only a loss fences.
 async fn watch_attachment(member: Arc<Member>, device: Arc<Device>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if let Err(why) = crate::device::Cluster::serving(&*member) {
+        let outcome = match crate::device::Cluster::serving(&*member) {
+            Ok(()) => Ok(()),
+            Err(crate::device::NotServing::Lapsed(why)) => {
+                tracing::warn!(
+                    reason = why,
+                    "the attachment's lease lapsed; asking a quorum again"
+                );
+                let outcome = crate::device::Cluster::reconfirm(member.clone()).await;
+                if outcome.is_ok() {
+                    tracing::info!("a quorum acknowledged this member again; serving");
+                }
+                outcome
+            }
+            Err(crate::device::NotServing::Lost(why)) => Err(why),
+        };
+        if let Err(why) = outcome {
             device.fence(&why);
             return;
         }

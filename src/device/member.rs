@@ -12,12 +12,20 @@
 //! 3. It serves only while it still leads in the term it attached in and a quorum acknowledged
 //!    it within the lease (`election_max` less a heartbeat, below the `election_max` every
 //!    follower waits before it may vote for anyone else). `serving` checks that on every
-//!    request; the first failure fences the device for good.
+//!    request. Losing the leadership or the term, or handing it over, fences the device for
+//!    good. A lease that ran out while this member still leads in its term is a lapse: nothing
+//!    is answered from this side alone (no read, not even from the cache, and no flush), and
+//!    `reconfirm` asks a quorum again (a read-index round). A quorum's answer renews the lease;
+//!    a lapse longer than `hold` fences the device for good.
 //!
-//! Why a lost lease is final: by the time another member can attach, this one cannot reach a
-//! quorum, so what it holds in its cache may be stale and nothing it sends can commit. Failing
-//! every request (the frontend answers EIO) is the only answer that never lies; the operator
-//! (or the unit that restarts it) attaches again.
+//! Why a lapse may end and a loss may not: another member attaches only as leader of a later
+//! term, which takes a quorum's votes; a quorum that acknowledges this member in its own term
+//! afterwards proves no such leader exists yet, so nothing was written elsewhere and the cache
+//! is current. Once the term moved on, another member may have attached and written: the cache
+//! may be stale and nothing this member sends can commit. Failing every request (the frontend
+//! answers EIO) is then the only answer that never lies; the operator (or the unit that
+//! restarts it) attaches again. A lapse is held, not failed, because a stall of a second (a
+//! loaded host, a slow disk) would otherwise end the attachment for good.
 //!
 //! Why a write that commits here is never one the state machine refuses: an entry this member
 //! commits as leader of term `t` follows its own attach entry (made in `t`) in the log, and no
@@ -34,7 +42,7 @@ use openraft::{Instant as _, ServerState};
 
 use super::readers::{ReaderPool, DEFAULT_READERS};
 use super::remote::good_copy_from;
-use super::{BoxFuture, Cluster, ReadOutcome};
+use super::{BoxFuture, Cluster, NotServing, ReadOutcome};
 use crate::replication::commits::OnCommit;
 use crate::replication::node::{applied_index, Node};
 use crate::replication::tcp::{Admin, NodeClient};
@@ -53,6 +61,9 @@ pub struct MemberOptions {
     pub lease: Duration,
     /// One election timeout: how long to wait for leadership to move before asking again.
     pub election_max: Duration,
+    /// How long past its lease a lapsed attachment is held while a quorum is asked again,
+    /// before the device is fenced for good (a member cut off for longer gives its I/O EIO).
+    pub hold: Duration,
     /// How long attaching may take in all.
     pub attach_within: Duration,
     /// Each request to a peer (a repair read).
@@ -73,6 +84,10 @@ pub struct Member {
     replaced: Option<Attachment>,
     /// Set once, when the attachment is lost: why.
     fenced: OnceLock<String>,
+    /// When the last quorum round `reconfirm` asked for was sent, if one was answered.
+    confirmed: std::sync::Mutex<Option<Instant>>,
+    /// When the attachment was made (the lease's start if no acknowledgement is known).
+    attached_at: Instant,
     /// The other members (id, address), for repair reads.
     peers: Vec<(NodeId, String, NodeClient)>,
     readers: ReaderPool,
@@ -145,8 +160,18 @@ impl Member {
                 return Err(e.into());
             }
         };
-        let member =
-            Member { node, opts, epoch, term, replaced, fenced: OnceLock::new(), peers, readers };
+        let member = Member {
+            node,
+            opts,
+            epoch,
+            term,
+            replaced,
+            fenced: OnceLock::new(),
+            confirmed: std::sync::Mutex::new(None),
+            attached_at: Instant::now(),
+            peers,
+            readers,
+        };
         let checked = async {
             // The proposal resolves at commit: once the entry is applied too, the image holds
             // every write before it and the state machine names this member.
@@ -206,8 +231,8 @@ impl Member {
     /// Ends the attachment cleanly: commits a detach entry (no member serves; this epoch's
     /// writes are refused from then on) and fences this side. The device must have stopped and
     /// committed everything it completed first.
-    pub async fn detach(&self) -> anyhow::Result<u64> {
-        self.serving().map_err(|why| anyhow::anyhow!("cannot detach: {why}"))?;
+    pub async fn detach(self: &Arc<Self>) -> anyhow::Result<u64> {
+        self.clone().reconfirm().await.map_err(|why| anyhow::anyhow!("cannot detach: {why}"))?;
         let commit = self
             .node
             .proposer
@@ -354,7 +379,7 @@ impl Cluster for Member {
             other => other,
         };
         Box::pin(async move {
-            self.serving()?;
+            self.clone().reconfirm().await?;
             self.node.proposer.propose_then(req, on_commit).await
         })
     }
@@ -370,7 +395,7 @@ impl Cluster for Member {
         applied_at_least: u64,
     ) -> BoxFuture<Result<ReadOutcome, String>> {
         Box::pin(async move {
-            self.serving()?;
+            self.clone().reconfirm().await?;
             let floor = applied_at_least.max(self.epoch);
             wait_applied(&self.node, floor, Duration::from_secs(10)).await?;
             let bs = self.node.engine.superblock().block_bytes as usize;
@@ -426,17 +451,18 @@ impl Cluster for Member {
     }
 
     /// Step 3: serving while this member leads in the term it attached in and a quorum
-    /// acknowledged it within the lease. The first failure is final.
-    fn serving(&self) -> Result<(), String> {
+    /// acknowledged it within the lease; lapsed while it leads in that term but the lease ran
+    /// out, for at most `hold`; lost, for good, otherwise.
+    fn serving(&self) -> Result<(), NotServing> {
         if let Some(why) = self.fenced.get() {
-            return Err(why.clone());
+            return Err(NotServing::Lost(why.clone()));
         }
         let given_up = self.opts.relinquished.load(std::sync::atomic::Ordering::SeqCst);
         if given_up >= self.term {
-            return Err(self.fence(format!(
+            return Err(NotServing::Lost(self.fence(format!(
                 "node {} handed its leadership over in term {given_up}",
                 self.node.id
-            )));
+            ))));
         }
         let why = {
             let m = self.node.raft.metrics();
@@ -452,18 +478,59 @@ impl Cluster for Member {
                     self.node.id, m.current_term, self.term
                 )
             } else {
-                match m.last_quorum_acked.as_ref().map(|t| t.elapsed()) {
-                    Some(age) if age <= self.opts.lease => return Ok(()),
-                    Some(age) => format!(
-                        "no quorum acknowledged node {} for {age:?} (lease {:?}): another member \
-                         may have attached",
-                        self.node.id, self.opts.lease
-                    ),
-                    None => format!("no quorum has acknowledged node {} yet", self.node.id),
+                // openraft's acknowledgements, or a quorum round `reconfirm` asked for: both
+                // dated by when their request was sent.
+                let acked = m.last_quorum_acked.as_ref().map(|t| t.elapsed());
+                let confirmed = self.confirmed.lock().expect("confirmed lock").map(|t| t.elapsed());
+                let age = [acked, confirmed]
+                    .into_iter()
+                    .flatten()
+                    .min()
+                    .unwrap_or_else(|| self.attached_at.elapsed());
+                if age <= self.opts.lease {
+                    return Ok(());
                 }
+                let why = format!(
+                    "no quorum acknowledged node {} for {age:?} (lease {:?})",
+                    self.node.id, self.opts.lease
+                );
+                if age <= self.opts.lease + self.opts.hold {
+                    return Err(NotServing::Lapsed(why));
+                }
+                format!(
+                    "{why}, nor when asked again for {:?}: another member may have attached",
+                    self.opts.hold
+                )
             }
         };
-        Err(self.fence(why))
+        Err(NotServing::Lost(self.fence(why)))
+    }
+
+    /// Asks a quorum to acknowledge this member again while its attachment is lapsed, until it
+    /// serves again or the lapse outlasts `hold`.
+    fn reconfirm(self: Arc<Self>) -> BoxFuture<Result<(), String>> {
+        Box::pin(async move {
+            loop {
+                match self.serving() {
+                    Ok(()) => return Ok(()),
+                    Err(NotServing::Lost(why)) => return Err(why),
+                    Err(NotServing::Lapsed(_)) => {}
+                }
+                let sent = Instant::now();
+                let round =
+                    self.node.raft.get_read_linearizer(openraft::raft::ReadPolicy::ReadIndex);
+                match tokio::time::timeout(self.opts.election_max, round).await {
+                    Ok(Ok(_)) => {
+                        let mut confirmed = self.confirmed.lock().expect("confirmed lock");
+                        if confirmed.is_none_or(|t| t < sent) {
+                            *confirmed = Some(sent);
+                        }
+                    }
+                    // Not answered by a quorum (yet): `serving` tells a lapse from a loss.
+                    _ => tokio::time::sleep(self.opts.election_max / 8).await,
+                }
+            }
+        })
     }
 }
 

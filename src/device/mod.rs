@@ -69,14 +69,46 @@ pub trait Cluster: Send + Sync + 'static {
         blocks: u64,
         applied_at_least: u64,
     ) -> BoxFuture<Result<ReadOutcome, String>>;
-    /// Whether this device may still answer requests: Err (why) once its attachment is lost
+    /// Whether this device may answer requests now. `Lost` once its attachment is lost
     /// (`member::Member`: another member may serve the device, so this one's cache may be stale
-    /// and its writes are refused). Once Err, always Err; the device then fails every waiting
-    /// and later request (`Device::fence`). Called on every request, on the request's thread:
-    /// it must not block. Clusters without attachments are always serving.
-    fn serving(&self) -> Result<(), String> {
+    /// and its writes are refused): always `Lost` from then on, and the device fails every
+    /// waiting and later request (`Device::fence`). `Lapsed` while it cannot tell (its lease
+    /// ran out, nothing says another member attached): requests that need the attachment wait
+    /// for `reconfirm`. Called on every request, on the request's thread: it must not block.
+    /// Clusters without attachments are always serving.
+    fn serving(&self) -> Result<(), NotServing> {
         Ok(())
     }
+    /// Waits, bounded, until `serving` is Ok again; Err (why) once the lapse became a loss.
+    fn reconfirm(self: Arc<Self>) -> BoxFuture<Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// Why a device may not answer a request now (`Cluster::serving`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NotServing {
+    /// For now: `Cluster::reconfirm` decides. Writes are admitted (they are proposed only once
+    /// the attachment is confirmed); reads and flushes wait.
+    Lapsed(String),
+    /// For good.
+    Lost(String),
+}
+
+impl std::fmt::Display for NotServing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotServing::Lapsed(why) | NotServing::Lost(why) => f.write_str(why),
+        }
+    }
+}
+
+/// What `Device::gate` lets a request do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Gate {
+    Open,
+    /// The attachment awaits reconfirmation: nothing may be answered from this side alone.
+    Lapsed,
 }
 
 /// A replica read's data, and what it met on the way.
@@ -440,8 +472,21 @@ impl Device {
     /// Hands a flush to the pipeline without waiting; `done` runs once every write completed
     /// before it is committed on a majority (at once when none is outstanding).
     pub fn submit_flush(&self, done: Completion) {
-        if let Err(e) = self.gate() {
-            return done(Err(e));
+        match self.gate() {
+            Err(e) => return done(Err(e)),
+            // Even a flush with nothing outstanding waits: a device whose attachment may be
+            // lost answers nothing it cannot stand behind.
+            Ok(Gate::Lapsed) => {
+                let Some(me) = self.me.upgrade() else { return done(Err(DeviceError::Closed)) };
+                self.runtime.spawn(async move {
+                    match me.gate_open().await {
+                        Ok(()) => me.submit_flush(done),
+                        Err(e) => done(Err(e)),
+                    }
+                });
+                return;
+            }
+            Ok(Gate::Open) => {}
         }
         let mut ready = Ready::new();
         let mut inner = self.lock();
@@ -454,7 +499,7 @@ impl Device {
     /// Answers a flush on the caller's thread if it needs no waiting (every admitted write is
     /// committed): true if it did.
     pub fn try_flush_now(&self) -> bool {
-        if self.gate().is_err() {
+        if !matches!(self.gate(), Ok(Gate::Open)) {
             return false;
         }
         let mut inner = self.lock();
@@ -470,7 +515,9 @@ impl Device {
     /// through `read_into`).
     pub fn try_read_cached(&self, offset: u64, out: &mut [u8]) -> Result<bool, DeviceError> {
         let (lba, blocks) = self.check(offset, out.len() as u64)?;
-        self.gate()?;
+        if self.gate()? == Gate::Lapsed {
+            return Ok(false);
+        }
         let bs = self.cfg.block_bytes as usize;
         let mut inner = self.lock();
         if !(lba..lba + blocks).all(|b| inner.cache.holds_data(b)) {
@@ -503,7 +550,7 @@ impl Device {
     /// device confirmed, filling the cache.
     pub async fn read_into(&self, offset: u64, out: &mut [u8]) -> Result<(), DeviceError> {
         let (lba, blocks) = self.check(offset, out.len() as u64)?;
-        self.gate()?;
+        self.gate_open().await?;
         if blocks == 0 {
             return Ok(());
         }
@@ -532,7 +579,7 @@ impl Device {
         let mut guard = FillGuard { dev: self, fills: missed, readahead: false };
         let got = self.read_span(first, last - first + 1, floor).await?;
         // Fenced while the replica was read: another member may have written since.
-        self.gate()?;
+        self.gate_open().await?;
         for &(b, _) in &guard.fills {
             let src = &got.data[((b - first) as usize) * bs..][..bs];
             out[((b - lba) as usize) * bs..][..bs].copy_from_slice(src);
@@ -604,11 +651,28 @@ impl Device {
 
     /// Refuses the request about to start if the cluster says this device lost its
     /// attachment (`Cluster::serving`), fencing the device first.
-    fn gate(&self) -> Result<(), DeviceError> {
-        self.cluster.serving().map_err(|why| {
-            self.fence(&why);
-            DeviceError::Fenced(why)
-        })
+    fn gate(&self) -> Result<Gate, DeviceError> {
+        match self.cluster.serving() {
+            Ok(()) => Ok(Gate::Open),
+            Err(NotServing::Lapsed(_)) => Ok(Gate::Lapsed),
+            Err(NotServing::Lost(why)) => {
+                self.fence(&why);
+                Err(DeviceError::Fenced(why))
+            }
+        }
+    }
+
+    /// Waits out a lapse (`Cluster::reconfirm`, bounded): Ok once serving, Err once fenced.
+    async fn gate_open(&self) -> Result<(), DeviceError> {
+        loop {
+            if self.gate()? == Gate::Open {
+                return Ok(());
+            }
+            if let Err(why) = self.cluster.clone().reconfirm().await {
+                self.fence(&why);
+                return Err(DeviceError::Fenced(why));
+            }
+        }
     }
 
     /// The device lost its attachment: every waiting request fails (with EIO at the frontend),
