@@ -4,9 +4,9 @@
 //! command line (`src/cli`) parses and checks flags and calls `serve` or `recover` here.
 //!
 //! The daemon:
-//! 1. moves into its own mount namespace (private propagation) before any thread exists, so a
-//!    file system later mounted on its own device never appears in its namespace and its exit
-//!    cannot block on unmounting it;
+//! 1. moves into its own mount namespace (a slave of the host's) before any thread exists,
+//!    without the copies of its own device's mounts, so its exit cannot block on unmounting a
+//!    file system on its own device, and the host's unmounts reach it;
 //! 2. opens (or formats) the replicas, waits for a leader, starts the device pipeline;
 //! 3. serves the device through `xdevice_ublk` (created with user recovery), answering each
 //!    request from the async runtime;

@@ -1,18 +1,23 @@
-//! The daemon's own mount namespace: private propagation, and no copy of a ublk device's mount,
-//! so a file system later mounted on its own device never appears in it and its exit never
-//! blocks on unmounting one.
+//! The daemon's own mount namespace: slave propagation, and no copy of a ublk device's mount
+//! from before it started, so its exit never blocks on unmounting a file system on its own
+//! device, and an unmount on the host (a disk taken out, a device's file system) reaches it.
 
 use anyhow::{Context, Result};
 
-/// A private mount namespace: mounts of this daemon's own device (made later, by anyone)
-/// never propagate into it. Must run before any thread is started (unshare of the fs context
-/// fails in a threaded process).
+/// A mount namespace of the daemon's own, a slave of the host's: mounts and unmounts on the host
+/// reach it, nothing made in it reaches the host. Slave, not private: a private copy keeps every
+/// file system that was mounted when the daemon started, so a disk the operator unmounts later
+/// (to replace it, or to check it after it failed) stays busy until the daemon exits. A file
+/// system mounted on its own device appears in it only while the host has it mounted, and the
+/// host's unmount removes it here too, so the daemon never holds the last reference to one.
+/// Must run before any thread is started (unshare of the fs context fails in a threaded
+/// process).
 pub fn private_mount_namespace() -> Result<()> {
     use nix::mount::{mount, MsFlags};
     use nix::sched::{unshare, CloneFlags};
-    unshare(CloneFlags::CLONE_NEWNS).context("unshare(CLONE_NEWNS): a private mount namespace")?;
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-        .context("making the daemon's mounts private")?;
+    unshare(CloneFlags::CLONE_NEWNS).context("unshare(CLONE_NEWNS): a mount namespace")?;
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_SLAVE, None::<&str>)
+        .context("making the daemon's mounts slaves of the host's")?;
     // The new namespace starts as a copy of the old one: a daemon re-attaching after a crash
     // would hold its own device's file system (still mounted by its users) and keep it alive
     // after they unmount it. Detach every copied mount of a ublk device; users' mounts outside
