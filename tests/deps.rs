@@ -71,8 +71,10 @@ fn the_lists_hold_what_the_build_and_the_tests_need() {
         assert!(test.contains(p), "test list lacks the build's {p}");
     }
     // What the tests run: fio (benchmarks' references, loop-device test), losetup, mkfs.ext4
-    // and mkfs.xfs, ip and iptables (partition faults), python3 and PostgreSQL (end to end).
-    for p in ["fio", "util-linux", "e2fsprogs", "xfsprogs", "iproute2", "iptables", "postgresql"] {
+    // and mkfs.xfs, ip and iptables (partition faults), python3 and PostgreSQL (end to end),
+    // dmsetup (a replica's disk failing under PostgreSQL).
+    let used = ["fio", "util-linux", "e2fsprogs", "xfsprogs", "iproute2", "iptables", "dmsetup"];
+    for p in used.into_iter().chain(["postgresql"]) {
         assert!(test.contains(&p.to_string()), "test list {test:?} lacks {p}");
     }
     assert_eq!(list("run"), build, "make run builds; the guest's packages come from prepare");
