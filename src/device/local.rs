@@ -425,15 +425,19 @@ impl Embedded {
     /// not fail the stop while a majority stops cleanly: what the device completed is committed
     /// on that majority. It is named in the log, and the stop fails without such a majority.
     pub async fn shutdown(&self) -> anyhow::Result<()> {
-        let mut failed = Vec::new();
+        let (mut clean, mut failed) = (0usize, Vec::new());
         for slot in 1..=self.opts.replicas {
             let id = self.node_id(slot);
-            if let Err(e) = self.stop_replica(slot).await {
-                tracing::error!(slot, node = id, error = %e, "replica {id} did not stop cleanly");
-                failed.push(format!("replica {id} (slot {slot}): {e:#}"));
+            let running = self.node(slot).is_some();
+            match self.stop_replica(slot).await {
+                Ok(()) if running => clean += 1,
+                Ok(()) => failed.push(format!("replica {id} (slot {slot}) was not running")),
+                Err(e) => {
+                    tracing::error!(slot, node = id, error = %e, "replica {id} did not stop cleanly");
+                    failed.push(format!("replica {id} (slot {slot}): {e:#}"));
+                }
             }
         }
-        let clean = self.opts.replicas as usize - failed.len();
         anyhow::ensure!(
             clean * 2 > self.opts.replicas as usize,
             "only {clean} of {} replicas stopped cleanly: {}",

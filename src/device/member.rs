@@ -86,8 +86,10 @@ pub struct Member {
     fenced: OnceLock<String>,
     /// When the last quorum round `reconfirm` asked for was sent, if one was answered.
     confirmed: std::sync::Mutex<Option<Instant>>,
-    /// When the attachment was made (the lease's start if no acknowledgement is known).
-    attached_at: Instant,
+    /// When the current lapse was first seen (None while serving): `hold` counts from here.
+    lapsed_since: std::sync::Mutex<Option<Instant>>,
+    /// One quorum round at a time, however many requests wait on a lapse.
+    round: tokio::sync::Mutex<()>,
     /// The other members (id, address), for repair reads.
     peers: Vec<(NodeId, String, NodeClient)>,
     readers: ReaderPool,
@@ -168,7 +170,8 @@ impl Member {
             replaced,
             fenced: OnceLock::new(),
             confirmed: std::sync::Mutex::new(None),
-            attached_at: Instant::now(),
+            lapsed_since: std::sync::Mutex::new(None),
+            round: tokio::sync::Mutex::new(()),
             peers,
             readers,
         };
@@ -482,23 +485,27 @@ impl Cluster for Member {
                 // dated by when their request was sent.
                 let acked = m.last_quorum_acked.as_ref().map(|t| t.elapsed());
                 let confirmed = self.confirmed.lock().expect("confirmed lock").map(|t| t.elapsed());
-                let age = [acked, confirmed]
-                    .into_iter()
-                    .flatten()
-                    .min()
-                    .unwrap_or_else(|| self.attached_at.elapsed());
-                if age <= self.opts.lease {
+                let age = [acked, confirmed].into_iter().flatten().min();
+                let mut lapsed_since = self.lapsed_since.lock().expect("lapsed lock");
+                if age.is_some_and(|age| age <= self.opts.lease) {
+                    *lapsed_since = None;
                     return Ok(());
                 }
-                let why = format!(
-                    "no quorum acknowledged node {} for {age:?} (lease {:?})",
-                    self.node.id, self.opts.lease
-                );
-                if age <= self.opts.lease + self.opts.hold {
+                let why = match age {
+                    Some(age) => format!(
+                        "no quorum acknowledged node {} for {age:?} (lease {:?})",
+                        self.node.id, self.opts.lease
+                    ),
+                    None => format!("no quorum has acknowledged node {} yet", self.node.id),
+                };
+                // The hold counts from when the lapse was first seen, so rounds that each
+                // succeed but answer later than the lease cannot hold it open forever.
+                let since = *lapsed_since.get_or_insert_with(Instant::now);
+                if since.elapsed() <= self.opts.hold {
                     return Err(NotServing::Lapsed(why));
                 }
                 format!(
-                    "{why}, nor when asked again for {:?}: another member may have attached",
+                    "{why}, nor within {:?} of asking again: another member may have attached",
                     self.opts.hold
                 )
             }
@@ -507,7 +514,8 @@ impl Cluster for Member {
     }
 
     /// Asks a quorum to acknowledge this member again while its attachment is lapsed, until it
-    /// serves again or the lapse outlasts `hold`.
+    /// serves again or the lapse outlasts `hold` (so at most about `hold` plus one round).
+    /// One round runs at a time: a request that waits for it sees its outcome.
     fn reconfirm(self: Arc<Self>) -> BoxFuture<Result<(), String>> {
         Box::pin(async move {
             loop {
@@ -516,19 +524,28 @@ impl Cluster for Member {
                     Err(NotServing::Lost(why)) => return Err(why),
                     Err(NotServing::Lapsed(_)) => {}
                 }
+                let _round = self.round.lock().await;
+                // Another waiter's round may have settled it meanwhile.
+                match self.serving() {
+                    Ok(()) => return Ok(()),
+                    Err(NotServing::Lost(why)) => return Err(why),
+                    Err(NotServing::Lapsed(_)) => {}
+                }
                 let sent = Instant::now();
                 let round =
                     self.node.raft.get_read_linearizer(openraft::raft::ReadPolicy::ReadIndex);
-                match tokio::time::timeout(self.opts.election_max, round).await {
-                    Ok(Ok(_)) => {
-                        let mut confirmed = self.confirmed.lock().expect("confirmed lock");
-                        if confirmed.is_none_or(|t| t < sent) {
-                            *confirmed = Some(sent);
-                        }
+                if let Ok(Ok(_)) = tokio::time::timeout(self.opts.election_max, round).await {
+                    let mut confirmed = self.confirmed.lock().expect("confirmed lock");
+                    if confirmed.is_none_or(|t| t < sent) {
+                        *confirmed = Some(sent);
                     }
-                    // Not answered by a quorum (yet): `serving` tells a lapse from a loss.
-                    _ => tokio::time::sleep(self.opts.election_max / 8).await,
                 }
+                // Answered too late to renew the lease, or not at all: `serving` tells a
+                // lapse from a loss; the next round after a pause.
+                if !matches!(self.serving(), Err(NotServing::Lapsed(_))) {
+                    continue;
+                }
+                tokio::time::sleep(self.opts.election_max / 8).await;
             }
         })
     }

@@ -79,7 +79,8 @@ pub trait Cluster: Send + Sync + 'static {
     fn serving(&self) -> Result<(), NotServing> {
         Ok(())
     }
-    /// Waits, bounded, until `serving` is Ok again; Err (why) once the lapse became a loss.
+    /// Waits until `serving` is Ok again, or Err (why) once the lapse became a loss: bounded by
+    /// the cluster's hold on a lapse.
     fn reconfirm(self: Arc<Self>) -> BoxFuture<Result<(), String>> {
         Box::pin(async { Ok(()) })
     }
