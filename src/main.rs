@@ -35,7 +35,9 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Re-attach to the device a crashed daemon served from --dir; in-flight I/O is reissued.
     Recover(serve::RecoverArgs),
-    /// Show every served device: replicas, leader, log positions, I/O and pipeline.
+    /// Show every served device: replicas, leader, log positions, I/O and pipeline. Exits 0
+    /// when every daemon answered (or none runs), 3 when a daemon's status socket did not
+    /// answer (it is named on stderr; a daemon that died leaves its socket), 1 on other errors.
     Status(serve::StatusArgs),
     /// Print the stable name of ublkbN (the last component of the data directory it is served
     /// from), for the udev rule in systemd/90-xdevice.rules.
@@ -115,7 +117,11 @@ fn main() {
         .init();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("xdevice: error: {e:#}");
-        std::process::exit(1);
+        let code = match e.downcast_ref::<serve::Unreachable>() {
+            Some(_) => serve::UNREACHABLE_EXIT,
+            None => 1,
+        };
+        std::process::exit(code);
     }
 }
 

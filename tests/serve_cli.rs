@@ -136,8 +136,14 @@ fn status_reports_no_daemons_and_unreachable_sockets() {
     let path = tmp.path().join("ublkb7.sock");
     let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
     drop(listener);
+    // It still prints what it knows, and exits 3 so that a script or health check sees it.
+    let out = xdevice(&["status"], tmp.path());
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("unreachable:") && stderr.contains("/dev/ublkb7"), "{stderr}");
+    assert!(stderr.contains("1 status socket(s) did not answer"), "{stderr}");
     let out = xdevice(&["status", "--json"], tmp.path());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["devices"].as_array().unwrap().len(), 0);
     let unreachable = v["unreachable"].as_array().unwrap();

@@ -203,9 +203,20 @@ pub fn run_recover(args: RecoverArgs) -> Result<()> {
     daemon::recover(&args.dir, daemon)
 }
 
+/// Some daemons' status sockets did not answer: `xdevice status` exits with
+/// `UNREACHABLE_EXIT` (after printing what it has), so a script or a health check sees it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} status socket(s) did not answer (a daemon that died leaves its socket)")]
+pub struct Unreachable(pub usize);
+
+/// The exit status of `xdevice status` when a daemon did not answer.
+pub const UNREACHABLE_EXIT: i32 = 3;
+
 /// `xdevice status`.
 pub fn run_status(args: StatusArgs) -> Result<()> {
     let (devices, problems) = daemon::status::query(&args.run_dir)?;
+    let outcome =
+        if problems.is_empty() { Ok(()) } else { Err(Unreachable(problems.len()).into()) };
     if args.json {
         println!(
             "{}",
@@ -213,7 +224,7 @@ pub fn run_status(args: StatusArgs) -> Result<()> {
                 &serde_json::json!({ "devices": devices, "unreachable": problems })
             )?
         );
-        return Ok(());
+        return outcome;
     }
     if devices.is_empty() && problems.is_empty() {
         println!("no xdevice daemons running (no sockets in {})", args.run_dir.display());
@@ -283,7 +294,14 @@ pub fn run_status(args: StatusArgs) -> Result<()> {
         );
     }
     for p in &problems {
-        println!("unreachable: {p}");
+        let field = |k: &str| p[k].as_str().unwrap_or("-").to_string();
+        eprintln!(
+            "unreachable: {} (device {}, driver state {}): {}",
+            field("socket"),
+            field("device"),
+            field("driver_state"),
+            field("error")
+        );
     }
-    Ok(())
+    outcome
 }
