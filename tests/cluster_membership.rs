@@ -476,6 +476,11 @@ fn oversized_proposal_is_refused_not_fatal() {
         let mut procs = cluster_of(base.path(), cluster, 3, "16M", &timing).await;
         let leader = leader_status(&procs, cluster).await;
         let at = procs.iter().find(|p| p.id == leader.id).unwrap();
+        // --json is taken after the subcommand as well as before it.
+        let out = cli(at.addr, cluster, &["status".to_string(), "--json".to_string()]).await;
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(shown["id"], leader.id, "{shown}");
         let client = at.client(cluster);
         let t = Duration::from_secs(10);
         let huge = Request::blocks(vec![BlockOp::Write { lba: 0, data: vec![7; 5 << 20].into() }]);

@@ -189,8 +189,8 @@ pub struct ClusterArgs {
     /// The cluster id every node's store was formatted with.
     #[arg(long)]
     pub cluster_id: uuid::Uuid,
-    /// Print JSON.
-    #[arg(long)]
+    /// Print JSON (before or after the subcommand).
+    #[arg(long, global = true)]
     pub json: bool,
     #[command(subcommand)]
     pub op: ClusterOp,
