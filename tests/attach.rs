@@ -14,7 +14,7 @@ use openraft::async_runtime::WatchReceiver;
 use std::sync::Arc;
 use std::time::Duration;
 
-use xdevice::device::local::Embedded;
+use xdevice::device::local::{Embedded, EmbeddedOptions};
 use xdevice::device::member::{Member, MemberOptions};
 use xdevice::device::{CacheMode, Cluster, Device, DeviceConfig, DeviceError};
 use xdevice::entry::BlockOp;
@@ -28,7 +28,10 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap()
 }
 
-fn options(election_max: Duration, election_min: Duration) -> MemberOptions {
+/// A member's options for the embedded three started with `opts`: the lease is their shortest
+/// election timeout.
+fn options(opts: &EmbeddedOptions) -> MemberOptions {
+    let (election_min, election_max) = (opts.tuning.election_min, opts.tuning.election_max);
     MemberOptions {
         cluster_id: uuid::Uuid::nil(),
         bind: None,
@@ -84,13 +87,13 @@ fn a_cut_off_server_is_fenced_when_another_member_attaches() {
     runtime().block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let opts = common::embedded_options(dir.path(), 3);
-        let (emin, emax) = (opts.tuning.election_min, opts.tuning.election_max);
-        let cluster = Embedded::start(opts).await.unwrap();
+        let emax = opts.tuning.election_max;
+        let cluster = Embedded::start(opts.clone()).await.unwrap();
         let blocks = cluster.device_bytes() / BS as u64;
 
         // Member 2 attaches: leadership moves to it, the attach entry's index is the epoch.
         let node2 = lead(&cluster, 2).await;
-        let m2 = Member::attach(node2.clone(), options(emax, emin)).await.unwrap();
+        let m2 = Member::attach(node2.clone(), options(&opts)).await.unwrap();
         let e2 = m2.epoch();
         for n in cluster.running() {
             applied_everywhere(&cluster, e2).await;
@@ -105,7 +108,7 @@ fn a_cut_off_server_is_fenced_when_another_member_attaches() {
         // Member 2 is cut off; member 3 attaches once the others elect a new leader.
         cluster.router.isolate(2, true);
         let node3 = lead(&cluster, 3).await;
-        let m3 = Member::attach(node3.clone(), options(emax, emin)).await.unwrap();
+        let m3 = Member::attach(node3.clone(), options(&opts)).await.unwrap();
         let e3 = m3.epoch();
         assert!(e3 > e2, "epochs rise: {e2} then {e3}");
         let d3 = device(&m3, blocks);
@@ -192,10 +195,9 @@ fn the_attachment_survives_a_restart() {
     runtime().block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let opts = common::embedded_options(dir.path(), 3);
-        let (emin, emax) = (opts.tuning.election_min, opts.tuning.election_max);
         let cluster = Embedded::start(opts.clone()).await.unwrap();
         let node1 = lead(&cluster, 1).await;
-        let m1 = Member::attach(node1.clone(), options(emax, emin)).await.unwrap();
+        let m1 = Member::attach(node1.clone(), options(&opts)).await.unwrap();
         let epoch = m1.epoch();
         applied_everywhere(&cluster, epoch).await;
         // Replica 1's image is checkpointed with the attachment in its header; the others'
@@ -226,11 +228,10 @@ fn a_member_that_hands_its_leadership_over_stops_serving_first() {
     runtime().block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let opts = common::embedded_options(dir.path(), 3);
-        let (emin, emax) = (opts.tuning.election_min, opts.tuning.election_max);
-        let cluster = Embedded::start(opts).await.unwrap();
+        let cluster = Embedded::start(opts.clone()).await.unwrap();
         let blocks = cluster.device_bytes() / BS as u64;
         let node1 = lead(&cluster, 1).await;
-        let member_opts = options(emax, emin);
+        let member_opts = options(&opts);
         let m1 = Member::attach(node1.clone(), member_opts.clone()).await.unwrap();
         let d1 = device(&m1, blocks);
         d1.write(0, &[1u8; BS], true).await.unwrap();
@@ -245,7 +246,7 @@ fn a_member_that_hands_its_leadership_over_stops_serving_first() {
         // An attachment of a later term is not affected.
         node1.raft.trigger().transfer_leader(2).await.unwrap();
         let node2 = lead(&cluster, 2).await;
-        let m2 = Member::attach(node2, options(emax, emin)).await.unwrap();
+        let m2 = Member::attach(node2, options(&opts)).await.unwrap();
         lead(&cluster, 1).await;
         let m1b = Member::attach(node1, member_opts.clone()).await.unwrap();
         assert!(m1b.term() > m1.term());
@@ -269,10 +270,10 @@ fn a_lapsed_lease_holds_requests_until_a_quorum_answers_again() {
         opts.tuning.election_min = Duration::from_millis(300);
         opts.tuning.election_max = Duration::from_millis(1500);
         let (emin, emax) = (opts.tuning.election_min, opts.tuning.election_max);
-        let cluster = Embedded::start(opts).await.unwrap();
+        let cluster = Embedded::start(opts.clone()).await.unwrap();
         let blocks = cluster.device_bytes() / BS as u64;
         let node1 = lead(&cluster, 1).await;
-        let m1 = Member::attach(node1.clone(), options(emax, emin)).await.unwrap();
+        let m1 = Member::attach(node1.clone(), options(&opts)).await.unwrap();
         let d1 = device(&m1, blocks);
         d1.write(0, &[5u8; BS], true).await.unwrap();
         let mut buf = vec![0u8; BS];
