@@ -12,6 +12,7 @@ pub mod cli;
 pub mod daemon;
 pub mod device;
 pub mod entry;
+pub mod metrics;
 pub mod net;
 pub mod replication;
 pub mod storage;

@@ -32,6 +32,10 @@ pub struct NodeArgs {
     /// directory).
     #[arg(long)]
     pub snapshot_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics (Raft, replication lag, WAL, fsync latency, and the device's
+    /// figures while it is served here) at http://ADDR/metrics, e.g. 127.0.0.1:9478.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
     #[command(flatten)]
     pub tuning: TuningArgs,
     #[command(flatten)]
@@ -165,6 +169,7 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
         state_dir,
         tuning,
         attach: s.attach,
+        metrics: args.metrics,
         shape: DeviceShape {
             mode: s.mode,
             queues: s.queues,

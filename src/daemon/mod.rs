@@ -20,7 +20,6 @@
 //! `recover` on the same `DIR` re-attaches (after the replicas recover from their WALs), and
 //! the kernel reissues what the dead daemon held.
 
-pub mod metrics;
 pub mod mount;
 pub mod record;
 pub mod status;
@@ -398,8 +397,8 @@ fn serve_device(
         let socket = start_status_socket(&run_dir, live.id, served.clone()).await;
         if let Some(listener) = metrics {
             let served = served.clone();
-            let status = Arc::new(move || served.status());
-            tokio::spawn(metrics::serve(listener, status));
+            let registry = crate::metrics::registry(Arc::new(move || served.figures()));
+            tokio::spawn(crate::metrics::http::serve(listener, Arc::new(registry)));
         }
         tracing::info!(
             "serving {} ({} bytes, {:?}, {} replicas) from {} in {:.2}s",

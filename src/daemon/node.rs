@@ -26,7 +26,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::record::{load_json, store_json, Record};
-use super::status::{start_status_socket, Replicas, Served};
+use super::status::{replica_figures, start_status_socket, Replicas, Served};
 use super::{require_ublk, Frontend};
 use crate::device::member::{Member, MemberOptions};
 use crate::device::{CacheMode, Device, DeviceConfig};
@@ -56,6 +56,8 @@ pub struct NodeRequest {
     /// Attach and serve the device as soon as the node runs.
     pub attach: bool,
     pub shape: DeviceShape,
+    /// Where Prometheus metrics are served, if anywhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// How this member serves the device once attached.
@@ -100,6 +102,15 @@ pub fn run_node(req: NodeRequest) -> Result<()> {
     }
     let rt = super::runtime()?;
     rt.block_on(async move {
+        // Bound before anything starts, so a taken address fails the start with nothing made.
+        let metrics = match req.metrics {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("--metrics {addr}: cannot listen"))?,
+            ),
+            None => None,
+        };
         // Segments are filled with zeros as they are made (off the commit path), as `serve`
         // does: a sync then never waits on extent allocation.
         let engine =
@@ -145,9 +156,23 @@ pub fn run_node(req: NodeRequest) -> Result<()> {
             heartbeat: req.tuning.heartbeat,
             serving: tokio::sync::Mutex::new(None),
             active: std::sync::Mutex::new(None),
+            shown: std::sync::Mutex::new(None),
         });
         service.set_host(host.clone());
         service.quiet_votes_for(req.tuning.election_max);
+        if let Some(listener) = metrics {
+            let (host, service) = (host.clone(), service.clone());
+            let figures = move || {
+                let served = host.shown.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let mut f = served.map(|s| s.figures()).unwrap_or_default();
+                let s = service.status();
+                let incoming = s.snapshot_in.map(|t| (t.received, t.total));
+                f.replicas.push(replica_figures(&host.node, incoming, s.snapshots_installed));
+                f
+            };
+            let registry = crate::metrics::registry(Arc::new(figures));
+            tokio::spawn(crate::metrics::http::serve(listener, Arc::new(registry)));
+        }
         let server = RpcServer::start(listener, cluster_id, MAX_PAYLOAD, service)?;
         println!("node {} of cluster {cluster_id} listening on {}", req.id, server.local_addr());
         if req.attach {
@@ -181,6 +206,8 @@ struct Serving {
     attached: Attached,
     /// The status socket, removed when the device stops.
     socket: Option<PathBuf>,
+    /// What the status socket and the metrics report.
+    served: Arc<Served>,
 }
 
 impl Serving {
@@ -211,6 +238,8 @@ struct MemberHost {
     /// The attachment being served, reachable without waiting for an attach or detach under
     /// way (`relinquish`).
     active: std::sync::Mutex<Option<(Arc<Member>, Arc<Device>)>>,
+    /// The device being served, for the metrics.
+    shown: std::sync::Mutex<Option<Arc<Served>>>,
     /// This node's service, whose unfenced `WRITE`s are held off while it attaches.
     service: std::sync::Weak<NodeService>,
 }
@@ -230,6 +259,7 @@ impl MemberHost {
         }
         if let Some(old) = slot.take() {
             *self.active.lock().expect("active lock") = None;
+            *self.shown.lock().expect("shown lock") = None;
             tracing::warn!(
                 epoch = old.member.epoch(),
                 reason = old.member.fenced().unwrap_or("unknown"),
@@ -286,6 +316,7 @@ impl MemberHost {
                 let attached = serving.attached.clone();
                 *self.active.lock().expect("active lock") =
                     Some((member.clone(), serving.device.clone()));
+                *self.shown.lock().expect("shown lock") = Some(serving.served.clone());
                 *slot = Some(serving);
                 Ok(attached)
             }
@@ -393,7 +424,8 @@ impl MemberHost {
             replicas: Replicas::Member(self.node.clone()),
             device: device.clone(),
         });
-        let socket = start_status_socket(&self.shape.run_dir, frontend.live.id, served).await;
+        let socket =
+            start_status_socket(&self.shape.run_dir, frontend.live.id, served.clone()).await;
         let attached = Attached {
             path: frontend.live.path.clone(),
             epoch: member.epoch(),
@@ -409,13 +441,14 @@ impl MemberHost {
             millis = attached.millis,
             "serving the device from this member"
         );
-        Ok(Serving { member: member.clone(), device, frontend, watchdog, attached, socket })
+        Ok(Serving { member: member.clone(), device, frontend, watchdog, attached, socket, served })
     }
 
     async fn detach_now(&self) -> Result<()> {
         let mut slot = self.serving.lock().await;
         let Some(s) = slot.take() else { bail!("node {} is not serving the device", self.node.id) };
         *self.active.lock().expect("active lock") = None;
+        *self.shown.lock().expect("shown lock") = None;
         let (member, device) = s.stop().await;
         // Everything completed must be committed before the attachment ends.
         let flushed = device.flush().await;

@@ -15,6 +15,7 @@ use super::record::Record;
 use crate::cache::CacheStats;
 use crate::device::local::Embedded;
 use crate::device::{CacheMode, Device, DeviceStats, PipelineStats};
+use crate::metrics::{DeviceFigures, Figures, ReplicaFigures};
 use crate::replication::node::Node;
 
 /// The status of one device, as `xdevice status --json` prints it.
@@ -183,6 +184,68 @@ impl Served {
             pipeline: self.device.pipeline(),
             cache: self.device.cache_stats(),
         }
+    }
+}
+
+impl Served {
+    /// What a scrape reports: the device, and the replicas running in this process.
+    pub fn figures(&self) -> Figures {
+        let replicas = match &self.replicas {
+            Replicas::Embedded(embedded) => (1..=self.record.replicas)
+                .filter_map(|slot| embedded.node(slot))
+                .map(|node| replica_figures(&node, None, 0))
+                .collect(),
+            // The member daemon adds its replica's figures (with its incoming snapshot).
+            Replicas::Member(_) => Vec::new(),
+        };
+        Figures { device: Some(self.device_figures()), replicas }
+    }
+
+    fn device_figures(&self) -> DeviceFigures {
+        DeviceFigures {
+            name: format!("ublkb{}", self.id),
+            size_bytes: self.record.size_bytes,
+            io: self.device.stats(),
+            pipeline: self.device.pipeline(),
+            cache: self.device.cache_stats(),
+        }
+    }
+}
+
+/// One running replica's figures for a scrape; `snapshot_in` (received, total) and `installed`
+/// describe its incoming snapshots where the caller knows them.
+pub fn replica_figures(
+    node: &Node,
+    snapshot_in: Option<(u64, u64)>,
+    installed: u64,
+) -> ReplicaFigures {
+    let m = node.raft.metrics().borrow_watched().clone();
+    let status = replica_status(node, None);
+    let last = m.last_log_index.unwrap_or(0);
+    let lag = m
+        .replication
+        .as_ref()
+        .map(|r| {
+            r.iter()
+                .filter(|(id, _)| **id != node.id)
+                .map(|(id, l)| (*id, node.trail.lag(l.as_ref().map(|l| l.index), last)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let segments = node.engine.wal().segments().len() as u64;
+    ReplicaFigures {
+        id: node.id,
+        term: m.current_term,
+        leader: m.current_leader,
+        last_log_index: m.last_log_index,
+        committed: status.committed,
+        applied: status.applied,
+        snapshot: status.snapshot,
+        wal_segments: segments,
+        wal_bytes: segments * node.engine.superblock().segment_bytes,
+        lag,
+        snapshot_in,
+        snapshots_installed: installed,
     }
 }
 

@@ -5,10 +5,12 @@
 //! only a read that misses the cache becomes a task.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use xdevice_ublk::{Done, Io, IoError, Reply, Target};
 
 use crate::device::{Device, DeviceError};
+use crate::metrics::{recorders, Op};
 
 /// The device as a ublk target.
 #[derive(Debug)]
@@ -29,7 +31,8 @@ impl Target for DeviceTarget {
     /// On the queue thread: a read the hot cache holds whole, copied into the request's buffer,
     /// and a flush with no write outstanding.
     fn answer_now(&self, io: &Io, buf: &mut [u8]) -> Option<Result<(), IoError>> {
-        match io {
+        let started = Instant::now();
+        let answer = match io {
             Io::Read { offset, .. } => match self.device.try_read_cached(*offset, buf) {
                 Ok(true) => Some(Ok(())),
                 Ok(false) => None,
@@ -37,21 +40,34 @@ impl Target for DeviceTarget {
             },
             Io::Flush => self.device.try_flush_now().then_some(Ok(())),
             _ => None,
+        };
+        if answer.is_some() {
+            let m = recorders();
+            m.request_started();
+            m.request_done(kind(io), started, io_bytes(io));
         }
+        answer
     }
 
     /// Writes, discards and flushes go into the device's pipeline from the queue thread itself,
     /// and are answered from whichever thread confirms them; only a read that misses the cache
     /// becomes a task (it waits for a replica's image).
     fn submit(&self, io: Io, done: Done) {
-        fn answer(done: Done) -> crate::device::Completion {
-            Box::new(move |r| done.complete(r.map(|()| Reply::Done).map_err(IoError::from)))
-        }
+        let started = Instant::now();
+        let (op, bytes) = (kind(&io), io_bytes(&io));
+        recorders().request_started();
+        let answer = move |done: Done| -> crate::device::Completion {
+            Box::new(move |r| {
+                recorders().request_done(op, started, bytes);
+                done.complete(r.map(|()| Reply::Done).map_err(IoError::from))
+            })
+        };
         match io {
             Io::Read { offset, len } => {
                 let device = self.device.clone();
                 self.runtime.spawn(async move {
                     let result = device.read(offset, u64::from(len)).await;
+                    recorders().request_done(op, started, bytes);
                     done.complete(result.map(Reply::Data).map_err(IoError::from));
                 });
             }
@@ -66,6 +82,27 @@ impl Target for DeviceTarget {
                 self.device.submit_discard(offset, u64::from(len), fua, answer(done))
             }
         }
+    }
+}
+
+/// The kind of a request, for metrics.
+fn kind(io: &Io) -> Op {
+    match io {
+        Io::Read { .. } => Op::Read,
+        Io::Write { .. } => Op::Write,
+        Io::Flush => Op::Flush,
+        Io::Discard { .. } | Io::WriteZeroes { .. } => Op::Discard,
+    }
+}
+
+/// The bytes a request moves or covers (0 for a flush).
+fn io_bytes(io: &Io) -> u64 {
+    match io {
+        Io::Read { len, .. } | Io::Discard { len, .. } | Io::WriteZeroes { len, .. } => {
+            u64::from(*len)
+        }
+        Io::Write { data, .. } => data.len() as u64,
+        Io::Flush => 0,
     }
 }
 

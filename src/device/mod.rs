@@ -755,8 +755,12 @@ impl Device {
             let (epoch, seqs) = (proposal.epoch, proposal.seqs);
             let last = seqs.last().copied().unwrap_or_default();
             let d = me.clone();
+            let proposed = std::time::Instant::now();
             let on_commit: OnCommit = Box::new(move |outcome| match outcome {
-                Ok(index) => d.committed(epoch, &seqs, index),
+                Ok(index) => {
+                    crate::metrics::recorders().commit_done(proposed);
+                    d.committed(epoch, &seqs, index)
+                }
                 Err(e) => {
                     d.restart(epoch, &e);
                     d.pump();

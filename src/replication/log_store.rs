@@ -16,6 +16,7 @@ use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::RaftLogReader;
 
 use super::commits::CommitWatch;
+use super::trail::AppendTrail;
 use super::types::{
     decode_entry, encode_entry, from_store_log_id, from_store_vote, to_store_log_id, to_store_vote,
     Entry, LogId, TypeConfig, Vote,
@@ -104,6 +105,8 @@ struct Inner {
     last: Mutex<Option<LogId>>,
     /// Proposals of this process awaiting commit (`commits`).
     commits: Arc<CommitWatch>,
+    /// When recent entries were appended, for replication lag in bytes and seconds.
+    trail: Arc<AppendTrail>,
 }
 
 /// openraft's log storage (and, cloned, its log reader) over one replica's engine.
@@ -139,6 +142,7 @@ impl LogStore {
                 cache: Mutex::new(cache),
                 last: Mutex::new(last),
                 commits: Arc::default(),
+                trail: Arc::default(),
             }),
         })
     }
@@ -157,6 +161,11 @@ impl LogStore {
     /// Where proposals made in this process learn that their entry committed.
     pub fn commits(&self) -> Arc<CommitWatch> {
         self.inner.commits.clone()
+    }
+
+    /// When recent entries were appended (replication lag in bytes and seconds).
+    pub fn trail(&self) -> Arc<AppendTrail> {
+        self.inner.trail.clone()
     }
 
     fn cache(&self) -> MutexGuard<'_, EntryCache> {
@@ -324,6 +333,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .collect();
         let first_index = first.log_id.index;
         let last = entries.last().map(|e| e.log_id);
+        let batch_bytes: u64 = records.iter().map(|r| r.payload.len() as u64).sum();
         self.inner.commits.appended(entries.iter().filter_map(|e| match &e.payload {
             openraft::EntryPayload::Normal(req) if req.tag().0 != 0 => {
                 Some((e.log_id.index, req.tag()))
@@ -344,6 +354,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             self.cache().truncate(first_index);
             return Err(io_err("appending to the log", e));
         }
+        if let Some(l) = last {
+            self.inner.trail.appended(l.index, batch_bytes);
+        }
         *self.inner.last.lock().expect("last lock") = last;
         Ok(())
     }
@@ -356,6 +369,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             return Ok(());
         }
         self.inner.commits.truncated(from);
+        self.inner.trail.truncated(from);
         self.cache().truncate(from);
         let new_last = {
             let bounds = self.inner.engine.wal().bounds();

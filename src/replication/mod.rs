@@ -18,6 +18,7 @@ pub mod node;
 pub mod snapshot;
 pub mod state_machine;
 pub mod tcp;
+pub mod trail;
 pub mod types;
 
 use std::path::Path;

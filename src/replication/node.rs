@@ -144,6 +144,8 @@ pub struct Node {
     pub inbox: Arc<SnapshotInbox>,
     /// Proposes to this replica (as leader) and resolves proposals at commit.
     pub proposer: Proposer,
+    /// When its recent entries were appended: replication lag in bytes and seconds.
+    pub trail: Arc<super::trail::AppendTrail>,
     monitor: tokio::task::JoinHandle<()>,
 }
 
@@ -165,12 +167,13 @@ impl Node {
         let config = Arc::new(tuning.config(&sb.cluster_id.to_string())?);
         let engine = replica.engine.clone();
         let commits = replica.log.commits();
+        let trail = replica.log.trail();
         let inbox = SnapshotInbox::new(replica.sm.clone());
         let network = NetworkFactory::new(transport, tuning.election_max);
         let raft = Raft::new(id, config, network, replica.log, replica.sm).await?;
         let monitor = tokio::spawn(snapshot_monitor(raft.clone(), engine.clone(), tuning.clone()));
         let proposer = Proposer::new(raft.clone(), commits);
-        Ok(Node { id, raft, engine, inbox, proposer, monitor })
+        Ok(Node { id, raft, engine, inbox, proposer, trail, monitor })
     }
 
     /// Makes a new cluster of `members` (id, address) from this node. Only on a fresh node.

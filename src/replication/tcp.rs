@@ -432,7 +432,8 @@ impl NodeService {
         }
     }
 
-    fn status(&self) -> NodeStatus {
+    /// This node's view, as `ADMIN Status` answers it.
+    pub fn status(&self) -> NodeStatus {
         let stream_bytes = Shape::of(&self.engine).stream_bytes();
         status_of(&self.raft, self.id, &self.engine, &self.receiving, stream_bytes)
     }

@@ -124,7 +124,10 @@ impl Disk for FileDisk {
     }
 
     fn sync_data(&self) -> io::Result<()> {
-        self.opened.file.sync_data()
+        let started = std::time::Instant::now();
+        let r = self.opened.file.sync_data();
+        crate::metrics::recorders().fsync_done(started);
+        r
     }
 }
 

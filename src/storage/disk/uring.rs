@@ -146,7 +146,10 @@ impl Disk for UringDisk {
 
     /// fdatasync(2) on the calling thread (see the module comment for why not the ring).
     fn sync_data(&self) -> io::Result<()> {
-        self.opened.file.sync_data()
+        let started = std::time::Instant::now();
+        let r = self.opened.file.sync_data();
+        crate::metrics::recorders().fsync_done(started);
+        r
     }
 
     /// pwrite(2) (resumed after a short write) then fdatasync(2), on the calling thread: the
@@ -155,7 +158,7 @@ impl Disk for UringDisk {
     fn write_and_sync(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
         check_io(self.opened.len_bytes, offset, buf)?;
         self.opened.file.write_all_at(buf, offset)?;
-        self.opened.file.sync_data()
+        self.sync_data()
     }
 }
 
