@@ -21,6 +21,7 @@
 //! the kernel reissues what the dead daemon held.
 
 pub mod mount;
+pub mod notify;
 pub mod record;
 pub mod status;
 pub mod target;
@@ -412,6 +413,8 @@ fn serve_device(
         println!("{}", live.path);
         use std::io::Write;
         std::io::stdout().flush()?;
+        notify::ready(&format!("serving {} from {}", live.path, dir.display()));
+        notify::spawn_watchdog();
 
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
@@ -420,6 +423,7 @@ fn serve_device(
             _ = int.recv() => true,
             _ = frontend.ended() => false,
         };
+        notify::stopping(&format!("stopping {}", live.path));
         if stopped_by_signal {
             eprintln!("xdevice: stopping {}", live.path);
             frontend.stop().await?;

@@ -175,10 +175,15 @@ pub fn run_node(req: NodeRequest) -> Result<()> {
         }
         let server = RpcServer::start(listener, cluster_id, MAX_PAYLOAD, service)?;
         println!("node {} of cluster {cluster_id} listening on {}", req.id, server.local_addr());
+        let listening = format!("node {} listening on {}", req.id, server.local_addr());
         if req.attach {
             let attached = host.attach_now().await.context("attaching the device")?;
             println!("{}", attached.path);
+            super::notify::ready(&format!("{listening}; serving {}", attached.path));
+        } else {
+            super::notify::ready(&listening);
         }
+        super::notify::spawn_watchdog();
         use std::io::Write;
         std::io::stdout().flush()?;
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -187,6 +192,7 @@ pub fn run_node(req: NodeRequest) -> Result<()> {
             _ = tokio::signal::ctrl_c() => {}
         }
         tracing::info!("stopping");
+        super::notify::stopping(&format!("node {} stopping", req.id));
         if let Err(e) = host.detach_now().await {
             tracing::warn!(error = %e, "detaching on the way out");
         }
@@ -317,6 +323,10 @@ impl MemberHost {
                 *self.active.lock().expect("active lock") =
                     Some((member.clone(), serving.device.clone()));
                 *self.shown.lock().expect("shown lock") = Some(serving.served.clone());
+                super::notify::status(&format!(
+                    "serving {} at epoch {}",
+                    attached.path, attached.epoch
+                ));
                 *slot = Some(serving);
                 Ok(attached)
             }
@@ -456,6 +466,7 @@ impl MemberHost {
         flushed.context("committing the writes accepted before the detach")?;
         let index = member.detach().await?;
         tracing::info!(index, "detached: the device is served by no member");
+        super::notify::status(&format!("node {} not serving the device (detached)", self.node.id));
         Ok(())
     }
 }
