@@ -45,7 +45,9 @@ fn bad_serve_flags_are_named_before_anything_is_created() {
     for (flags, needle) in cases {
         let mut args = vec!["serve", "--dir", d];
         args.extend_from_slice(flags);
-        fails_with(&xdevice(&args, tmp.path()), needle);
+        let out = xdevice(&args, tmp.path());
+        fails_with(&out, needle);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}: a usage mistake exits 2");
         assert!(!dir.exists(), "{flags:?} created {}", dir.display());
     }
 }

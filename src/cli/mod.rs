@@ -1,10 +1,15 @@
 //! The `xdevice` command line: argument types shared by subcommands and the code behind each.
 //! Errors carry context with `anyhow`; nothing here decides storage policy.
 
+pub mod app;
+pub mod cluster;
+pub mod config;
 pub mod demo;
+pub mod exit;
 pub mod node;
 pub mod serve;
 pub mod size;
+pub mod stop;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,7 +24,7 @@ use crate::storage::layout::{self, Location};
 #[derive(Args, Debug, Clone)]
 pub struct StoreArgs {
     /// Data directory holding the store's files (directory layout).
-    #[arg(long, conflicts_with = "device", required_unless_present = "device")]
+    #[arg(long, conflicts_with = "device")]
     pub dir: Option<PathBuf>,
     /// Raw block device (an NVMe namespace, a loop device) holding the store.
     #[arg(long)]
@@ -41,7 +46,9 @@ impl StoreArgs {
                 .with_context(|| format!("opening {}", path.display()))?;
             return Ok(Location::Raw { disk });
         }
-        let Some(dir) = &self.dir else { bail!("give --dir or --device") };
+        let Some(dir) = &self.dir else {
+            return Err(exit::usage("give --dir or --device"));
+        };
         if default_name.is_some() {
             // Creating a store: make its data directory as `mkdir -p` would.
             std::fs::create_dir_all(dir)

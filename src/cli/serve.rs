@@ -4,9 +4,13 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use clap::Args;
 
+use clap::ArgMatches;
+
+use crate::cli::config::{self, fill, Config};
+use crate::cli::exit::{bail_usage, usage};
 use crate::cli::node::TuningArgs;
 use crate::cli::size;
 use crate::daemon::{self, Daemon, ServeRequest, DEFAULT_RUN_DIR};
@@ -17,31 +21,35 @@ pub use crate::daemon::record::udev_name;
 
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
+    /// A TOML configuration file (docs/operations.md); flags and their environment variables
+    /// override it.
+    #[arg(long, env = "XDEVICE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Data directory: one subdirectory per replica, and serve.json.
-    #[arg(long, default_value = "/var/lib/xdevice/xdb0")]
+    #[arg(long, default_value = "/var/lib/xdevice/xdb0", env = "XDEVICE_DIR")]
     pub dir: PathBuf,
     /// Device size for a new store (e.g. 1G); an existing store keeps its size.
-    #[arg(long, value_parser = size::parse)]
+    #[arg(long, value_parser = size::parse, env = "XDEVICE_SIZE")]
     pub size: Option<u64>,
     /// Replicas in this process (a new store; an existing one keeps its count).
-    #[arg(long)]
+    #[arg(long, env = "XDEVICE_REPLICAS")]
     pub replicas: Option<u64>,
     /// writeback: volatile cache + FUA advertised, plain writes complete once the leader has
     /// them, FLUSH/FUA once committed on a majority. writethrough: every write completes once
     /// committed on a majority.
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, env = "XDEVICE_MODE")]
     pub mode: Option<CacheMode>,
     /// ublk hardware queues (one thread each).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, env = "XDEVICE_QUEUES")]
     pub queues: u16,
     /// Requests in flight per queue.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, env = "XDEVICE_DEPTH")]
     pub depth: u16,
     /// Largest READ/WRITE the kernel sends (larger ones are split by the block layer).
-    #[arg(long, default_value = "1M", value_parser = size::parse)]
+    #[arg(long, default_value = "1M", value_parser = size::parse, env = "XDEVICE_MAX_IO")]
     pub max_io: u64,
     /// Device number N of /dev/ublkbN (default: the one recorded in --dir, else the first free).
-    #[arg(long)]
+    #[arg(long, env = "XDEVICE_UBLK_ID")]
     pub id: Option<u32>,
     /// A replica's data directory, once per replica in replica order, each on its own disk so
     /// the device survives the loss of one (default: --dir/replica-N). Recorded in
@@ -56,7 +64,7 @@ pub struct ServeArgs {
 #[derive(Args, Debug, Clone)]
 pub struct DaemonArgs {
     /// I/O backend of the replicas' stores.
-    #[arg(long, default_value = "uring")]
+    #[arg(long, default_value = "uring", env = "XDEVICE_BACKEND")]
     pub backend: Backend,
     /// Directory for the status socket.
     #[arg(long, default_value = DEFAULT_RUN_DIR, env = "XDEVICE_RUN_DIR")]
@@ -65,18 +73,18 @@ pub struct DaemonArgs {
     pub tuning: TuningArgs,
     /// Proposals in flight (handed to the leader, not yet committed); writes arriving meanwhile
     /// merge into the next one.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, env = "XDEVICE_INFLIGHT_PROPOSALS")]
     pub inflight_proposals: usize,
     /// Hot cache size: unconfirmed writes stay pinned in it (writers wait when they would not
     /// fit), recent and hot blocks stay clean until evicted (S3-FIFO). At least 16M.
-    #[arg(long, default_value = "256M", value_parser = size::parse)]
+    #[arg(long, default_value = "256M", value_parser = size::parse, env = "XDEVICE_CACHE")]
     pub cache: u64,
     /// Largest read-ahead window for a sequential reader; 0 turns read-ahead off.
-    #[arg(long, default_value = "2M", value_parser = size::parse)]
+    #[arg(long, default_value = "2M", value_parser = size::parse, env = "XDEVICE_READAHEAD")]
     pub readahead: u64,
     /// Serve Prometheus metrics (cache, I/O, replicas) at http://ADDR/metrics, e.g.
     /// 127.0.0.1:9477.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", env = "XDEVICE_METRICS")]
     pub metrics: Option<std::net::SocketAddr>,
     /// Rebuild a replica whose store is gone (a lost disk) from the others, under a new node id,
     /// while a majority of the replicas remain. Without it such a start is refused: a disk that
@@ -88,16 +96,16 @@ pub struct DaemonArgs {
 /// Checks the device pipeline's flags, for `serve`, `recover` and `node` alike.
 pub(crate) fn check_pipeline(inflight: usize, cache: u64, readahead: u64) -> Result<()> {
     if inflight == 0 {
-        bail!("--inflight-proposals must be at least 1");
+        bail_usage!("--inflight-proposals must be at least 1");
     }
     if cache < crate::cache::MIN_CACHE_BYTES {
-        bail!(
+        bail_usage!(
             "--cache {cache} is too small: at least {} MiB (two of the largest proposals pinned)",
             crate::cache::MIN_CACHE_BYTES >> 20
         );
     }
     if readahead > cache / 4 {
-        bail!("--readahead {readahead} is more than a quarter of --cache {cache}");
+        bail_usage!("--readahead {readahead} is more than a quarter of --cache {cache}");
     }
     Ok(())
 }
@@ -107,9 +115,9 @@ pub(crate) fn check_queues(queues: u16, depth: u16, max_io: u64) -> Result<u32> 
     let max_io = u32::try_from(max_io)
         .ok()
         .filter(|m| (4096..=(8 << 20)).contains(m) && m % 4096 == 0)
-        .with_context(|| format!("--max-io {max_io} must be a multiple of 4096 in 4K..=8M"))?;
+        .ok_or_else(|| usage(format!("--max-io {max_io} must be a multiple of 4096 in 4K..=8M")))?;
     if queues == 0 || depth == 0 || depth > 4096 {
-        bail!("--queues must be at least 1 and --depth in 1..=4096");
+        bail_usage!("--queues must be at least 1 and --depth in 1..=4096");
     }
     Ok(max_io)
 }
@@ -132,8 +140,11 @@ impl DaemonArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct RecoverArgs {
+    /// A TOML configuration file; flags and their environment variables override it.
+    #[arg(long, env = "XDEVICE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// The data directory the crashed daemon served from.
-    #[arg(long, default_value = "/var/lib/xdevice/xdb0")]
+    #[arg(long, default_value = "/var/lib/xdevice/xdb0", env = "XDEVICE_DIR")]
     pub dir: PathBuf,
     #[command(flatten)]
     pub daemon: DaemonArgs,
@@ -149,28 +160,77 @@ pub struct StatusArgs {
     pub run_dir: PathBuf,
 }
 
+impl ServeArgs {
+    /// Takes what the configuration file sets and no flag or variable overrides.
+    pub fn apply_config(&mut self, m: &ArgMatches) -> Result<()> {
+        let Some(path) = self.config.clone() else { return Ok(()) };
+        let c = config::load_for(&path, config::Role::Serve)?;
+        fill(m, "dir", &mut self.dir, c.dir.clone());
+        fill(m, "size", &mut self.size, c.size_bytes.map(Some));
+        fill(m, "replicas", &mut self.replicas, c.replicas.map(Some));
+        fill(m, "mode", &mut self.mode, c.mode.as_deref().map(config::mode));
+        fill(m, "queues", &mut self.queues, c.queues.map(|q| q as u16));
+        fill(m, "depth", &mut self.depth, c.queue_depth.map(|d| d as u16));
+        fill(m, "max_io", &mut self.max_io, c.max_io_bytes);
+        fill(m, "id", &mut self.id, c.ublk_id.map(|i| Some(i as u32)));
+        fill(m, "replica_dirs", &mut self.replica_dirs, c.replica_dirs.clone());
+        self.daemon.apply_config(m, &c);
+        Ok(())
+    }
+}
+
+impl RecoverArgs {
+    /// Takes what the configuration file sets and no flag or variable overrides.
+    pub fn apply_config(&mut self, m: &ArgMatches) -> Result<()> {
+        let Some(path) = self.config.clone() else { return Ok(()) };
+        let c = config::load_for(&path, config::Role::Serve)?;
+        fill(m, "dir", &mut self.dir, c.dir.clone());
+        self.daemon.apply_config(m, &c);
+        Ok(())
+    }
+}
+
+impl DaemonArgs {
+    fn apply_config(&mut self, m: &ArgMatches, c: &Config) {
+        fill(m, "backend", &mut self.backend, c.backend.as_deref().and_then(config::backend));
+        fill(m, "run_dir", &mut self.run_dir, c.run_dir.clone());
+        fill(
+            m,
+            "inflight_proposals",
+            &mut self.inflight_proposals,
+            c.inflight_proposals.map(|n| n as usize),
+        );
+        fill(m, "cache", &mut self.cache, c.cache_bytes);
+        fill(m, "readahead", &mut self.readahead, c.readahead_bytes);
+        fill(m, "metrics", &mut self.metrics, c.metrics_listen.map(Some));
+        self.tuning.apply_config(m, c);
+    }
+}
+
 /// `xdevice serve`.
 pub fn run_serve(args: ServeArgs) -> Result<()> {
     // Everything that can be checked without the kernel is checked first, so a bad flag or
     // record is named even where ublk is missing.
     let daemon = args.daemon.daemon()?;
     if args.replicas == Some(0) {
-        bail!("--replicas must be at least 1");
+        bail_usage!("--replicas must be at least 1");
     }
     let max_io = check_queues(args.queues, args.depth, args.max_io)?;
     if let Some(size) = args.size {
         if size == 0 || size % 4096 != 0 {
-            bail!("--size {size} must be a positive multiple of the 4096-byte block");
+            bail_usage!("--size {size} must be a positive multiple of the 4096-byte block");
         }
     }
     let replica_dirs = args
         .replica_dirs
         .iter()
-        .map(|d| std::path::absolute(d).with_context(|| format!("--replica-dir {}", d.display())))
+        .map(|d| {
+            std::path::absolute(d).map_err(|e| usage(format!("--replica-dir {}: {e}", d.display())))
+        })
         .collect::<Result<Vec<_>>>()?;
     if let (Some(n), false) = (args.replicas, replica_dirs.is_empty()) {
         if replica_dirs.len() as u64 != n {
-            bail!(
+            bail_usage!(
                 "{} --replica-dir given for --replicas {n}: give one per replica",
                 replica_dirs.len()
             );
@@ -178,7 +238,7 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
     }
     for (i, d) in replica_dirs.iter().enumerate() {
         if replica_dirs[..i].contains(d) {
-            bail!("--replica-dir {} is given twice: each replica needs its own", d.display());
+            bail_usage!("--replica-dir {} is given twice: each replica needs its own", d.display());
         }
     }
     daemon::serve(
@@ -231,10 +291,13 @@ pub fn run_status(args: StatusArgs) -> Result<()> {
     }
     for d in &devices {
         println!(
-            "{}  {}  {:?}  {} MiB  block {}  {} queue(s) x {}  pid {}  up {:.0}s{}",
+            "{}  {}  {}  {} MiB  block {}  {} queue(s) x {}  pid {}  up {:.0}s{}",
             d.path,
             d.state,
-            d.mode,
+            match d.mode {
+                CacheMode::Writeback => "writeback",
+                CacheMode::Writethrough => "writethrough",
+            },
             d.size_bytes >> 20,
             d.block_bytes,
             d.queues,

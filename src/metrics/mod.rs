@@ -301,16 +301,23 @@ impl Collector for Scrape {
                 .filter_map(|r| v(r).map(|v| (vec![("replica", r.id.to_string())], v as f64)))
                 .collect::<Vec<_>>()
         };
-        let replica_families: [(&str, &str, &dyn Fn(&ReplicaFigures) -> Option<u64>); 10] = [
+        type Read<'a> = &'a dyn Fn(&ReplicaFigures) -> Option<u64>;
+        let replica_families: [(&str, &str, Read); 10] = [
             ("raft_term", "Raft term", &|r| Some(r.term)),
             ("raft_leader", "The leader this replica knows (0: none)", &|r| {
                 Some(r.leader.unwrap_or(0))
             }),
             ("raft_is_leader", "1 on the leader", &|r| Some(u64::from(r.leader == Some(r.id)))),
             ("raft_last_log_index", "Last log index", &|r| Some(r.last_log_index.unwrap_or(0))),
-            ("raft_commit_index", "Highest index known committed", &|r| Some(r.committed.unwrap_or(0))),
-            ("raft_applied_index", "Highest index applied to the image", &|r| Some(r.applied.unwrap_or(0))),
-            ("raft_snapshot_index", "Index of the last snapshot", &|r| Some(r.snapshot.unwrap_or(0))),
+            ("raft_commit_index", "Highest index known committed", &|r| {
+                Some(r.committed.unwrap_or(0))
+            }),
+            ("raft_applied_index", "Highest index applied to the image", &|r| {
+                Some(r.applied.unwrap_or(0))
+            }),
+            ("raft_snapshot_index", "Index of the last snapshot", &|r| {
+                Some(r.snapshot.unwrap_or(0))
+            }),
             ("wal_segments", "Live WAL segments", &|r| Some(r.wal_segments)),
             ("wal_bytes", "Space the live WAL segments take", &|r| Some(r.wal_bytes)),
             ("snapshot_receive_bytes", "Bytes of the incoming snapshot received", &|r| {
