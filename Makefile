@@ -4,7 +4,7 @@
 CARGO     ?= cargo
 TEST_ARGS ?=
 
-.PHONY: build run check test test-long bench e2e guest-smoke fmt clean deps-build deps-test
+.PHONY: build run check test test-long bench e2e guest-smoke install fmt clean deps-build deps-test
 
 # The Debian packages each target needs (scripts/deps: installs what is missing, as root, and
 # says so; with nothing missing it is silent).
@@ -57,6 +57,14 @@ e2e:
 # builds rublk (minutes). Not part of `check`: the end-to-end tests above are.
 guest-smoke:
 	ublk/guest/test-e2e --rublk
+
+# Installs the release build, the systemd units, the udev rule, the modules-load entry, shell
+# completions and the man page (scripts/install). As root; stage with DESTDIR, relocate the
+# binary and man page with PREFIX: make install DESTDIR=/tmp/stage PREFIX=/usr
+DESTDIR ?=
+PREFIX  ?= /usr/local
+install: build
+	BIN=$${CARGO_TARGET_DIR:-$(CURDIR)/target}/release/xdevice DESTDIR="$(DESTDIR)" PREFIX="$(PREFIX)" scripts/install
 
 fmt:
 	$(CARGO) fmt --all

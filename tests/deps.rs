@@ -72,9 +72,10 @@ fn the_lists_hold_what_the_build_and_the_tests_need() {
     }
     // What the tests run: fio (benchmarks' references, loop-device test), losetup, mkfs.ext4
     // and mkfs.xfs, ip and iptables (partition faults), python3 and PostgreSQL (end to end),
-    // dmsetup (a replica's disk failing under PostgreSQL).
+    // dmsetup (a replica's disk failing under PostgreSQL), systemd-analyze (the units,
+    // tests/systemd.rs) and udevadm (the udev rule, end to end).
     let used = ["fio", "util-linux", "e2fsprogs", "xfsprogs", "iproute2", "iptables", "dmsetup"];
-    for p in used.into_iter().chain(["postgresql"]) {
+    for p in used.into_iter().chain(["systemd", "udev", "postgresql"]) {
         assert!(test.contains(&p.to_string()), "test list {test:?} lacks {p}");
     }
     assert_eq!(list("run"), build, "make run builds; the guest's packages come from prepare");

@@ -226,7 +226,7 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
         bail_usage!("--attach-secs must be at least 1");
     }
     let state_dir = match (&args.snapshot_dir, &args.store.dir) {
-        (Some(d), _) | (None, Some(d)) => d.clone(),
+        (Some(d), _) | (None, Some(d)) => super::serve::absolute(d, "--snapshot-dir")?,
         (None, None) => bail_usage!("--snapshot-dir is required with --device"),
     };
     let location = args.store.location(None)?;

@@ -243,7 +243,8 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
     }
     daemon::serve(
         ServeRequest {
-            dir: args.dir,
+            // Absolute: the device's owner record names it, and udev names the device by it.
+            dir: absolute(&args.dir, "--dir")?,
             size: args.size,
             replicas: args.replicas,
             mode: args.mode,
@@ -257,10 +258,15 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
     )
 }
 
+/// `path` made absolute (not resolving links), or a usage error naming `flag`.
+pub(crate) fn absolute(path: &std::path::Path, flag: &str) -> Result<PathBuf> {
+    std::path::absolute(path).map_err(|e| usage(format!("{flag} {}: {e}", path.display())))
+}
+
 /// `xdevice recover`.
 pub fn run_recover(args: RecoverArgs) -> Result<()> {
     let daemon = args.daemon.daemon()?;
-    daemon::recover(&args.dir, daemon)
+    daemon::recover(&absolute(&args.dir, "--dir")?, daemon)
 }
 
 /// Some daemons' status sockets did not answer: `xdevice status` exits with

@@ -92,8 +92,11 @@ fn discard_limit(block_bytes: u32) -> u32 {
     (256u32 << 20) / block_bytes * block_bytes
 }
 
-/// The stable name of `ublkbN`: the last component of the data directory its daemon recorded
-/// with the device.
+/// The directory `xdevice@NAME.service` serves from is `STATE_ROOT/NAME`.
+pub const STATE_ROOT: &str = "/var/lib/xdevice";
+
+/// The stable name of `ublkbN` (`/dev/xdevice/NAME`, systemd/90-xdevice.rules): the name of the
+/// data directory its daemon recorded with the device ([`stable_name`]).
 pub fn udev_name(kernel_name: &str) -> Result<String> {
     let id: u32 = kernel_name
         .strip_prefix("ublkb")
@@ -107,9 +110,156 @@ pub fn udev_name(kernel_name: &str) -> Result<String> {
         .and_then(|o| o.get("dir"))
         .and_then(|d| d.as_str())
         .with_context(|| format!("ublk device {id} is not served by xdevice"))?;
-    Path::new(dir)
-        .file_name()
-        .and_then(|n| n.to_str())
-        .map(str::to_string)
-        .with_context(|| format!("data directory {dir:?} has no usable last component"))
+    stable_name(dir)
+}
+
+/// The name under /dev/xdevice of the device served from the data directory `dir`, distinct for
+/// distinct directories:
+///
+/// - a directory directly under [`STATE_ROOT`] is named by its last component (`pgwal` for
+///   `/var/lib/xdevice/pgwal`, as `xdevice@pgwal.service` serves it); characters outside
+///   `[A-Za-z0-9:_.-]`, and a leading `.` or `-`, become `\xNN`: it never starts with `-`;
+/// - any other directory by its absolute path escaped as `systemd-escape PATH` does
+///   (`/srv/a-b/x` is `-srv-a\x2db-x`): each `/` becomes `-`, and `-` and every other character
+///   outside `[A-Za-z0-9:_.]` becomes `\xNN`. It always starts with `-` (the root's `/`), so it
+///   is never the short name of a directory under [`STATE_ROOT`]: `/pgwal` is `-pgwal`.
+///
+/// Both escapings are injective, so no two directories share a name. `dir` must be absolute
+/// without `..` (the daemon records it canonical); `.` components and repeated or trailing
+/// slashes are ignored.
+pub fn stable_name(dir: &str) -> Result<String> {
+    use std::path::Component;
+    let refuse = || anyhow::anyhow!("data directory {dir:?} is not an absolute path without `..`");
+    if !dir.starts_with('/') {
+        return Err(refuse());
+    }
+    let mut parts = Vec::new();
+    for c in Path::new(dir).components() {
+        match c {
+            Component::RootDir | Component::CurDir => {}
+            // A &str's components are &str too.
+            Component::Normal(part) => parts.push(part.to_str().ok_or_else(refuse)?),
+            Component::ParentDir | Component::Prefix(_) => return Err(refuse()),
+        }
+    }
+    let mut out = String::new();
+    match parts.split_last() {
+        Some((name, parent)) if parent.join("/") == STATE_ROOT.trim_start_matches('/') => {
+            for (i, &b) in name.as_bytes().iter().enumerate() {
+                escape_byte(&mut out, b, i == 0 && (b == b'.' || b == b'-'));
+            }
+        }
+        _ => {
+            out.push('-');
+            for (i, part) in parts.iter().enumerate() {
+                if i > 0 {
+                    out.push('-');
+                }
+                for &b in part.as_bytes() {
+                    escape_byte(&mut out, b, b == b'-');
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Appends `b` to `out`, as `\xNN` if `force` or if it is outside `[A-Za-z0-9:_.-]`.
+fn escape_byte(out: &mut String, b: u8, force: bool) {
+    if !force && (b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'.' | b'-')) {
+        out.push(char::from(b));
+    } else {
+        use std::fmt::Write;
+        // Writing to a String cannot fail.
+        let _ = write!(out, "\\x{b:02x}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(dir: &str) -> String {
+        stable_name(dir).unwrap_or_else(|e| panic!("{dir}: {e}"))
+    }
+
+    #[test]
+    fn a_directory_under_the_state_root_keeps_its_short_name() {
+        assert_eq!(name("/var/lib/xdevice/pgwal"), "pgwal");
+        assert_eq!(name("/var/lib/xdevice/pg-wal_1.x:y"), "pg-wal_1.x:y");
+        assert_eq!(name("/var/lib/xdevice//pgwal/"), "pgwal");
+        assert_eq!(name("/var/lib/xdevice/./pgwal"), "pgwal");
+        // Characters a device link should not hold, and a leading dot or dash, are escaped.
+        assert_eq!(name("/var/lib/xdevice/pg wal"), "pg\\x20wal");
+        assert_eq!(name("/var/lib/xdevice/.hidden"), "\\x2ehidden");
+        assert_eq!(name("/var/lib/xdevice/-x-y"), "\\x2dx-y");
+        assert_eq!(name("/var/lib/xdevice/a\\b"), "a\\x5cb");
+        assert_eq!(name("/var/lib/xdevice/é"), "\\xc3\\xa9");
+    }
+
+    #[test]
+    fn any_other_directory_is_named_by_its_escaped_path() {
+        // As `systemd-escape /srv/a-b/x` prints it.
+        assert_eq!(name("/srv/a-b/x"), "-srv-a\\x2db-x");
+        assert_eq!(name("/srv/a/b-x"), "-srv-a-b\\x2dx");
+        assert_ne!(name("/srv/a-b/x"), name("/srv/a/b-x"));
+        assert_eq!(name("/a/pgwal"), "-a-pgwal");
+        assert_ne!(name("/a/pgwal"), name("/b/pgwal"));
+        assert_eq!(name("/srv/.pg/x y"), "-srv-.pg-x\\x20y");
+        // The state root itself, and directories deeper in it.
+        assert_eq!(name("/var/lib/xdevice"), "-var-lib-xdevice");
+        assert_eq!(name("/var/lib/xdevice/a/b"), "-var-lib-xdevice-a-b");
+        assert_eq!(name("/"), "-");
+    }
+
+    #[test]
+    fn short_names_and_escaped_paths_never_meet() {
+        // A directory directly under / is not taken for one under the state root, and a short
+        // name with a dash is not taken for a path.
+        assert_eq!(name("/pgwal"), "-pgwal");
+        assert_ne!(name("/pgwal"), name("/var/lib/xdevice/pgwal"));
+        assert_ne!(name("/var/lib/xdevice/srv-a"), name("/srv/a"));
+        assert_ne!(name("/var/lib/xdevice/-srv-a"), name("/srv/a"));
+        // Escaping is injective: a literal escape sequence is escaped again.
+        assert_ne!(name("/srv/a\\x2db"), name("/srv/a-b"));
+        assert_ne!(name("/var/lib/xdevice/a\\x20b"), name("/var/lib/xdevice/a b"));
+    }
+
+    #[test]
+    fn names_of_many_directories_are_distinct() {
+        let parts = [
+            "a", "b", "a-b", "-", ".", ".a", "a.", "x y", "\\x2d", "pgwal", "var", "lib", "xdevice",
+        ];
+        let mut dirs = vec!["/".to_string()];
+        for a in parts {
+            dirs.push(format!("/{a}"));
+            dirs.push(format!("/var/lib/xdevice/{a}"));
+            for b in parts {
+                dirs.push(format!("/{a}/{b}"));
+                dirs.push(format!("/var/lib/{a}/{b}"));
+                dirs.push(format!("/var/lib/xdevice/{a}/{b}"));
+            }
+        }
+        // Different strings may be one directory: `.` components are ignored.
+        let mut seen = std::collections::HashMap::new();
+        for d in &dirs {
+            let canonical: std::path::PathBuf = Path::new(d).components().collect();
+            if let Some(other) = seen.insert(name(d), canonical.clone()) {
+                assert_eq!(
+                    other,
+                    canonical,
+                    "{d} and {} share the name {}",
+                    other.display(),
+                    name(d)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn relative_paths_and_dot_dot_are_refused() {
+        for dir in ["pgwal", "var/lib/xdevice/pgwal", "/var/lib/xdevice/../pgwal", ""] {
+            assert!(stable_name(dir).is_err(), "{dir:?} was named");
+        }
+    }
 }
