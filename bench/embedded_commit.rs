@@ -156,9 +156,11 @@ fn main() -> Result<()> {
     let mut fio_pre = FioSide::default();
     let mut x3 = LatencySide::default();
     let mut x1 = LatencySide::default();
+    let bar = common::RoundsBar::new(BENCH, rounds);
     for round in 0..rounds {
         let mut line = format!("round {}/{rounds}:", round + 1);
         for i in 0..phases.len() {
+            bar.phase(format_args!("{:?}", phases[(i + round) % phases.len()]));
             match phases[(i + round) % phases.len()] {
                 Phase::Fio { prewritten } => {
                     let side = if prewritten { &mut fio_pre } else { &mut fio };
@@ -185,8 +187,10 @@ fn main() -> Result<()> {
             }
             std::io::stdout().flush().ok();
         }
+        bar.round_done();
         println!("{line}");
     }
+    bar.finish();
     rt.block_on(three.stop())?;
     rt.block_on(one.stop())?;
 

@@ -124,9 +124,11 @@ fn main() -> Result<()> {
         .filter(|p| matches!(p, Phase::Engine { .. }))
         .map(|&p| (p, Level::default()))
         .collect();
+    let bar = common::RoundsBar::new(BENCH, rounds);
     for round in 0..rounds {
         let mut line = format!("round {}/{rounds}:", round + 1);
         for i in 0..phases.len() {
+            bar.phase(format_args!("{:?}", phases[(i + round) % phases.len()]));
             let phase = phases[(i + round) % phases.len()];
             let dir = scratch.path().join(format!("r{round}-{i}"));
             std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
@@ -158,8 +160,10 @@ fn main() -> Result<()> {
             }
             std::fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
         }
+        bar.round_done();
         println!("{line}");
     }
+    bar.finish();
 
     let reference = fio.per_s();
     println!();

@@ -178,9 +178,11 @@ fn main() -> Result<()> {
     let mut xdev = LatencySide::default();
     let mut tput = ThroughputSide::default();
     let mut next_offset = 0u64;
+    let bar = common::RoundsBar::new(BENCH, rounds);
     for round in 0..rounds {
         let mut line = format!("round {}/{rounds}:", round + 1);
         for i in 0..phases.len() {
+            bar.phase(format_args!("{:?}", phases[(i + round) % phases.len()]));
             let phase = phases[(i + round) % phases.len()];
             match phase {
                 Phase::Fio { prewritten } => {
@@ -225,8 +227,10 @@ fn main() -> Result<()> {
             cluster.check_alive()?;
             std::io::stdout().flush().ok();
         }
+        bar.round_done();
         println!("{line}");
     }
+    bar.finish();
     let status_after = rt.block_on(cluster.leader_status())?;
     device.close();
 

@@ -166,9 +166,11 @@ fn main() -> Result<()> {
         Phase::FioPrewritten,
         Phase::Engine(Backend::File),
     ];
+    let bar = common::RoundsBar::new(BENCH, rounds);
     for round in 0..rounds {
         let mut line = format!("round {}/{rounds}:", round + 1);
         for i in 0..phases.len() {
+            bar.phase(format_args!("{:?}", phases[(i + round) % phases.len()]));
             let phase = phases[(i + round) % phases.len()];
             let dir = scratch.path().join(format!("r{round}-{i}"));
             std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
@@ -191,8 +193,10 @@ fn main() -> Result<()> {
             std::fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
             std::io::Write::flush(&mut std::io::stdout()).ok();
         }
+        bar.round_done();
         println!("{line}");
     }
+    bar.finish();
 
     let ref_p50 = fio.p50();
     let pre_p50 = fio_pre.p50();

@@ -712,3 +712,43 @@ pub fn us(v: f64) -> String {
         "-".into()
     }
 }
+
+/// Rounds of a benchmark on stderr: a progress bar (indicatif) when stderr is a terminal, with
+/// the phase under way; nothing otherwise, where each round's line on stdout says as much.
+pub struct RoundsBar(Option<indicatif::ProgressBar>);
+
+impl RoundsBar {
+    pub fn new(bench: &str, rounds: usize) -> RoundsBar {
+        use std::io::IsTerminal;
+        if !std::io::stderr().is_terminal() {
+            return RoundsBar(None);
+        }
+        let style = indicatif::ProgressStyle::with_template(
+            "{prefix}: round {pos}/{len} [{wide_bar}] {elapsed} {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+        let bar = indicatif::ProgressBar::new(rounds as u64).with_style(style);
+        bar.set_prefix(bench.to_string());
+        RoundsBar(Some(bar))
+    }
+
+    /// The phase now running.
+    pub fn phase(&self, what: impl std::fmt::Display) {
+        if let Some(b) = &self.0 {
+            b.set_message(what.to_string());
+        }
+    }
+
+    /// A round finished.
+    pub fn round_done(&self) {
+        if let Some(b) = &self.0 {
+            b.inc(1);
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(b) = &self.0 {
+            b.finish_and_clear();
+        }
+    }
+}
