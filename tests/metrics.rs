@@ -12,11 +12,11 @@ mod common;
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::metrics::{documented, value};
 use common::node::{free_addr, NodeProc};
-use prometheus_parse::{Scrape, Value};
+use prometheus_parse::Scrape;
 use xdevice::device::remote::RemoteCluster;
 use xdevice::device::{CacheMode, Device, DeviceConfig};
 use xdevice::replication::tcp::{Admin, AdminReply};
@@ -36,39 +36,7 @@ fn scrape(addr: SocketAddr) -> Scrape {
         head.to_ascii_lowercase().contains("content-type: text/plain; version=0.0.4"),
         "{head}"
     );
-    Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap()
-}
-
-/// The value of `name` whose labels include `labels`; histograms give their count.
-fn value(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    s.samples
-        .iter()
-        .filter(|x| x.metric == name)
-        .find(|x| labels.iter().all(|(k, v)| x.labels.get(k) == Some(v)))
-        .map(|x| match &x.value {
-            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
-            Value::Histogram(b) => {
-                b.iter().find(|b| b.less_than.is_infinite()).map_or(0.0, |b| b.count)
-            }
-            Value::Summary(_) => f64::NAN,
-        })
-}
-
-/// The metrics `docs/operations.md` lists, with the scope column of its table.
-pub fn documented() -> Vec<(String, String)> {
-    let doc =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/operations.md"))
-            .unwrap();
-    let rows: Vec<(String, String)> = doc
-        .lines()
-        .filter_map(|l| {
-            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
-            let name = cells.get(1)?.strip_prefix("`xdevice_")?.strip_suffix('`')?;
-            Some((format!("xdevice_{name}"), cells.get(4)?.to_string()))
-        })
-        .collect();
-    assert!(rows.len() > 20, "docs/operations.md lists too few metrics: {rows:?}");
-    rows
+    common::metrics::parse(body)
 }
 
 #[test]

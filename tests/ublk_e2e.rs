@@ -11,6 +11,10 @@
 //! `XDEVICE_E2E_TESTS="ext4 postgres"` runs only those tests (names and groups as
 //! `ublk/guest/e2e --list`). The logs of a failed test are kept under `target/tmp/ublk-e2e/e2e/`.
 
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -116,5 +120,54 @@ fn ublk_e2e() {
         "ublk/guest/e2e failed ({status}): see its `e2e: FAIL` lines above; \
          the logs of a failed test are in {}/e2e/",
         out.display()
+    );
+    check_metrics_scrapes(&out.join("metrics"));
+}
+
+/// The `metrics` test's scrapes (`ublk/guest/e2e` keeps them), parsed here with a Prometheus
+/// text parser: every metric `docs/operations.md` documents for a serving daemon is there, and
+/// the request histograms' counts moved by at least what fio did. Absent when the test was not
+/// among those run.
+fn check_metrics_scrapes(dir: &Path) {
+    use common::metrics::{documented, parse, value};
+    let Ok(after) = std::fs::read_to_string(dir.join("after.prom")) else {
+        eprintln!(
+            "ublk_e2e: no metrics scrapes in {} (the metrics test did not run)",
+            dir.display()
+        );
+        return;
+    };
+    let before = parse(&std::fs::read_to_string(dir.join("before.prom")).unwrap());
+    let during = parse(&std::fs::read_to_string(dir.join("during.prom")).unwrap());
+    let after = parse(&after);
+    for (name, scope) in documented() {
+        if matches!(scope.as_str(), "every daemon" | "serving" | "replica" | "leader") {
+            assert!(after.samples.iter().any(|s| s.metric == name), "{name} ({scope}) missing");
+        }
+    }
+    let fio = |file: &str, side: &str| -> f64 {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join(file)).unwrap()).unwrap();
+        v["jobs"][0][side]["total_ios"].as_f64().unwrap()
+    };
+    let (writes, reads) = (fio("write.json", "write"), fio("read.json", "read"));
+    let syncs = fio("write.json", "sync");
+    let moved = |name: &str, op: &str| {
+        let l = [("op", op)];
+        value(&after, name, &l).unwrap_or(0.0) - value(&before, name, &l).unwrap_or(0.0)
+    };
+    for (op, did) in [("write", writes), ("read", reads), ("flush", syncs)] {
+        let counted = moved("xdevice_request_duration_seconds", op);
+        assert!(counted >= did, "{op}: the histogram counted {counted}, fio did {did}");
+        assert_eq!(counted, moved("xdevice_requests_total", op), "{op}: histogram and counter");
+    }
+    // A scrape under load answered, between the two.
+    let mid = value(&during, "xdevice_request_duration_seconds", &[("op", "write")]).unwrap_or(0.0);
+    let first =
+        value(&before, "xdevice_request_duration_seconds", &[("op", "write")]).unwrap_or(0.0);
+    assert!(mid >= first, "the scrape during the load went backwards");
+    eprintln!(
+        "ublk_e2e: metrics scrapes parsed: {writes} writes and {reads} reads by fio, every \
+         documented metric present"
     );
 }

@@ -2,6 +2,7 @@
 //! damaging a real store's image file.
 #![allow(dead_code)]
 
+pub mod metrics;
 pub mod node;
 
 use std::sync::Arc;
