@@ -99,6 +99,14 @@ fn each_kind_of_mistake_is_named_with_its_key() {
         std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
 
+    // What flags give need not be in the file: a member's id, address and store by flag.
+    let p = write(t, "member.toml", "[node]\nattach_timeout_secs = 60\n");
+    let given = ["node.id", "node.listen", "device.dir"];
+    let c = xdevice::cli::config::load_given(Path::new(&p), Role::Node, &given).unwrap();
+    assert_eq!(c.attach_timeout_secs, Some(60));
+    let m = mistakes(t, "[node]\nattach_timeout_secs = 60\n", Role::Node);
+    assert_eq!(m.len(), 3, "without flags all three are missing: {m:?}");
+
     // Not TOML at all, and no file.
     let m = mistakes(t, "[device\nqueues = 1", Role::Serve);
     assert!(m.len() == 1 && m[0].starts_with("not valid TOML"), "{m:?}");
@@ -171,19 +179,23 @@ fn a_good_file_is_read_and_flags_and_variables_override_it() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr)
         .contains("--readahead 8388608 is more than a quarter of --cache 16777216"));
-    // With a flag the check passes and the start goes on to the kernel (which lacks ublk here,
-    // or refuses a user that is not root): past the configuration either way.
-    let out = xdevice(&["serve", "--config", &bad, "--dir", d, "--readahead", "1M"]);
+    // With a flag the check passes, and the next check (a bad --queues, given so that the start
+    // stops there, before the kernel) is the one that fails.
+    let out =
+        xdevice(&["serve", "--config", &bad, "--dir", d, "--readahead", "1M", "--queues", "0"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!stderr.contains("--readahead"), "{stderr}");
+    assert!(!stderr.contains("--readahead") && stderr.contains("--queues"), "{stderr}");
     let out = Command::new(env!("CARGO_BIN_EXE_xdevice"))
-        .args(["serve", "--dir", d])
+        .args(["serve", "--dir", d, "--queues", "0"])
         .env("XDEVICE_CONFIG", &bad)
         .env("XDEVICE_READAHEAD", "1M")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!stderr.contains("--readahead"), "the variable overrides the file: {stderr}");
+    assert!(
+        !stderr.contains("--readahead") && stderr.contains("--queues"),
+        "the variable overrides the file: {stderr}"
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_xdevice"))
         .args(["serve", "--dir", d])
         .env("XDEVICE_CONFIG", &bad)

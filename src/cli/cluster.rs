@@ -59,7 +59,8 @@ pub enum ClusterOp {
         #[arg(long)]
         id: NodeId,
     },
-    /// Move leadership to --node (it starts an election).
+    /// Move leadership to --node: the leader hands it over, and the command returns once --node
+    /// leads (exit status 4 if it does not within 10 s).
     Transfer,
     /// Serve the device from --node (a member started by root on a host with ublk): it wins
     /// leadership, commits an attach entry that fences whichever member served before, and
@@ -122,6 +123,25 @@ impl Peer {
         }
     }
 
+    /// Asks the leader `req`; a leader that has just lost leadership (openraft answers that
+    /// the request has to be forwarded) is looked up again, up to `STATUS_TIMEOUT`. The leader
+    /// that answered.
+    async fn through_leader(&self, cluster_id: uuid::Uuid, req: Admin) -> Result<Peer> {
+        let deadline = Instant::now() + STATUS_TIMEOUT;
+        loop {
+            let (leader, _) = self.leader(cluster_id).await?;
+            match leader.ask(req.clone(), CHANGE_TIMEOUT).await {
+                Err(e)
+                    if Instant::now() < deadline && e.to_string().contains("forward request") =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e),
+                Ok(_) => return Ok(leader),
+            }
+        }
+    }
+
     async fn leader_now(&self, cluster_id: uuid::Uuid) -> Result<(Peer, Box<NodeStatus>)> {
         let s = self.status().await?;
         if s.state == "Leader" {
@@ -163,8 +183,7 @@ pub fn run_cluster(args: ClusterArgs) -> Result<()> {
                 add_node(&node, args.cluster_id, id, addr, learner, stall, args.json).await
             }
             ClusterOp::Remove { id } => {
-                let (leader, _) = node.leader(args.cluster_id).await?;
-                leader.ask(Admin::Remove(id), CHANGE_TIMEOUT).await?;
+                let leader = node.through_leader(args.cluster_id, Admin::Remove(id)).await?;
                 let s = leader.status().await?;
                 say(
                     args.json,
@@ -173,9 +192,12 @@ pub fn run_cluster(args: ClusterArgs) -> Result<()> {
                 )
             }
             ClusterOp::Transfer => {
-                node.ask(Admin::Campaign, CHANGE_TIMEOUT).await?;
-                let s = wait_leader(&node, STATUS_TIMEOUT * 2).await?;
-                let leader = s.leader.unwrap_or_default();
+                let me = node.status().await?.id;
+                if node.status().await?.state != "Leader" {
+                    node.through_leader(args.cluster_id, Admin::Handover(me)).await?;
+                }
+                let s = wait_leading(&node, STATUS_TIMEOUT * 2).await?;
+                let leader = s.id;
                 say(
                     args.json,
                     &serde_json::json!({ "leader": leader, "term": s.term }),
@@ -294,6 +316,28 @@ fn status_table(s: &NodeStatus) -> String {
         let _ = writeln!(out, "{id:<6} {addr:<22} {role:<8} {matched}");
     }
     out
+}
+
+/// Polls `node` until it leads; exit status 4 past `within`.
+async fn wait_leading(node: &Peer, within: Duration) -> Result<Box<NodeStatus>> {
+    let deadline = Instant::now() + within;
+    loop {
+        let s = node.status().await?;
+        if s.state == "Leader" {
+            return Ok(s);
+        }
+        if Instant::now() >= deadline {
+            let leader = s.leader.map_or_else(|| "no node".to_string(), |l| format!("node {l}"));
+            return Err(TimedOut(format!(
+                "node {} did not take leadership within {}s: {leader} leads at term {}",
+                s.id,
+                within.as_secs(),
+                s.term
+            ))
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Polls `node` until it knows a leader; exit status 4 past `within`.

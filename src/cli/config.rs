@@ -103,12 +103,22 @@ const SCHEMA: &[(&str, &str, &[Role])] = &[
 
 /// Reads and checks `path` for `role`; every mistake in one error.
 pub fn load(path: &Path, role: Role) -> Result<Config, ConfigErrors> {
+    load_given(path, role, &[])
+}
+
+/// As `load`, for a daemon given the required keys in `given` (`node.id`, `node.listen`,
+/// `device.dir`) by flags or variables: the file need not hold them.
+pub fn load_given(path: &Path, role: Role, given: &[&str]) -> Result<Config, ConfigErrors> {
     let fail = |m: String| ConfigErrors { file: path.to_path_buf(), mistakes: vec![m] };
     let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read it: {e}")))?;
     let root: toml::Table = text.parse().map_err(|e: toml::de::Error| {
         fail(format!("not valid TOML: {}", e.to_string().trim_end().replace('\n', "\n    ")))
     })?;
-    let mut c = Checker { role, mistakes: Vec::new() };
+    let mut c = Checker {
+        role,
+        given: given.iter().map(|k| k.to_string()).collect(),
+        mistakes: Vec::new(),
+    };
     let cfg = c.config(&root);
     if c.mistakes.is_empty() {
         Ok(cfg)
@@ -128,6 +138,8 @@ pub fn role_of(path: &Path) -> Role {
 
 struct Checker {
     role: Role,
+    /// Required keys given elsewhere (flags, variables).
+    given: Vec<String>,
     mistakes: Vec<String>,
 }
 
@@ -293,16 +305,19 @@ impl Checker {
                 );
             }
         }
+        let given = |k: &str| self.given.iter().any(|g| g == k);
+        let (given_id, given_listen, given_dir) =
+            (given("node.id"), given("node.listen"), given("device.dir"));
         if self.role == Role::Node {
-            if c.node_id.is_none() && !root_has(root, "node", "id") {
+            if c.node_id.is_none() && !root_has(root, "node", "id") && !given_id {
                 self.mistake("node.id", "missing: a member needs its node id");
             }
-            if c.listen.is_none() && !root_has(root, "node", "listen") {
+            if c.listen.is_none() && !root_has(root, "node", "listen") && !given_listen {
                 self.mistake("node.listen", "missing: a member needs the address it listens on");
             }
             let (dir, raw) =
                 (root_has(root, "device", "dir"), root_has(root, "device", "raw_device"));
-            if !dir && !raw {
+            if !dir && !raw && !given_dir {
                 self.mistake("device.dir", "missing: give device.dir or device.raw_device");
             } else if dir && raw {
                 self.mistake("device.raw_device", "give device.dir or device.raw_device, not both");
@@ -470,9 +485,15 @@ pub fn fill<T>(m: &ArgMatches, id: &str, slot: &mut T, from_file: Option<T>) {
     }
 }
 
-/// Loads `path` for `role`, as a usage error (exit status 2) when it has mistakes.
-pub fn load_for(path: &Path, role: Role) -> Result<Config> {
-    load(path, role).map_err(|e| Usage(e.to_string()).into())
+/// Loads `path` for `role` (`given`: as `load_given`), as a usage error (exit status 2) when it
+/// has mistakes.
+pub fn load_for(path: &Path, role: Role, given: &[&str]) -> Result<Config> {
+    load_given(path, role, given).map_err(|e| Usage(e.to_string()).into())
+}
+
+/// Whether the argument `id` was given on the command line or in its environment variable.
+pub fn is_given(m: &ArgMatches, id: &str) -> bool {
+    given(m, id)
 }
 
 /// `xdevice config`.

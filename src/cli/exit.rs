@@ -5,8 +5,8 @@
 //! | 0 | done |
 //! | 1 | failed (the message names what and why) |
 //! | 2 | bad usage: a flag, a value, or a configuration file (clap uses 2 for its own) |
-//! | 3 | `status`: a daemon's socket did not answer |
-//! | 4 | `stop`, `cluster init`: not done within the time allowed |
+//! | 3 | `status`, `stop --all`: a daemon's socket did not answer |
+//! | 4 | `stop`, `cluster init`, `cluster transfer`: not done within the time allowed |
 
 /// Failure.
 pub const FAILED: i32 = 1;
@@ -19,8 +19,8 @@ pub const TIMED_OUT: i32 = 4;
 
 /// The text shown in `--help` and the man page.
 pub const HELP: &str = "Exit status: 0 done; 1 failed; 2 bad usage (a flag, a value, a \
-configuration file); 3 `status`: a daemon's socket did not answer; 4 `stop`, `cluster init`: \
-not done within the time allowed.";
+configuration file); 3 `status`, `stop --all`: a daemon's socket did not answer; 4 `stop`, \
+`cluster init`, `cluster transfer`: not done within the time allowed.";
 
 /// A wrong flag, value or configuration: exit status 2.
 #[derive(Debug, thiserror::Error)]

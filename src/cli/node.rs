@@ -51,10 +51,17 @@ impl NodeArgs {
     pub fn apply_config(&mut self, m: &clap::ArgMatches) -> Result<()> {
         use super::config::{self, fill};
         let Some(path) = self.config.clone() else { return Ok(()) };
-        let c = config::load_for(&path, config::Role::Node)?;
-        let store_given = ["dir", "device"]
-            .iter()
-            .any(|id| matches!(m.value_source(id), Some(clap::parser::ValueSource::CommandLine)));
+        let store_given = ["dir", "device"].iter().any(|id| config::is_given(m, id));
+        let mut given = Vec::new();
+        for (id, key) in [("id", "node.id"), ("listen", "node.listen")] {
+            if config::is_given(m, id) {
+                given.push(key);
+            }
+        }
+        if store_given {
+            given.push("device.dir");
+        }
+        let c = config::load_for(&path, config::Role::Node, &given)?;
         if !store_given {
             self.store.dir = c.dir.clone();
             self.store.device = c.raw_device.clone();

@@ -164,7 +164,7 @@ impl ServeArgs {
     /// Takes what the configuration file sets and no flag or variable overrides.
     pub fn apply_config(&mut self, m: &ArgMatches) -> Result<()> {
         let Some(path) = self.config.clone() else { return Ok(()) };
-        let c = config::load_for(&path, config::Role::Serve)?;
+        let c = config::load_for(&path, config::Role::Serve, &[])?;
         fill(m, "dir", &mut self.dir, c.dir.clone());
         fill(m, "size", &mut self.size, c.size_bytes.map(Some));
         fill(m, "replicas", &mut self.replicas, c.replicas.map(Some));
@@ -183,7 +183,7 @@ impl RecoverArgs {
     /// Takes what the configuration file sets and no flag or variable overrides.
     pub fn apply_config(&mut self, m: &ArgMatches) -> Result<()> {
         let Some(path) = self.config.clone() else { return Ok(()) };
-        let c = config::load_for(&path, config::Role::Serve)?;
+        let c = config::load_for(&path, config::Role::Serve, &[])?;
         fill(m, "dir", &mut self.dir, c.dir.clone());
         self.daemon.apply_config(m, &c);
         Ok(())
@@ -258,9 +258,29 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
     )
 }
 
-/// `path` made absolute (not resolving links), or a usage error naming `flag`.
+/// `path` made absolute and lexically normal (`.` and `..` folded, links not resolved: a data
+/// directory is recorded, and udev names its device, by the path the operator sees), or a usage
+/// error naming `flag`.
 pub(crate) fn absolute(path: &std::path::Path, flag: &str) -> Result<PathBuf> {
-    std::path::absolute(path).map_err(|e| usage(format!("{flag} {}: {e}", path.display())))
+    let abs =
+        std::path::absolute(path).map_err(|e| usage(format!("{flag} {}: {e}", path.display())))?;
+    Ok(normal(&abs))
+}
+
+/// `path` (absolute) with `.` and `..` folded away.
+pub fn normal(path: &std::path::Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 /// `xdevice recover`.

@@ -10,6 +10,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use super::exit::{bail_usage, TimedOut};
+use super::serve::Unreachable;
 use crate::daemon::status::{self, DeviceStatus};
 use crate::daemon::DEFAULT_RUN_DIR;
 
@@ -45,11 +46,11 @@ struct Stopped {
 /// Whether `target` names `d`.
 fn names(target: &str, d: &DeviceStatus) -> bool {
     let kernel = format!("ublkb{}", d.id);
-    let dir = std::path::absolute(target).ok();
+    let dir = std::path::absolute(target).ok().map(|t| super::serve::normal(&t));
     target == d.path
         || target == kernel
         || target == d.id.to_string()
-        || dir.is_some_and(|t| t.as_os_str() == d.dir.as_str())
+        || dir.is_some_and(|t| t == super::serve::normal(std::path::Path::new(&d.dir)))
 }
 
 fn alive(pid: u32) -> bool {
@@ -133,11 +134,23 @@ pub fn run(args: StopArgs) -> Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "stopped": stopped }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "stopped": stopped, "unreachable": unreachable })
+            )?
+        );
     } else {
         for s in &stopped {
             println!("stopped {} in {:.1}s", s.device, s.seconds);
         }
+    }
+    if args.all && !unreachable.is_empty() {
+        // A daemon whose socket does not answer may still hold its device: say so.
+        for p in &unreachable {
+            eprintln!("unreachable: {} (not stopped)", p["socket"].as_str().unwrap_or("-"));
+        }
+        return Err(Unreachable(unreachable.len()).into());
     }
     Ok(())
 }

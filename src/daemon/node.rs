@@ -161,13 +161,11 @@ pub fn run_node(req: NodeRequest) -> Result<()> {
         service.set_host(host.clone());
         service.quiet_votes_for(req.tuning.election_max);
         if let Some(listener) = metrics {
-            let (host, service) = (host.clone(), service.clone());
+            let host = host.clone();
             let figures = move || {
                 let served = host.shown.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 let mut f = served.map(|s| s.figures()).unwrap_or_default();
-                let s = service.status();
-                let incoming = s.snapshot_in.map(|t| (t.received, t.total));
-                f.replicas.push(replica_figures(&host.node, incoming, s.snapshots_installed));
+                f.replicas.push(replica_figures(&host.node));
                 f
             };
             let registry = crate::metrics::registry(Arc::new(figures));

@@ -193,7 +193,7 @@ impl Served {
         let replicas = match &self.replicas {
             Replicas::Embedded(embedded) => (1..=self.record.replicas)
                 .filter_map(|slot| embedded.node(slot))
-                .map(|node| replica_figures(&node, None, 0))
+                .map(|node| replica_figures(&node))
                 .collect(),
             // The member daemon adds its replica's figures (with its incoming snapshot).
             Replicas::Member(_) => Vec::new(),
@@ -212,13 +212,8 @@ impl Served {
     }
 }
 
-/// One running replica's figures for a scrape; `snapshot_in` (received, total) and `installed`
-/// describe its incoming snapshots where the caller knows them.
-pub fn replica_figures(
-    node: &Node,
-    snapshot_in: Option<(u64, u64)>,
-    installed: u64,
-) -> ReplicaFigures {
+/// One running replica's figures for a scrape.
+pub fn replica_figures(node: &Node) -> ReplicaFigures {
     let m = node.raft.metrics().borrow_watched().clone();
     let status = replica_status(node, None);
     let last = m.last_log_index.unwrap_or(0);
@@ -244,8 +239,10 @@ pub fn replica_figures(
         wal_segments: segments,
         wal_bytes: segments * node.engine.superblock().segment_bytes,
         lag,
-        snapshot_in,
-        snapshots_installed: installed,
+        snapshot_in: node.receiving.current().map(|(_, received)| {
+            (received, crate::replication::snapshot::Shape::of(&node.engine).stream_bytes())
+        }),
+        snapshots_installed: node.receiving.installed(),
     }
 }
 

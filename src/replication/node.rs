@@ -146,6 +146,8 @@ pub struct Node {
     pub proposer: Proposer,
     /// When its recent entries were appended: replication lag in bytes and seconds.
     pub trail: Arc<super::trail::AppendTrail>,
+    /// The snapshot it is receiving, if any, and how many it installed.
+    pub receiving: Arc<super::snapshot::ReceiveProgress>,
     monitor: tokio::task::JoinHandle<()>,
 }
 
@@ -168,12 +170,13 @@ impl Node {
         let engine = replica.engine.clone();
         let commits = replica.log.commits();
         let trail = replica.log.trail();
+        let receiving = replica.sm.receive_progress();
         let inbox = SnapshotInbox::new(replica.sm.clone());
         let network = NetworkFactory::new(transport, tuning.election_max);
         let raft = Raft::new(id, config, network, replica.log, replica.sm).await?;
         let monitor = tokio::spawn(snapshot_monitor(raft.clone(), engine.clone(), tuning.clone()));
         let proposer = Proposer::new(raft.clone(), commits);
-        Ok(Node { id, raft, engine, inbox, proposer, trail, monitor })
+        Ok(Node { id, raft, engine, inbox, proposer, trail, receiving, monitor })
     }
 
     /// Makes a new cluster of `members` (id, address) from this node. Only on a fresh node.

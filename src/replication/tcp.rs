@@ -97,7 +97,7 @@ pub struct BadBlockReport {
 
 /// Cluster management requests. Membership changes (`AddLearner`, `SetVoters`, `Remove`) must be
 /// sent to the leader; another node refuses them, naming the leader it knows.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Admin {
     /// Make a new cluster of these members (id, address) on a fresh node. Answers `Done`.
     Init(Vec<(NodeId, String)>),
@@ -432,8 +432,7 @@ impl NodeService {
         }
     }
 
-    /// This node's view, as `ADMIN Status` answers it.
-    pub fn status(&self) -> NodeStatus {
+    fn status(&self) -> NodeStatus {
         let stream_bytes = Shape::of(&self.engine).stream_bytes();
         status_of(&self.raft, self.id, &self.engine, &self.receiving, stream_bytes)
     }
