@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::node::{free_addr, xdevice_bin, NodeProc};
 use serde_json::Value;
-use xdevice::daemon::status::DeviceStatus;
+use xdevice::daemon::status::{DeviceStatus, ReplicaStatus};
 use xdevice::device::CacheMode;
 
 /// A child process killed when the test ends, passed or not.
@@ -142,7 +142,17 @@ fn fake_daemon(run_dir: &Path, pid: u32) -> std::thread::JoinHandle<()> {
         recovered: false,
         uptime_secs: 1.0,
         leader: Some(1),
-        replicas: Vec::new(),
+        replicas: vec![ReplicaStatus {
+            id: 1,
+            role: "Leader".into(),
+            term: 4,
+            last_log_index: Some(120),
+            committed: Some(120),
+            applied: Some(119),
+            snapshot: None,
+            purged: None,
+            matched: None,
+        }],
         io: Default::default(),
         pipeline: Default::default(),
         cache: Default::default(),
@@ -185,6 +195,21 @@ fn stop_signals_the_daemon_waits_for_it_and_says_so() {
     assert_eq!(v["stopped"][0]["device"], "/dev/ublkb7");
     assert_eq!(v["stopped"][0]["pid"], child.0.id());
     assert!(v["stopped"][0]["seconds"].as_f64().unwrap() >= 0.2, "{v}");
+    // Before it goes: `status` as a person reads it, then as a script does.
+    let out = xdevice(&["status", "--run-dir", run]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    for bad in ["Some(", "None", "Writeback", "{"] {
+        assert!(!text.contains(bad), "debug formatting {bad:?} in:\n{text}");
+    }
+    assert!(text.contains("REPLICA  ROLE"), "a table of replicas:\n{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.split_whitespace().eq(["1", "leader", "4", "120", "120", "119", "-", "-"])),
+        "{text}"
+    );
+    let v = json(&xdevice(&["status", "--json", "--run-dir", run]));
+    assert_eq!(v["devices"][0]["replicas"][0]["applied"], 119);
     let status = child.0.wait().unwrap();
     assert!(status.success(), "the daemon exited on its own after SIGTERM: {status}");
     assert!(started.elapsed() >= Duration::from_millis(300));

@@ -337,13 +337,16 @@ pub fn run_status(args: StatusArgs) -> Result<()> {
             "  leader    {}",
             d.leader.map_or_else(|| "none".to_string(), |l| format!("replica {l}"))
         );
+        println!(
+            "  {:<8} {:<10} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "REPLICA", "ROLE", "TERM", "LOG", "COMMITTED", "APPLIED", "SNAPSHOT", "MATCHED"
+        );
         for r in &d.replicas {
             let opt = |v: Option<u64>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
             println!(
-                "  replica {}  {:<9} term {:<4} log {:<8} committed {:<8} applied {:<8} snapshot {:<8} \
-                 matched {}",
+                "  {:<8} {:<10} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9}",
                 r.id,
-                r.role,
+                r.role.to_lowercase(),
                 r.term,
                 opt(r.last_log_index),
                 opt(r.committed),
