@@ -258,12 +258,15 @@ fn cluster_commands_answer_in_json_and_plain_tables() {
         ),
     )
     .unwrap();
-    let mut n3 = Command::new(xdevice_bin())
-        .args(["node", "--config", cfg.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(tmp.path().join("n3.log")).unwrap())
-        .spawn()
-        .unwrap();
+    // Killed if the test fails before its clean stop below.
+    let mut n3 = Reaped(
+        Command::new(xdevice_bin())
+            .args(["node", "--config", cfg.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(tmp.path().join("n3.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     let addrs: Vec<String> =
         procs.iter().map(|p| p.addr.to_string()).chain([third.addr.to_string()]).collect();
     let node1 = addrs[0].as_str();
@@ -333,11 +336,11 @@ fn cluster_commands_answer_in_json_and_plain_tables() {
         p.stop();
     }
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(n3.id() as i32),
+        nix::unistd::Pid::from_raw(n3.0.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    assert!(n3.wait().unwrap().success());
+    assert!(n3.0.wait().unwrap().success());
 }
 
 fn stdout_empty(out: &Output) -> bool {
