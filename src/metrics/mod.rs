@@ -71,12 +71,24 @@ pub struct Recorders {
     in_flight: Gauge,
     fsync_seconds: Histogram,
     commit_seconds: Histogram,
+    /// Each kind's members of the three families, taken from them at its first request (so a
+    /// kind never seen is not exported) and kept, so a request takes no family lock.
+    by_op: [std::sync::OnceLock<OpMetrics>; 4],
+}
+
+/// One kind's latency histogram, request counter and byte counter.
+#[derive(Debug)]
+struct OpMetrics {
+    seconds: Histogram,
+    requests: Counter,
+    bytes: Counter,
 }
 
 static RECORDERS: LazyLock<Recorders> = LazyLock::new(|| Recorders {
     request_seconds: Family::new_with_constructor(latency_histogram),
     request_bytes: Family::default(),
     requests: Family::default(),
+    by_op: Default::default(),
     in_flight: Gauge::default(),
     fsync_seconds: latency_histogram(),
     commit_seconds: latency_histogram(),
@@ -95,10 +107,17 @@ impl Recorders {
 
     /// A device request of `op` moving `bytes`, started at `started`, was answered.
     pub fn request_done(&self, op: Op, started: Instant, bytes: u64) {
-        let label = op.label();
-        self.request_seconds.get_or_create(&label).observe(started.elapsed().as_secs_f64());
-        self.requests.get_or_create(&label).inc();
-        self.request_bytes.get_or_create(&label).inc_by(bytes);
+        let m = self.by_op[op as usize].get_or_init(|| {
+            let label = op.label();
+            OpMetrics {
+                seconds: self.request_seconds.get_or_create_owned(&label),
+                requests: self.requests.get_or_create_owned(&label),
+                bytes: self.request_bytes.get_or_create_owned(&label),
+            }
+        });
+        m.seconds.observe(started.elapsed().as_secs_f64());
+        m.requests.inc();
+        m.bytes.inc_by(bytes);
         self.in_flight.dec();
     }
 
