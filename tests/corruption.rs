@@ -14,7 +14,7 @@ use xdevice::storage::image::ImageGeometry;
 use xdevice::storage::layout::Location;
 use xdevice::storage::record::{self, Decoded, RECORD_HEADER_BYTES};
 use xdevice::storage::state::{HardState, LogId, Vote};
-use xdevice::storage::superblock::Superblock;
+use xdevice::storage::superblock::{Superblock, FORMAT_VERSION};
 use xdevice::storage::wal::NewEntry;
 use xdevice::storage::StorageError;
 
@@ -203,6 +203,12 @@ fn damage_payload(disk: &SimDisk, rec: &RecordAt) {
 // ---------------------------------------------------------------------------------------------
 // Superblock
 
+
+/// A format version newer than this build's.
+const NEWER: u32 = FORMAT_VERSION + 1;
+/// Bytes of a slot's header before its payload (docs/disk-format.md, "Slot pair").
+const SLOT_HEADER_BYTES: u64 = 40;
+
 #[test]
 fn superblock_one_damaged_copy_falls_back_and_is_rewritten() {
     for copy in 0..4u64 {
@@ -268,14 +274,15 @@ fn superblock_of_a_newer_format_is_refused_with_version() {
     let store = Store::dir();
     let (disk, _) = store.place("t0_meta_superblock", 0);
     for copy in 0..4 {
-        rewrite_copy(&disk, copy * SB_BYTES, 2, 1);
+        rewrite_copy(&disk, copy * SB_BYTES, NEWER, 1);
     }
     let err = err_of(store.open(), "newer format");
     assert!(
-        matches!(err, StorageError::Version { found: 2, supported: 1, .. }),
+        matches!(err, StorageError::Version { found: NEWER, supported: FORMAT_VERSION, .. }),
         "expected a version error: {err}"
     );
-    assert_mentions(&err, &["unsupported format version 2", "t0_meta_superblock"]);
+    let named = format!("unsupported format version {NEWER}");
+    assert_mentions(&err, &[named.as_str(), "t0_meta_superblock"]);
 }
 
 /// A newer build that upgraded the store wrote its first copy (with a higher seq) before a crash:
@@ -284,11 +291,11 @@ fn superblock_of_a_newer_format_is_refused_with_version() {
 fn one_superblock_copy_of_a_newer_format_is_refused_not_downgraded() {
     let store = Store::dir();
     let (disk, _) = store.place("t0_meta_superblock", 0);
-    rewrite_copy(&disk, 0, 2, 2);
+    rewrite_copy(&disk, 0, NEWER, 2);
     let result = store.open();
-    let still_newer = disk.peek(8, 4) == 2u32.to_le_bytes();
+    let still_newer = disk.peek(8, 4) == NEWER.to_le_bytes();
     match result {
-        Err(StorageError::Version { found: 2, supported: 1, .. }) => {}
+        Err(StorageError::Version { found: NEWER, supported: FORMAT_VERSION, .. }) => {}
         Err(other) => panic!("expected a version error, got: {other}"),
         Ok((_, rec)) => panic!(
             "open accepted a store a newer format version wrote (copy 0 overwritten with the \
@@ -961,7 +968,7 @@ fn every_single_byte_flip_in_the_last_segment_is_refused_or_harmless() {
 fn every_byte_flip_in_the_hard_state_slots_falls_back_or_is_harmless() {
     let store = Store::dir();
     store_with_states(&store);
-    let used = 24 + hard_state(3).encode().len() as u64;
+    let used = SLOT_HEADER_BYTES + hard_state(3).encode().len() as u64;
     for slot in 0..2u64 {
         for at in 0..used + 16 {
             let damaged = store.clean();
@@ -997,7 +1004,7 @@ fn every_byte_flip_in_the_image_header_slots_falls_back_or_is_harmless() {
     store_with_checkpoints(&store);
     let model = model_through(39);
     // Slot header, then the 56-byte applied-state payload (docs/disk-format.md).
-    let used = 24 + 56;
+    let used = SLOT_HEADER_BYTES + 56;
     for slot in 0..2u64 {
         for at in 0..used + 8 {
             let damaged = store.clean();

@@ -25,10 +25,13 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
             volume: std::sync::Arc::new(volume) as std::sync::Arc<dyn Volume>,
             name: "suite".into(),
         };
+        // Every store the suite builds is a replica of one device: the suite installs a
+        // snapshot built on one on another, and a snapshot of another cluster is refused.
         let opts = FormatOptions {
             device_name: "suite".into(),
             device_bytes: Some(4 << 20),
             segment_bytes: 16 << 20,
+            cluster_id: uuid::Uuid::from_u128(0x5017e),
             ..FormatOptions::default()
         };
         Engine::format(&location, &opts).expect("format");

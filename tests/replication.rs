@@ -16,7 +16,7 @@ use xdevice::entry::{BlockOp, EntryBody};
 use xdevice::replication::log_store::DEFAULT_CACHE_BYTES;
 use xdevice::replication::node::Node;
 use xdevice::replication::snapshot::{
-    self, Described, LiveStream, Shape, SnapshotData, SnapshotFiles,
+    self, Described, LiveStream, Shape, SnapshotData, SnapshotFiles, Target,
 };
 use xdevice::replication::types::{from_store_log_id, SnapshotMeta};
 use xdevice::replication::{open_replica, Replica};
@@ -515,8 +515,12 @@ fn lagging_replica_catches_up_by_snapshot() {
     });
 }
 
-/// A formatted store of `device_bytes` in `dir`, opened as a replica (snapshots staged in `dir`).
-fn replica_in(dir: &std::path::Path, device_bytes: u64) -> Replica {
+/// The cluster the stores of the snapshot tests belong to.
+const CLUSTER: uuid::Uuid = uuid::Uuid::from_u128(0x5a95_0000_0000_0000_0000_0000_0000_0001);
+
+/// A formatted store of `device_bytes` in `dir` (of cluster `cluster`), opened as a replica
+/// (snapshots staged in `dir`, the store's volume).
+fn replica_of(dir: &std::path::Path, device_bytes: u64, cluster: uuid::Uuid) -> Replica {
     let volume = DirVolume::open(dir, Backend::File).unwrap();
     let location =
         Location::Directory { volume: Arc::new(volume) as Arc<dyn Volume>, name: "xdb0".into() };
@@ -525,6 +529,7 @@ fn replica_in(dir: &std::path::Path, device_bytes: u64) -> Replica {
             device_name: "xdb0".into(),
             device_bytes: Some(device_bytes),
             segment_bytes: 8 << 20,
+            cluster_id: cluster,
             ..FormatOptions::default()
         };
         match Engine::format(&location, &format) {
@@ -533,6 +538,10 @@ fn replica_in(dir: &std::path::Path, device_bytes: u64) -> Replica {
         }
     }
     open_replica(&location, EngineConfig::default(), dir, DEFAULT_CACHE_BYTES).unwrap()
+}
+
+fn replica_in(dir: &std::path::Path, device_bytes: u64) -> Replica {
+    replica_of(dir, device_bytes, CLUSTER)
 }
 
 /// Applies `lbas` written at `version` as log entry `index`, and records them in `want`.
@@ -553,8 +562,13 @@ fn apply(
     engine.apply_entries([(id, &EntryBody::Blocks(ops))]).unwrap();
 }
 
-/// Stages a snapshot of `source`'s live image into `files`' staging file.
-async fn stage_from(source: &Arc<Engine>, files: &SnapshotFiles) -> Described {
+/// Stages a snapshot of `source`'s live image on `target`'s volume; returns what it describes
+/// and the bytes staged.
+async fn stage_from(
+    source: &Arc<Engine>,
+    target: &Arc<Engine>,
+    files: &SnapshotFiles,
+) -> (Described, u64) {
     let applied = source.checkpoint().unwrap();
     let meta = SnapshotMeta {
         last_log_id: applied.log_id.map(from_store_log_id),
@@ -562,8 +576,14 @@ async fn stage_from(source: &Arc<Engine>, files: &SnapshotFiles) -> Described {
     };
     let described = Described { meta, attachment: applied.attachment };
     let mut data = SnapshotData::Live(LiveStream::new(source.clone(), &described).unwrap());
-    snapshot::stage(files, &mut data).await.unwrap();
-    described
+    let staged = snapshot::stage(target, files, &Default::default(), &mut data).await.unwrap();
+    (described, staged)
+}
+
+/// The files of device `xdb0` staged in `dir`.
+fn files_in(dir: &std::path::Path) -> SnapshotFiles {
+    let volume = DirVolume::open(dir, Backend::File).unwrap();
+    SnapshotFiles::new(Arc::new(volume), "xdb0")
 }
 
 /// A crash after the install intent is durable but before the install ran: opening the replica
@@ -591,20 +611,21 @@ fn interrupted_snapshot_install_is_redone_on_open() {
         let mut theirs = Expected::new();
         apply(&target.engine, 1, 2000..2100, 9, &mut theirs);
         target.engine.checkpoint().unwrap();
-        let files = SnapshotFiles::new(dst_dir.path(), "xdb0");
-        let described = stage_from(&source, &files).await;
+        let files = files_in(dst_dir.path());
+        let (described, staged) = stage_from(&source, &target.engine, &files).await;
         assert_eq!(described.attachment, Some(Attachment { epoch: 4, node: 2 }));
         let meta = described.meta.clone();
-        let shape = Shape::of(&target.engine);
-        assert_eq!(snapshot::verify(&files.staging(), shape).await.unwrap(), described);
-        snapshot::begin_install(&files).unwrap();
-        assert!(files.installing().exists() && !files.staging().exists());
+        let dest = Target::of(&target.engine);
+        assert_eq!(snapshot::verify(&files, staged, dest).unwrap(), described);
+        snapshot::record_intent(&target.engine, &files).unwrap();
+        assert!(files.present(&files.installing()).unwrap());
+        assert!(!files.present(&files.staging()).unwrap());
         // Crash: the install never runs.
         target.engine.close().unwrap();
         drop(target);
 
         let reopened = replica_in(dst_dir.path(), device_bytes);
-        assert!(!files.installing().exists(), "the install intent is removed once redone");
+        assert!(!files.present(&files.installing()).unwrap(), "the intent is removed once redone");
         let applied = reopened.engine.applied().log_id.map(from_store_log_id);
         assert_eq!(applied, meta.last_log_id);
         let check_engine = |engine: &Arc<Engine>, want: &Expected| {
@@ -632,22 +653,51 @@ fn interrupted_snapshot_install_is_redone_on_open() {
         // Durable: a second open finds the same image and no intent to redo.
         let again = replica_in(dst_dir.path(), device_bytes);
         check_engine(&again.engine, &want);
-        again.engine.close().unwrap();
 
         // One flipped byte in chunk 5's data is refused, naming the chunk.
-        stage_from(&source, &files).await;
+        let (_, staged) = stage_from(&source, &again.engine, &files).await;
         let at = snapshot::record_bytes(BS as u32) * 6 + snapshot::RECORD_HEAD + 12345;
-        let mut bytes = std::fs::read(files.staging()).unwrap();
+        let path = dst_dir.path().join(files.staging());
+        let mut bytes = std::fs::read(&path).unwrap();
         bytes[at as usize] ^= 0x40;
-        std::fs::write(files.staging(), &bytes).unwrap();
-        let e = snapshot::verify(&files.staging(), shape).await.unwrap_err();
+        std::fs::write(&path, &bytes).unwrap();
+        let e = snapshot::verify(&files, staged, dest).unwrap_err();
         assert!(e.contains("chunk 5") && e.contains("checksum"), "{e}");
 
-        // A snapshot of a differently sized device is refused as such.
-        stage_from(&source, &files).await;
-        let small = Shape { block_bytes: BS as u32, device_bytes: 8 << 20 };
-        let e = snapshot::verify(&files.staging(), small).await.unwrap_err();
+        // A snapshot of a differently sized device is refused as such, not for its length.
+        let (_, staged) = stage_from(&source, &again.engine, &files).await;
+        let small =
+            Target { shape: Shape { block_bytes: BS as u32, device_bytes: 8 << 20 }, ..dest };
+        let e = snapshot::verify(&files, staged, small).unwrap_err();
         assert!(e.contains("16777216-byte device") && e.contains("8388608-byte device"), "{e}");
+        // A short stream is refused for its length.
+        let e = snapshot::verify(&files, staged - 4096, dest).unwrap_err();
+        assert!(e.contains("a complete one is"), "{e}");
+
+        // A snapshot of another cluster's device is refused while it is staged, naming both
+        // clusters, and the receiver's image is untouched.
+        let other_dir = tempfile::tempdir().unwrap();
+        let other = uuid::Uuid::from_u128(0x07e4);
+        let foreign = replica_of(other_dir.path(), device_bytes, other).engine;
+        apply(&foreign, 1, 0..10, 5, &mut Expected::new());
+        let applied = foreign.checkpoint().unwrap();
+        let described = Described {
+            meta: SnapshotMeta {
+                last_log_id: applied.log_id.map(from_store_log_id),
+                last_membership: Default::default(),
+            },
+            attachment: None,
+        };
+        let mut data = SnapshotData::Live(LiveStream::new(foreign.clone(), &described).unwrap());
+        let e = snapshot::stage(&again.engine, &files, &Default::default(), &mut data)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&other.to_string()) && e.contains(&CLUSTER.to_string()), "{e}");
+        assert!(e.contains("another device"), "{e}");
+        check_engine(&again.engine, &want);
+        foreign.close().unwrap();
+        again.engine.close().unwrap();
         source.close().unwrap();
     });
 }

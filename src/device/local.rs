@@ -101,7 +101,7 @@ impl Embedded {
     }
 
     /// As `start`, with replica `i + 1`'s store on `volumes[i]` (a simulated disk in tests;
-    /// `opts.dir` still holds each replica's snapshot directory).
+    /// incoming snapshots are staged on the same volume).
     pub async fn start_on(
         opts: EmbeddedOptions,
         volumes: Vec<Arc<dyn Volume>>,

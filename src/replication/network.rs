@@ -19,7 +19,7 @@ use openraft::raft::{
 };
 use openraft::{BasicNode, RaftNetworkV2};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 use super::snapshot::SnapshotData;
 use super::state_machine::StateMachine;
@@ -91,7 +91,7 @@ pub trait Transport: Send + Sync + 'static {
 /// The receiving side of snapshot transfers for one replica. openraft 0.10 leaves sending a
 /// snapshot to the application (`RaftNetworkV2::full_snapshot`) and installs it only once it is
 /// whole (`Raft::install_full_snapshot`): chunks are staged here, in order, into the state
-/// machine's staging file, and the last one hands the staged stream to openraft, which installs
+/// machine's staged stream, and the last one hands the staged stream to openraft, which installs
 /// it through `StateMachine::install_snapshot` (verified whole, then installed under a durable
 /// intent). Only one snapshot is received at a time; a chunk at offset 0 starts over.
 pub struct SnapshotInbox {
@@ -149,7 +149,7 @@ impl SnapshotInbox {
         if chunk.offset != inc.next {
             return Err(format!("snapshot chunk at {}, expected {}", chunk.offset, inc.next));
         }
-        inc.data.write_all(&chunk.data).await.map_err(|e| format!("staging a snapshot: {e}"))?;
+        inc.data.stage(&chunk.data).await.map_err(|e| format!("staging a snapshot: {e}"))?;
         inc.next += chunk.data.len() as u64;
         if !chunk.done {
             return Ok(SnapshotResponse::new(mine));

@@ -10,7 +10,7 @@ use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::RaftSnapshotBuilder;
 
 use super::snapshot::{
-    self, Described, LiveStream, ReceiveProgress, Shape, SnapshotData, SnapshotFiles, Staging,
+    self, Described, LiveStream, ReceiveProgress, SnapshotData, SnapshotFiles, Staging, Target,
 };
 use super::types::{
     decode_membership, from_store_log_id, into_entry_body, to_store_log_id, LogId, Response,
@@ -64,13 +64,11 @@ pub struct StateMachine {
 }
 
 impl StateMachine {
-    /// Wraps an opened engine, first finishing a snapshot install a crash interrupted. The
+    /// Wraps an opened engine, first repairing what a crash left of a snapshot install
+    /// (`snapshot::recover`: an intent is finished, a staged stream without one removed). The
     /// current snapshot is the image's last checkpoint.
     pub fn new(engine: Arc<Engine>, files: SnapshotFiles) -> io::Result<StateMachine> {
-        if files.installing().exists() {
-            tracing::warn!(path = %files.installing().display(), "redoing an interrupted snapshot install");
-            snapshot::install(&engine, &files).map_err(snap_err)?;
-        }
+        snapshot::recover(&engine, &files).map_err(snap_err)?;
         let current = described(&engine.image().applied())?;
         Ok(StateMachine {
             engine,
@@ -84,29 +82,38 @@ impl StateMachine {
         &self.engine
     }
 
-    /// Stages (if it is not staged yet), verifies and installs a received snapshot.
+    /// Stages (if it is not staged yet) and syncs a received snapshot, verifies it whole,
+    /// records the intent to install it, and installs it (see `snapshot` for the steps).
     async fn install(&mut self, meta: &SnapshotMeta, mut snapshot: SnapshotData) -> io::Result<()> {
-        match &mut snapshot {
-            SnapshotData::File(f) => f.sync_all().await.map_err(snap_err)?,
+        let staged_bytes = match &mut snapshot {
+            SnapshotData::File(f) => f.finish().await.map_err(snap_err)?,
             live @ SnapshotData::Live(_) => {
-                snapshot::stage(&self.files, live).await.map_err(snap_err)?
+                snapshot::stage(&self.engine, &self.files, &self.receiving, live)
+                    .await
+                    .map_err(snap_err)?
             }
-        }
+        };
         drop(snapshot);
-        let shape = Shape::of(&self.engine);
-        let staged = snapshot::verify(&self.files.staging(), shape).await.map_err(snap_err)?;
-        if staged.meta.last_log_id != meta.last_log_id
-            || staged.meta.last_membership != meta.last_membership
-        {
-            return Err(snap_err(format!(
-                "received snapshot is of {:?}, expected {:?}",
-                staged.meta.last_log_id, meta.last_log_id
-            )));
-        }
         let engine = self.engine.clone();
         let files = self.files.clone();
-        tokio::task::spawn_blocking(move || {
-            snapshot::begin_install(&files).map_err(|e| format!("starting the install: {e}"))?;
+        let expected = meta.clone();
+        let staged = tokio::task::spawn_blocking(move || {
+            let refused = |e: String| {
+                files.discard_staged();
+                e
+            };
+            let staged =
+                snapshot::verify(&files, staged_bytes, Target::of(&engine)).map_err(refused)?;
+            if staged.meta.last_log_id != expected.last_log_id
+                || staged.meta.last_membership != expected.last_membership
+            {
+                return Err(refused(format!(
+                    "received snapshot is of {:?}, expected {:?}",
+                    staged.meta.last_log_id, expected.last_log_id
+                )));
+            }
+            snapshot::record_intent(&engine, &files)
+                .map_err(|e| format!("recording the install intent: {e}"))?;
             snapshot::install(&engine, &files)
         })
         .await
@@ -122,13 +129,15 @@ impl StateMachine {
         self.receiving.clone()
     }
 
-    /// Starts receiving a snapshot into the staging file (replacing any earlier, abandoned
+    /// Starts receiving a snapshot into a staged stream (replacing any earlier, abandoned
     /// one). openraft 0.10 leaves the transfer to the application (`network::SnapshotInbox`),
     /// which hands the staged stream to `Raft::install_full_snapshot` once complete.
     pub async fn begin_receiving(&self) -> io::Result<SnapshotData> {
-        let file = tokio::fs::File::create(self.files.staging()).await.map_err(snap_err)?;
+        let staging = Staging::begin(self.engine.clone(), &self.files, self.receiving.clone())
+            .await
+            .map_err(snap_err)?;
         self.receiving.begin();
-        Ok(SnapshotData::File(Staging::new(file, self.receiving.clone())))
+        Ok(SnapshotData::File(staging))
     }
 
     fn set_current(&self, described: Described) {

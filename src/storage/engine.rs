@@ -226,10 +226,12 @@ impl Engine {
         }
         cfg.wal.validate(sb.segment_bytes)?;
         let poison = Arc::new(Poison::default());
+        let (state_disk, state_base) = (regions.state.0.clone(), regions.state.1);
         let (state, state_damaged) =
-            StateStore::open(regions.state.0.clone(), regions.state.1, poison.clone())?;
+            StateStore::open(state_disk, state_base, sb.device_uuid, poison.clone())?;
         let geometry = ImageGeometry::new(sb.device_bytes, sb.block_bytes);
-        let (image, image_damaged) = Image::open(regions.image.clone(), geometry, poison.clone())?;
+        let (image, image_damaged) =
+            Image::open(regions.image.clone(), geometry, sb.device_uuid, poison.clone())?;
         let (wal, wal_report) =
             Wal::open(regions.segments.clone(), sb.device_uuid, cfg.wal.clone(), poison.clone())?;
         let applied = image.applied();
@@ -293,6 +295,18 @@ impl Engine {
     }
     pub fn poisoned(&self) -> Option<String> {
         self.poison.cause()
+    }
+
+    /// Fails once the engine is poisoned or closed, as its own write paths do.
+    pub fn check_writable(&self) -> Result<()> {
+        self.poison.check()
+    }
+
+    /// Records the failed write or sync of something the engine's durable state depends on
+    /// outside its own files (a snapshot being installed over the image, its install intent):
+    /// poisons the engine as a failure of its own would, and returns the error to report.
+    pub fn fail_durable(&self, cause: StorageError) -> StorageError {
+        self.poison.set(&cause)
     }
 
     /// The last applied log id (in memory; durable at the next checkpoint).
@@ -629,7 +643,8 @@ fn write_fresh(location: &Location, regions: &Layout, sb: &Superblock) -> Result
     state_disk
         .write_and_sync(*state_base, &AlignedBuf::zeroed(SlotPair::bytes() as usize))
         .map_err(|e| StorageError::io("clear hard state", state_disk.describe(), e))?;
-    Image::format(&regions.image, ImageGeometry::new(sb.device_bytes, sb.block_bytes))?;
+    let geometry = ImageGeometry::new(sb.device_bytes, sb.block_bytes);
+    Image::format(&regions.image, geometry, sb.device_uuid)?;
     if let Location::Raw { disk } = location {
         clear_slots(disk, &*regions.segments, sb)?;
     }

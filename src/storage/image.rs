@@ -218,9 +218,10 @@ pub struct Image {
 
 impl Image {
     /// Initialises a fresh image on `disk`: blank header state and an all-zero checksum table.
-    pub fn format(disk: &Arc<dyn Disk>, geometry: ImageGeometry) -> Result<()> {
+    /// `owner`: the device uuid, which the header's slots carry.
+    pub fn format(disk: &Arc<dyn Disk>, geometry: ImageGeometry, owner: uuid::Uuid) -> Result<()> {
         check_fits(disk, &geometry)?;
-        let header = SlotPair::new(disk.clone(), 0, *b"XDEVIMGH", "image header");
+        let header = SlotPair::new(disk.clone(), 0, *b"XDEVIMGH", owner, "image header");
         let entries = vec![0u32; geometry.blocks as usize];
         let pages = table_pages(&geometry);
         write_table_pages(disk, &entries, 0..pages)?;
@@ -228,14 +229,16 @@ impl Image {
         header.store(1, &Applied::default().encode())
     }
 
-    /// Opens the image: header, then the whole checksum table, verifying every sector.
+    /// Opens the image of device `owner`: header, then the whole checksum table, verifying every
+    /// sector. Another device's image is refused as foreign.
     pub fn open(
         disk: Arc<dyn Disk>,
         geometry: ImageGeometry,
+        owner: uuid::Uuid,
         poison: Arc<Poison>,
     ) -> Result<(Image, Option<String>)> {
         check_fits(&disk, &geometry)?;
-        let header = SlotPair::new(disk.clone(), 0, *b"XDEVIMGH", "image header");
+        let header = SlotPair::new(disk.clone(), 0, *b"XDEVIMGH", owner, "image header");
         let location = format!("{} offset 0", disk.describe());
         let loaded = header.load()?.ok_or_else(|| {
             StorageError::corrupt("image header", &location, "both slots are blank")

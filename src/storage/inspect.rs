@@ -41,9 +41,10 @@ pub fn inspect(location: &Location) -> Result<Report> {
     let regions = layout::open_regions(location, &sb, false, false)?;
     let poison = std::sync::Arc::new(Poison::default());
     let (state, state_damaged) =
-        StateStore::open(regions.state.0.clone(), regions.state.1, poison.clone())?;
+        StateStore::open(regions.state.0.clone(), regions.state.1, sb.device_uuid, poison.clone())?;
     let geometry = ImageGeometry::new(sb.device_bytes, sb.block_bytes);
-    let (image, header_damaged) = Image::open(regions.image.clone(), geometry, poison)?;
+    let (image, header_damaged) =
+        Image::open(regions.image.clone(), geometry, sb.device_uuid, poison)?;
     let wal = wal::inspect(&*regions.segments, sb.device_uuid)?;
     let state = state.get();
     Ok(Report {

@@ -7,19 +7,24 @@
 //!  0      8   magic        per use ("XDEVSTAT", "XDEVIMGH")
 //!  8      8   seq          larger is newer; the pair alternates slot = seq % 2
 //! 16      4   payload_len
-//! 20      4   crc32c       over bytes 0..20 and the payload
-//! 24      …   payload
+//! 20      4   crc32c       over bytes 0..20, 24..40 and the payload
+//! 24     16   owner        the device uuid of the store the slots belong to
+//! 40      …   payload
 //! ```
+//!
+//! A slot that is intact but names another owner is another device's file: `load` refuses it
+//! as foreign, naming both devices, rather than taking its state or calling it damaged.
 
 use std::sync::Arc;
 
 use super::disk::{AlignedBuf, Disk};
 use super::error::{Result, StorageError};
 use super::le::{put_u32, put_u64, u32_at, u64_at};
+use uuid::Uuid;
 
 /// Bytes of each slot.
 pub const SLOT_BYTES: usize = 4096;
-const HEADER_BYTES: usize = 24;
+const HEADER_BYTES: usize = 40;
 const _: () = assert!(SLOT_BYTES % super::disk::IO_ALIGN == 0 && HEADER_BYTES < SLOT_BYTES);
 /// Largest payload a slot holds.
 pub const MAX_SLOT_PAYLOAD: usize = SLOT_BYTES - HEADER_BYTES;
@@ -30,6 +35,7 @@ pub struct SlotPair {
     disk: Arc<dyn Disk>,
     base: u64,
     magic: [u8; 8],
+    owner: Uuid,
     structure: &'static str,
 }
 
@@ -43,8 +49,15 @@ pub struct Loaded {
 }
 
 impl SlotPair {
-    pub fn new(disk: Arc<dyn Disk>, base: u64, magic: [u8; 8], structure: &'static str) -> Self {
-        SlotPair { disk, base, magic, structure }
+    /// The pair at `base` of `disk`, holding `magic` slots of the device `owner`.
+    pub fn new(
+        disk: Arc<dyn Disk>,
+        base: u64,
+        magic: [u8; 8],
+        owner: Uuid,
+        structure: &'static str,
+    ) -> Self {
+        SlotPair { disk, base, magic, owner, structure }
     }
 
     /// Bytes the pair occupies.
@@ -69,8 +82,9 @@ impl SlotPair {
         buf[0..8].copy_from_slice(&self.magic);
         put_u64(&mut buf, 8, seq);
         put_u32(&mut buf, 16, payload.len() as u32);
+        buf[24..40].copy_from_slice(self.owner.as_bytes());
         buf[HEADER_BYTES..HEADER_BYTES + payload.len()].copy_from_slice(payload);
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&buf[..20]), payload);
+        let crc = slot_crc(&buf, payload);
         put_u32(&mut buf, 20, crc);
         let slot = seq % 2;
         self.disk
@@ -98,7 +112,17 @@ impl SlotPair {
                     best = Some(Loaded { seq, payload, damaged: None });
                 }
                 Ok(_) => {}
-                Err(reason) => damage.push(format!("{}: {reason}", self.location(slot))),
+                Err(Refused::Foreign(other)) => {
+                    return Err(StorageError::Foreign(format!(
+                        "{} ({}) belongs to device {other}, not {}",
+                        self.location(slot),
+                        self.structure,
+                        self.owner
+                    )))
+                }
+                Err(Refused::Damaged(reason)) => {
+                    damage.push(format!("{}: {reason}", self.location(slot)))
+                }
             }
         }
         match best {
@@ -111,23 +135,43 @@ impl SlotPair {
         }
     }
 
-    fn decode(&self, buf: &[u8], slot: u64) -> std::result::Result<(u64, Vec<u8>), String> {
+    fn decode(&self, buf: &[u8], slot: u64) -> std::result::Result<(u64, Vec<u8>), Refused> {
+        let damaged = |r: String| Err(Refused::Damaged(r));
         if buf[0..8] != self.magic {
-            return Err("bad magic".into());
+            return damaged("bad magic".into());
         }
         let seq = u64_at(buf, 8);
         let len = u32_at(buf, 16) as usize;
         if len > MAX_SLOT_PAYLOAD {
-            return Err(format!("payload length {len} exceeds {MAX_SLOT_PAYLOAD}"));
+            return damaged(format!("payload length {len} exceeds {MAX_SLOT_PAYLOAD}"));
         }
         let payload = &buf[HEADER_BYTES..HEADER_BYTES + len];
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&buf[..20]), payload);
-        if crc != u32_at(buf, 20) {
-            return Err("checksum mismatch".into());
+        if slot_crc(buf, payload) != u32_at(buf, 20) {
+            return damaged("checksum mismatch".into());
+        }
+        let mut owner = [0u8; 16];
+        owner.copy_from_slice(&buf[24..40]);
+        let owner = Uuid::from_bytes(owner);
+        if owner != self.owner {
+            return Err(Refused::Foreign(owner));
         }
         if seq % 2 != slot {
-            return Err(format!("seq {seq} found in slot {slot}"));
+            return damaged(format!("seq {seq} found in slot {slot}"));
         }
         Ok((seq, payload.to_vec()))
     }
+}
+
+/// Why a written slot is not taken.
+enum Refused {
+    /// It fails a check: damage, which the other slot may survive.
+    Damaged(String),
+    /// It is intact and another device's.
+    Foreign(Uuid),
+}
+
+/// The checksum of a slot: its header but the checksum itself, then the payload.
+fn slot_crc(buf: &[u8], payload: &[u8]) -> u32 {
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&buf[..20]), &buf[24..40]);
+    crc32c::crc32c_append(crc, payload)
 }

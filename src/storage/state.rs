@@ -119,10 +119,11 @@ impl StateStore {
     pub fn open(
         disk: Arc<dyn Disk>,
         base: u64,
+        owner: uuid::Uuid,
         poison: Arc<Poison>,
     ) -> Result<(StateStore, Option<String>)> {
         let location = format!("{} offset {base}", disk.describe());
-        let pair = SlotPair::new(disk, base, *b"XDEVSTAT", "raft hard state");
+        let pair = SlotPair::new(disk, base, *b"XDEVSTAT", owner, "raft hard state");
         let (seq, state, damaged) = match pair.load()? {
             None => (0, HardState::default(), None),
             Some(loaded) => {

@@ -38,7 +38,7 @@ pub const SUPERBLOCK_BYTES: usize = 4096;
 /// How many copies are written.
 pub const SUPERBLOCK_COPIES: usize = 4;
 /// The on-disk format version this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 const MAGIC: &[u8; 8] = b"XDEVSUPR";
 /// Smallest block size: the image does aligned I/O per block, so no smaller than `IO_ALIGN`.
 pub const MIN_BLOCK_BYTES: u32 = 4096;

@@ -55,7 +55,7 @@ pub trait Disk: Send + Sync + fmt::Debug {
 }
 
 /// A namespace of disks: a data directory, or the simulator's model of one.
-/// Creations and removals are durable only after `sync` returns.
+/// Creations, renames and removals are durable only after `sync` returns.
 pub trait Volume: Send + Sync + fmt::Debug {
     /// A name for error messages.
     fn describe(&self) -> String;
@@ -67,9 +67,13 @@ pub trait Volume: Send + Sync + fmt::Debug {
     fn open(&self, name: &str) -> io::Result<Arc<dyn Disk>>;
     /// Removes `name`.
     fn remove(&self, name: &str) -> io::Result<()>;
+    /// Renames `from` to `to`, replacing any `to`, in one atomic step (`rename(2)`): after a
+    /// crash the namespace holds either name, never both or neither. Open handles keep
+    /// working. Durable only after `sync`; a rename never synced may be undone by a power loss.
+    fn rename(&self, from: &str, to: &str) -> io::Result<()>;
     /// Names currently present, in no particular order.
     fn list(&self) -> io::Result<Vec<String>>;
-    /// Makes creations and removals durable (fsync of the directory).
+    /// Makes creations, renames and removals durable (fsync of the directory).
     fn sync(&self) -> io::Result<()>;
     /// Takes this process's exclusive hold on the store named `name` here, as `Disk::lock`.
     fn lock(&self, name: &str) -> io::Result<lock::Hold>;

@@ -5,9 +5,10 @@
 //! Model. Each `SimDisk` holds a durable image and an ordered list of pending (unsynced) writes;
 //! reads see the durable image with the pending writes applied in order. `sync_data` makes that
 //! disk's pending writes durable. A `SimVolume` holds a durable namespace and an ordered list of
-//! pending creations and removals; `Volume::sync` makes them durable. A disk's data and its name
-//! are independent, as in a real file system: a synced file whose creation was not synced can
-//! vanish, and a removal that was not synced can be undone.
+//! pending creations, renames and removals; `Volume::sync` makes them durable, and a power loss
+//! keeps a prefix of them. A disk's data and its name are independent, as in a real file system:
+//! a synced file whose creation was not synced can vanish, a rename that was not synced can be
+//! undone (the file is found under its old name), and so can a removal.
 //!
 //! Control. A volume and all of its disks share one `Shared` block: the crash counter, the crashed
 //! flag and the armed faults. Every operation holds its lock while it applies, so a power loss
@@ -490,10 +491,11 @@ impl Disk for SimDisk {
     }
 }
 
-/// A creation or removal that `Volume::sync` has not yet made durable.
+/// A creation, rename or removal that `Volume::sync` has not yet made durable.
 #[derive(Clone, Debug)]
 enum NamespaceOp {
     Create(String, Arc<SimDisk>),
+    Rename(String, String),
     Remove(String),
 }
 
@@ -512,6 +514,10 @@ impl Namespace {
         for op in self.pending.iter().take(survivors) {
             match op {
                 NamespaceOp::Create(name, disk) => files.insert(name.clone(), Arc::clone(disk)),
+                NamespaceOp::Rename(from, to) => match files.remove(from) {
+                    Some(disk) => files.insert(to.clone(), disk),
+                    None => None,
+                },
                 NamespaceOp::Remove(name) => files.remove(name),
             };
         }
@@ -600,8 +606,8 @@ impl SimVolume {
         self.image(files, DiskState::volatile_data)
     }
 
-    /// Loses power when `mutating_ops` more writes, data syncs, creations, removals and volume
-    /// syncs (on any of its disks, together) have completed.
+    /// Loses power when `mutating_ops` more writes, data syncs, creations, renames, removals and
+    /// volume syncs (on any of its disks, together) have completed.
     pub fn crash_after(&self, mutating_ops: u64) {
         self.shared.crash_after(mutating_ops);
     }
@@ -635,6 +641,12 @@ impl SimVolume {
     /// The names currently visible, sorted, bypassing power and fault checks.
     pub fn names(&self) -> Vec<String> {
         lock(&self.namespace).live.keys().cloned().collect()
+    }
+
+    /// The names a power loss now would certainly keep (as of the last `Volume::sync`), sorted,
+    /// bypassing power and fault checks.
+    pub fn durable_names(&self) -> Vec<String> {
+        lock(&self.namespace).durable.keys().cloned().collect()
     }
 
     fn not_found(&self, name: &str) -> io::Error {
@@ -709,6 +721,20 @@ impl Volume for SimVolume {
             return Err(self.not_found(name));
         }
         namespace.pending.push(NamespaceOp::Remove(name.to_string()));
+        Ok(())
+    }
+
+    /// Atomic, replacing `to`; open handles keep working on the file under its new name.
+    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        check_name(from)?;
+        check_name(to)?;
+        let _gate = self.shared.admit(None, true)?;
+        let mut namespace = lock(&self.namespace);
+        let Some(disk) = namespace.live.remove(from) else {
+            return Err(self.not_found(from));
+        };
+        namespace.live.insert(to.to_string(), disk);
+        namespace.pending.push(NamespaceOp::Rename(from.to_string(), to.to_string()));
         Ok(())
     }
 
@@ -912,6 +938,43 @@ mod tests {
 
         volume.sync()?;
         assert_eq!(volume.clean_image().names(), ["b"]);
+        Ok(())
+    }
+
+    #[test]
+    fn renames_vanish_without_volume_sync_and_are_atomic() -> io::Result<()> {
+        let volume = SimVolume::new("v");
+        let a = volume.create("a", BLOCK, false)?;
+        a.write_and_sync(0, &filled(1, IO_ALIGN))?;
+        volume.create("b", BLOCK, false)?.write_and_sync(0, &filled(2, IO_ALIGN))?;
+        volume.sync()?;
+        volume.rename("a", "b")?;
+        assert_eq!(volume.names(), ["b"]);
+        assert_eq!(read(&*volume.open("b")?, 0, IO_ALIGN)?, vec![1; IO_ALIGN]);
+        assert_eq!(read(&*a, 0, IO_ALIGN)?, vec![1; IO_ALIGN], "the open handle still works");
+        // Unsynced, the rename may be undone, but never half done: a's data is under one name.
+        assert_eq!(volume.clean_image().names(), ["a", "b"]);
+        assert_eq!(volume.durable_names(), ["a", "b"]);
+        let mut seen = std::collections::BTreeSet::new();
+        for seed in 0..32 {
+            let image = volume.crash_image(seed, CrashPlan::default());
+            let names = image.names();
+            let at_b = read(&*image.open("b")?, 0, IO_ALIGN)?;
+            match names.as_slice() {
+                [a, b] if a == "a" && b == "b" => assert_eq!(at_b, vec![2; IO_ALIGN]),
+                [b] if b == "b" => assert_eq!(at_b, vec![1; IO_ALIGN]),
+                other => panic!("seed {seed}: names {other:?}"),
+            }
+            seen.insert(names.join(","));
+        }
+        assert_eq!(seen.len(), 2, "both fates should occur: {seen:?}");
+        volume.sync()?;
+        assert_eq!(volume.clean_image().names(), ["b"]);
+        assert_eq!(volume.rename("a", "c").map_err(|e| e.kind()), Err(io::ErrorKind::NotFound));
+        assert_eq!(
+            volume.rename("b", "x/y").map_err(|e| e.kind()),
+            Err(io::ErrorKind::InvalidInput)
+        );
         Ok(())
     }
 

@@ -143,6 +143,11 @@ impl super::Volume for DirVolume {
         fs::remove_file(self.entry(name)?)
     }
 
+    /// `rename(2)` inside the directory: atomic, replacing `to`.
+    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        fs::rename(self.entry(from)?, self.entry(to)?)
+    }
+
     /// Regular files only (no directories, symlinks or devices); names that are not UTF-8
     /// cannot have been created through this API and are skipped.
     fn list(&self) -> io::Result<Vec<String>> {
@@ -221,6 +226,18 @@ mod tests {
         vol.sync().expect("sync");
         assert_eq!(vol.list().expect("list"), ["wal"]);
         assert_eq!(vol.open("image").expect_err("removed").kind(), io::ErrorKind::NotFound);
+
+        // A rename moves the data and replaces the target; the old handle keeps working.
+        let other = vol.create("other", 4 * IO_ALIGN as u64, false).expect("create other");
+        vol.rename("wal", "other").expect("rename");
+        vol.sync().expect("sync");
+        assert_eq!(vol.list().expect("list"), ["other"]);
+        assert_eq!(vol.open("other").expect("open").len_bytes(), DISK_BYTES);
+        other.read_at(0, &mut back).expect("the replaced file's handle still reads");
+        disk.read_at(IO_ALIGN as u64, &mut back).expect("read through the old handle");
+        assert_eq!(&back[..], &data[..]);
+        let err = vol.rename("missing", "x").expect_err("missing source");
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
     }
 
     #[test]
@@ -258,6 +275,8 @@ mod tests {
             assert_eq!(kind(vol.create(name, IO_ALIGN as u64, false)), io::ErrorKind::InvalidInput);
             assert_eq!(kind(vol.open(name)), io::ErrorKind::InvalidInput);
             assert_eq!(vol.remove(name).expect_err(name).kind(), io::ErrorKind::InvalidInput);
+            let err = vol.rename(name, "ok").expect_err(name);
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
         }
         let err = vol.create("odd", 1000, false).expect_err("unaligned size");
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
