@@ -59,7 +59,9 @@ use serde_json::{json, Value};
 use common::{FioSide, LatencySide, Machine, Report, Samples};
 use xdevice::device::remote::RemoteCluster;
 use xdevice::device::{CacheMode, Device, DeviceConfig};
-use xdevice::net::{ClientOptions, Handler, RpcClient, RpcServer};
+use xdevice::net::rpc::{admitted, Admission};
+use xdevice::net::tls::{create_dev, Identity, TlsSource};
+use xdevice::net::{Caller, ClientOptions, Handler, RpcClient, RpcServer, Security};
 use xdevice::replication::tcp::{Admin, AdminReply, NodeClient, NodeStatus};
 
 const BENCH: &str = "replicated-commit";
@@ -127,8 +129,10 @@ fn main() -> Result<()> {
     machine.print(BENCH);
     println!(
         "workload: {NODES} `xdevice node` processes on 127.0.0.1-{NODES} (store {} GiB, default \
-         segments, --backend {backend}); client RemoteCluster + writeback Device in this process",
-        DEVICE_BYTES >> 30
+         segments, --backend {backend}, {}); client RemoteCluster + writeback Device in this \
+         process",
+        DEVICE_BYTES >> 30,
+        if plaintext() { "plaintext" } else { "mutual TLS" }
     );
     println!(
         "latency: one writer, {WRITE_BYTES}-byte random write + flush, {samples} pairs per round \
@@ -157,8 +161,13 @@ fn main() -> Result<()> {
     let status_before = rt.block_on(cluster.leader_status())?;
     let device = {
         let _guard = rt.enter();
-        let remote =
-            RemoteCluster::new(&cluster.addrs(), None, cluster.id, Duration::from_secs(10));
+        let remote = RemoteCluster::new(
+            &cluster.addrs(),
+            None,
+            cluster.id,
+            &cluster.security,
+            Duration::from_secs(10),
+        );
         let mut cfg = DeviceConfig::new(
             BLOCK_BYTES,
             DEVICE_BYTES / u64::from(BLOCK_BYTES),
@@ -175,6 +184,7 @@ fn main() -> Result<()> {
     let mut direct = LatencySide::default();
     let mut tcp = LatencySide::default();
     let mut rpc = LatencySide::default();
+    let mut rpc_tls = LatencySide::default();
     let mut xdev = LatencySide::default();
     let mut tput = ThroughputSide::default();
     let mut next_offset = 0u64;
@@ -205,9 +215,11 @@ fn main() -> Result<()> {
                     line += &format!(" tcp p50 {p50:.0}us;");
                 }
                 Phase::RpcRtt => {
-                    let got = rt.block_on(rpc_round_trips(samples))?;
+                    let got = rt.block_on(rpc_round_trips(samples, false))?;
                     let p50 = rpc.add(got, json!({}));
-                    line += &format!(" rpc p50 {p50:.0}us;");
+                    let got = rt.block_on(rpc_round_trips(samples, true))?;
+                    let p50_tls = rpc_tls.add(got, json!({}));
+                    line += &format!(" rpc p50 {p50:.0}us, over TLS {p50_tls:.0}us;");
                 }
                 Phase::Latency => {
                     let before = device.stats();
@@ -269,6 +281,8 @@ fn main() -> Result<()> {
     ] {
         rows.push(side.row(name, String::new()));
     }
+    let tls_cost = rpc_tls.p50() / rpc.p50();
+    rows.push(rpc_tls.row("xdevice RPC round trip, TLS", format!("{tls_cost:.2}× plaintext")));
     rows.push(vec![
         "reference: fio + TCP".into(),
         "".into(),
@@ -363,6 +377,9 @@ fn main() -> Result<()> {
             "xdevice": xdev.summary(),
             "tcp_round_trip": tcp.summary(),
             "rpc_round_trip": rpc.summary(),
+            "rpc_round_trip_tls": rpc_tls.summary(),
+            "rpc_tls_cost": common::finite(tls_cost),
+            "nodes_over_tls": !plaintext(),
             "fio": fio.to_json(),
             "fio_prewritten": fio_pre.to_json(),
             "throughput": {
@@ -474,6 +491,17 @@ struct Cluster {
     id: uuid::Uuid,
     procs: Vec<NodeProc>,
     leader: u64,
+    /// How this process reaches the nodes: TLS as member `CLIENT_ID`, or plaintext.
+    security: Security,
+}
+
+/// The member id this process's certificate names (no node runs as it).
+const CLIENT_ID: u64 = 999_999;
+
+/// Whether the nodes speak plaintext (`XDEVICE_BENCH_PLAINTEXT=1`) rather than mutual TLS, the
+/// product's default.
+fn plaintext() -> bool {
+    std::env::var("XDEVICE_BENCH_PLAINTEXT").is_ok_and(|v| v == "1")
 }
 
 fn bin() -> &'static str {
@@ -491,6 +519,16 @@ impl Cluster {
     /// for a leader.
     async fn start(base: &Path, backend: &str) -> Result<Cluster> {
         let id = uuid::Uuid::new_v4();
+        let tls = base.join("tls");
+        let security = if plaintext() {
+            Security::Plaintext
+        } else {
+            let nodes: Vec<u64> = (1..=NODES).chain([CLIENT_ID]).collect();
+            create_dev(&tls, id, &nodes).map_err(|e| anyhow!("{e}"))?;
+            TlsSource::Dir(tls.clone())
+                .security(id, Identity::Member(CLIENT_ID))
+                .map_err(|e| anyhow!("{e}"))?
+        };
         let mut procs = Vec::new();
         for n in 1..=NODES {
             let dir = base.join(format!("n{n}"));
@@ -508,15 +546,19 @@ impl Cluster {
             let ip = format!("127.0.0.{n}");
             let addr: SocketAddr = format!("{ip}:{}", free_port(&ip)?).parse()?;
             let log = base.join(format!("node-{n}.log"));
-            let child = spawn_node(n, addr, &dir, backend, &log)?;
+            let tls_args: Vec<std::ffi::OsString> = match &security {
+                Security::Plaintext => vec!["--plaintext".into()],
+                Security::Tls(_) => vec!["--tls-dir".into(), tls.clone().into()],
+            };
+            let child = spawn_node(n, addr, &dir, backend, &tls_args, &log)?;
             procs.push(NodeProc { id: n, addr, log, child: Some(child) });
         }
-        let mut cluster = Cluster { id, procs, leader: 0 };
+        let mut cluster = Cluster { id, procs, leader: 0, security };
         // Every node answers before the cluster is initialised.
         let deadline = Instant::now() + ADMIN_TIMEOUT;
         let nodes: Vec<(u64, SocketAddr)> = cluster.procs.iter().map(|p| (p.id, p.addr)).collect();
         for (n, addr) in nodes {
-            let client = NodeClient::new(addr, None, id);
+            let client = NodeClient::new(addr, None, id, &cluster.security);
             loop {
                 cluster.check_alive()?;
                 let asked = client.admin(Admin::Status, Duration::from_millis(500)).await;
@@ -531,7 +573,7 @@ impl Cluster {
         }
         let members: Vec<(u64, String)> =
             cluster.procs.iter().map(|p| (p.id, p.addr.to_string())).collect();
-        NodeClient::new(cluster.procs[0].addr, None, id)
+        NodeClient::new(cluster.procs[0].addr, None, id, &cluster.security)
             .admin(Admin::Init(members), ADMIN_TIMEOUT)
             .await
             .map_err(|e| anyhow!("initialise the cluster: {e}"))?;
@@ -551,7 +593,7 @@ impl Cluster {
 
     async fn find_leader(&self) -> Option<NodeStatus> {
         for p in &self.procs {
-            let c = NodeClient::new(p.addr, None, self.id);
+            let c = NodeClient::new(p.addr, None, self.id, &self.security);
             // Generous: a node busy with the 64-writer load on two shared cores answers late.
             if let Ok(AdminReply::Status(s)) = c.admin(Admin::Status, Duration::from_secs(2)).await
             {
@@ -604,7 +646,14 @@ impl Cluster {
 
 /// Starts `xdevice node` with its output in `log`. It is sent SIGKILL when this process dies, so
 /// an interrupted benchmark leaves no node running.
-fn spawn_node(id: u64, addr: SocketAddr, dir: &Path, backend: &str, log: &Path) -> Result<Child> {
+fn spawn_node(
+    id: u64,
+    addr: SocketAddr,
+    dir: &Path,
+    backend: &str,
+    tls: &[std::ffi::OsString],
+    log: &Path,
+) -> Result<Child> {
     use std::os::unix::process::CommandExt;
     let out = std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
     let err = out.try_clone()?;
@@ -613,6 +662,7 @@ fn spawn_node(id: u64, addr: SocketAddr, dir: &Path, backend: &str, log: &Path) 
         .arg("--dir")
         .arg(dir)
         .args(["--backend", backend])
+        .args(tls)
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err);
@@ -779,22 +829,29 @@ fn tcp_round_trips(samples: usize) -> Result<Samples> {
 struct Echo;
 
 impl Handler for Echo {
-    fn call(
-        &self,
-        _kind: u8,
-        _payload: Vec<u8>,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u8>, String>> + Send>> {
-        Box::pin(async { Ok(vec![7u8; REPLY_BYTES]) })
+    fn call(&self, _caller: &Caller, _kind: u8, _payload: Vec<u8>) -> Admission {
+        admitted(Box::pin(async { Ok(vec![7u8; REPLY_BYTES]) }))
     }
 }
 
 /// The same round trip through xdevice's RPC layer (client and server in this process's runtime):
-/// what framing, checksums and task hand-offs add to the bare socket.
-async fn rpc_round_trips(samples: usize) -> Result<Samples> {
+/// what framing, checksums and task hand-offs add to the bare socket; with `tls`, over mutual
+/// TLS with development certificates, as members speak by default.
+async fn rpc_round_trips(samples: usize, tls: bool) -> Result<Samples> {
     let cluster_id = uuid::Uuid::new_v4();
+    let certs = tempfile::tempdir()?;
+    let (server_side, client_side) = if tls {
+        create_dev(certs.path(), cluster_id, &[1, 2]).map_err(|e| anyhow!("{e}"))?;
+        let source = TlsSource::Dir(certs.path().to_path_buf());
+        let side = |n| source.security(cluster_id, Identity::Member(n)).map_err(|e| anyhow!("{e}"));
+        (side(1)?, side(2)?)
+    } else {
+        (Security::Plaintext, Security::Plaintext)
+    };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let server = RpcServer::start(listener, cluster_id, 1 << 20, Arc::new(Echo))?;
-    let client = RpcClient::new(server.local_addr(), None, cluster_id, 1, ClientOptions::default());
+    let server = RpcServer::start(listener, cluster_id, 1 << 20, server_side, Arc::new(Echo))?;
+    let options = ClientOptions { security: client_side, ..ClientOptions::default() };
+    let client = RpcClient::new(server.local_addr(), None, cluster_id, 2, options);
     let req = vec![5u8; WRITE_BYTES];
     let mut out = Samples::default();
     for i in 0..WARMUP_OPS + samples {

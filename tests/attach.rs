@@ -34,6 +34,8 @@ fn options(opts: &EmbeddedOptions) -> MemberOptions {
     let (election_min, election_max) = (opts.tuning.election_min, opts.tuning.election_max);
     MemberOptions {
         cluster_id: uuid::Uuid::nil(),
+        // In process: the members never dial each other.
+        security: xdevice::net::Security::Plaintext,
         bind: None,
         lease: election_min,
         election_max,

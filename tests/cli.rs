@@ -56,6 +56,7 @@ fn json(out: &Output) -> Value {
 fn usage_mistakes_exit_2_and_failures_exit_1() {
     let tmp = tempfile::tempdir().unwrap();
     let empty = tmp.path().to_str().unwrap();
+    let nil = &uuid::Uuid::nil().to_string();
     let usage: &[(&[&str], &str)] = &[
         (&["no-such-command"], "unrecognized subcommand"),
         (&["format", "--size", "16M"], "give --dir or --device"),
@@ -65,6 +66,46 @@ fn usage_mistakes_exit_2_and_failures_exit_1() {
         (&["node", "--dir", empty, "--id", "1"], "--listen is required"),
         (&["node", "--dir", empty, "--id", "0", "--listen", "127.0.0.1:1"], "--id must be greater"),
         (&["cluster", "status"], "--node"),
+        (
+            &["cluster", "--node", "127.0.0.1:1", "--cluster-id", nil, "status"],
+            "no TLS certificate",
+        ),
+        (
+            &[
+                "cluster",
+                "--plaintext",
+                "--tls-dir",
+                empty,
+                "--node",
+                "127.0.0.1:1",
+                "--cluster-id",
+                nil,
+                "status",
+            ],
+            "--plaintext with a TLS certificate",
+        ),
+        (
+            &["cluster", "--tls-ca", empty, "--node", "127.0.0.1:1", "--cluster-id", nil, "status"],
+            "--tls-cert",
+        ),
+        (
+            &[
+                "cluster",
+                "--tls-dir",
+                empty,
+                "--node",
+                "127.0.0.1:1",
+                "--cluster-id",
+                nil,
+                "status",
+            ],
+            "ca.pem: No such file",
+        ),
+        (&["node", "--dir", empty, "--id", "1", "--listen", "127.0.0.1:1"], "no TLS certificate"),
+        (
+            &["tls", "dev", "--dir", empty, "--cluster-id", nil, "--node", "0"],
+            "node ids start at 1",
+        ),
         (&["stop"], "DEVICE"),
         (&["completions", "tcsh"], "invalid value 'tcsh'"),
     ];
@@ -79,6 +120,7 @@ fn usage_mistakes_exit_2_and_failures_exit_1() {
         (
             &[
                 "cluster",
+                "--plaintext",
                 "--node",
                 "127.0.0.1:1",
                 "--cluster-id",
@@ -252,9 +294,10 @@ fn cluster_commands_answer_in_json_and_plain_tables() {
     std::fs::write(
         &cfg,
         format!(
-            "[node]\nid = 3\nlisten = \"{}\"\n[device]\ndir = \"{}\"\n",
+            "[node]\nid = 3\nlisten = \"{}\"\n[device]\ndir = \"{}\"\n[tls]\ndir = \"{}\"\n",
             third.addr,
-            third.dir.display()
+            third.dir.display(),
+            third.tls.display()
         ),
     )
     .unwrap();
@@ -270,8 +313,10 @@ fn cluster_commands_answer_in_json_and_plain_tables() {
     let addrs: Vec<String> =
         procs.iter().map(|p| p.addr.to_string()).chain([third.addr.to_string()]).collect();
     let node1 = addrs[0].as_str();
+    let tls = third.tls.to_str().unwrap();
     let cli = |args: &[&str]| {
-        let mut all = vec!["cluster", "--node", node1, "--cluster-id", cid.as_str()];
+        let mut all =
+            vec!["cluster", "--tls-dir", tls, "--node", node1, "--cluster-id", cid.as_str()];
         all.extend_from_slice(args);
         xdevice(&all)
     };
@@ -315,8 +360,17 @@ fn cluster_commands_answer_in_json_and_plain_tables() {
     // Leadership moved to another node, then that node removed from elsewhere.
     let other = (1..=3u64).find(|i| *i != leader).unwrap();
     let other_addr = addrs[(other - 1) as usize].as_str();
-    let out =
-        xdevice(&["cluster", "--node", other_addr, "--cluster-id", &cid, "--json", "transfer"]);
+    let out = xdevice(&[
+        "cluster",
+        "--tls-dir",
+        tls,
+        "--node",
+        other_addr,
+        "--cluster-id",
+        &cid,
+        "--json",
+        "transfer",
+    ]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let v = json(&out);
     assert_eq!(v["leader"], other, "leadership moved to the node asked: {v}");
@@ -359,6 +413,8 @@ fn init_without_a_majority_exits_4() {
     let out = loop {
         let out = xdevice(&[
             "cluster",
+            "--tls-dir",
+            p.tls.to_str().unwrap(),
             "--node",
             &p.addr.to_string(),
             "--cluster-id",

@@ -19,7 +19,7 @@ use common::node::{free_addr, xdevice_bin, NodeProc};
 use xdevice::device::remote::RemoteCluster;
 use xdevice::device::{CacheMode, Device, DeviceConfig};
 use xdevice::entry::BlockOp;
-use xdevice::replication::tcp::{Admin, AdminReply, NodeStatus};
+use xdevice::replication::tcp::{Admin, AdminReply, ErrorCode, NodeStatus};
 use xdevice::replication::types::Request;
 use xdevice::storage::disk::{Backend, DirVolume, Volume};
 use xdevice::storage::engine::{Engine, EngineConfig};
@@ -87,10 +87,11 @@ async fn cluster_of(
     procs
 }
 
-/// Runs `xdevice cluster --node NODE --cluster-id ID ARGS…` to completion.
-async fn cli(node: SocketAddr, cluster: uuid::Uuid, args: &[String]) -> Output {
+/// Runs `xdevice cluster --node NODE --cluster-id ID ARGS…` to completion, as the admin.
+async fn cli(node: &NodeProc, args: &[String]) -> Output {
     let mut cmd = Command::new(xdevice_bin());
-    cmd.args(["cluster", "--node", &node.to_string(), "--cluster-id", &cluster.to_string()]);
+    let (addr, cluster) = (node.addr.to_string(), node.cluster.to_string());
+    cmd.args(["cluster", "--node", &addr, "--cluster-id", &cluster, "--tls-dir"]).arg(&node.tls);
     cmd.args(args);
     tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap()
 }
@@ -166,7 +167,8 @@ fn fourth_node_catches_up_by_snapshot_with_progress() {
         let cluster = uuid::Uuid::new_v4();
         let mut procs = cluster_of(base.path(), cluster, 3, "1G", &node_args).await;
         let addrs: Vec<SocketAddr> = procs.iter().map(|p| p.addr).collect();
-        let remote = RemoteCluster::new(&addrs, None, cluster, Duration::from_secs(10));
+        let security = procs[0].security();
+        let remote = RemoteCluster::new(&addrs, None, cluster, &security, Duration::from_secs(10));
         let blocks = DEVICE / BS as u64;
         let mut cfg = DeviceConfig::new(BS as u32, blocks, CacheMode::Writeback);
         cfg.io_timeout = Duration::from_secs(60);
@@ -236,7 +238,7 @@ fn fourth_node_catches_up_by_snapshot_with_progress() {
         ];
         let started = Instant::now();
         // Through a node that may not be the leader: the CLI finds it.
-        let out = cli(procs[2].addr, cluster, &add).await;
+        let out = cli(&procs[2], &add).await;
         let took = started.elapsed();
         let stderr = String::from_utf8_lossy(&out.stderr);
         println!("--- xdevice cluster add (stderr) ---\n{stderr}---");
@@ -371,7 +373,8 @@ fn removed_node_stops_receiving_entries() {
         let cluster = uuid::Uuid::new_v4();
         let mut procs = cluster_of(base.path(), cluster, 3, "16M", &[]).await;
         let addrs: Vec<SocketAddr> = procs.iter().map(|p| p.addr).collect();
-        let remote = RemoteCluster::new(&addrs, None, cluster, Duration::from_secs(5));
+        let security = procs[0].security();
+        let remote = RemoteCluster::new(&addrs, None, cluster, &security, Duration::from_secs(5));
         let dev =
             Device::start(DeviceConfig::new(BS as u32, 4096, CacheMode::Writethrough), remote);
         for lba in 0..32u64 {
@@ -380,19 +383,13 @@ fn removed_node_stops_receiving_entries() {
         let leader = leader_status(&procs, cluster).await;
         let victim = procs.iter().position(|p| p.id != leader.id).unwrap();
 
-        let refused = cli(
-            procs[victim].addr,
-            cluster,
-            &["remove".into(), "--id".into(), leader.id.to_string()],
-        )
-        .await;
+        let refused =
+            cli(&procs[victim], &["remove".into(), "--id".into(), leader.id.to_string()]).await;
         let err = String::from_utf8_lossy(&refused.stderr);
         assert!(!refused.status.success() && err.contains("is the leader"), "{err}");
 
         let vid = procs[victim].id;
-        let out =
-            cli(procs[victim].addr, cluster, &["remove".into(), "--id".into(), vid.to_string()])
-                .await;
+        let out = cli(&procs[victim], &["remove".into(), "--id".into(), vid.to_string()]).await;
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "cluster remove failed: {stderr}");
 
@@ -442,7 +439,7 @@ fn removed_node_stops_receiving_entries() {
         // `--json`: one object on stdout, nothing on stderr.
         let add =
             ["--json", "add", "--id", &vid.to_string(), "--addr", &procs[victim].addr.to_string()];
-        let out = cli(procs[victim].addr, cluster, &add.map(String::from)).await;
+        let out = cli(&procs[victim], &add.map(String::from)).await;
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "cluster add failed: {stderr}");
         assert!(stderr.is_empty(), "--json printed progress: {stderr}");
@@ -478,7 +475,7 @@ fn oversized_proposal_is_refused_not_fatal() {
         let leader = leader_status(&procs, cluster).await;
         let at = procs.iter().find(|p| p.id == leader.id).unwrap();
         // --json is taken after the subcommand as well as before it.
-        let out = cli(at.addr, cluster, &["status".to_string(), "--json".to_string()]).await;
+        let out = cli(at, &["status".to_string(), "--json".to_string()]).await;
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(shown["id"], leader.id, "{shown}");
@@ -486,7 +483,8 @@ fn oversized_proposal_is_refused_not_fatal() {
         let t = Duration::from_secs(10);
         let huge = Request::blocks(vec![BlockOp::Write { lba: 0, data: vec![7; 5 << 20].into() }]);
         let e = client.write(&huge, t).await.unwrap_err();
-        assert!(e.contains("exceeds") && e.contains("entry limit"), "{e}");
+        assert_eq!(e.code, Some(ErrorCode::TooLarge), "{e}");
+        assert!(e.message.contains("exceeds") && e.message.contains("entry limit"), "{e}");
         // The largest proposal the device makes (4 MiB of data in 1024 writes) goes through.
         let ops =
             (0..1024u64).map(|lba| BlockOp::Write { lba, data: blocks_data(lba, 1, 1).into() });
@@ -505,18 +503,20 @@ fn oversized_proposal_is_refused_not_fatal() {
         // An attach entry comes only from the member attaching (ADMIN Attach), never through
         // WRITE: a client could otherwise fence the serving member, or name another.
         let e = client.write(&Request::Attach(leader.id), t).await.unwrap_err();
-        assert!(e.contains("attach entries") && e.contains("never through WRITE"), "{e}");
+        assert_eq!(e.code, Some(ErrorCode::Refused), "{e}");
+        assert!(e.message.contains("attach entries") && e.message.contains("never through WRITE"));
         // Nor a write under some attachment's epoch: only that member's device sends those.
         let fenced =
             Request::Fenced(7, vec![BlockOp::Zero { lba: 0, blocks: 1 }], Default::default());
         let e = client.write(&fenced, t).await.unwrap_err();
-        assert!(e.contains("fenced writes") && e.contains("never through WRITE"), "{e}");
+        assert_eq!(e.code, Some(ErrorCode::Refused), "{e}");
+        assert!(e.message.contains("fenced writes") && e.message.contains("never through WRITE"));
         // A node that cannot serve a device here (not root, or no ublk) refuses ADMIN Attach by
         // name before anything changes: no attachment, the same leader.
         let can_serve = nix::unistd::geteuid().is_root() && Path::new("/dev/ublk-control").exists();
         if !can_serve {
             let e = client.admin(Admin::Attach, t).await.unwrap_err();
-            assert!(e.contains("needs root") || e.contains("ublk"), "{e}");
+            assert!(e.message.contains("needs root") || e.message.contains("ublk"), "{e}");
             let after = leader_status(&procs, cluster).await;
             assert_eq!(after.attachment, None, "an attachment appeared: {after:?}");
             assert_eq!((after.id, after.term), (leader.id, leader.term));

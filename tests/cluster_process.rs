@@ -23,7 +23,7 @@ use common::node::{free_addr, NodeProc};
 
 use xdevice::device::remote::RemoteCluster;
 use xdevice::device::{CacheMode, Device, DeviceConfig};
-use xdevice::replication::tcp::{Admin, AdminReply, NodeClient, NodeStatus};
+use xdevice::replication::tcp::{Admin, AdminReply, NodeStatus};
 
 const BS: usize = 4096;
 const BLOCKS: u64 = 256;
@@ -131,7 +131,7 @@ impl Checker {
 async fn statuses(procs: &[NodeProc], cluster: uuid::Uuid) -> Vec<NodeStatus> {
     let mut out = Vec::new();
     for p in procs.iter().filter(|p| p.child.is_some()) {
-        let c = NodeClient::new(p.addr, None, cluster);
+        let c = p.client(cluster);
         if let Ok(AdminReply::Status(s)) = c.admin(Admin::Status, Duration::from_millis(300)).await
         {
             out.push(*s);
@@ -212,12 +212,14 @@ fn faults_under_load_lose_no_flushed_write() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let members: Vec<(u64, String)> =
             procs.iter().map(|p| (p.id, p.addr.to_string())).collect();
-        NodeClient::new(procs[0].addr, None, cluster)
+        procs[0]
+            .client(cluster)
             .admin(Admin::Init(members), Duration::from_secs(10))
             .await
             .unwrap();
         let addrs: Vec<SocketAddr> = procs.iter().map(|p| p.addr).collect();
-        let remote = RemoteCluster::new(&addrs, None, cluster, Duration::from_secs(2));
+        let security = procs[0].security();
+        let remote = RemoteCluster::new(&addrs, None, cluster, &security, Duration::from_secs(2));
         let mut cfg = DeviceConfig::new(BS as u32, BLOCKS, CacheMode::Writeback);
         cfg.io_timeout = Duration::from_secs(60);
         let dev = Device::start(cfg, remote);

@@ -38,6 +38,7 @@ fn each_kind_of_mistake_is_named_with_its_key() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
     let file = write(t, "plain-file", "x");
+    let node = "[node]\nid = 1\nlisten = \"127.0.0.1:1\"\n[device]\ndir = \"/tmp\"\n";
     let locked = t.join("locked");
     std::fs::create_dir(&locked).unwrap();
     let cases: Vec<(Role, String, &str, &str)> = vec![
@@ -74,7 +75,13 @@ fn each_kind_of_mistake_is_named_with_its_key() {
         // Unknown keys, sections, and keys of the other daemon.
         (Role::Serve, "[device]\ncahce_bytes = \"1G\"\n".into(), "device.cahce_bytes", "unknown key (did you mean cache_bytes?)"),
         (Role::Serve, "[devise]\n".into(), "devise", "unknown key (did you mean device?)"),
-        (Role::Serve, "[tls]\ncert = \"/x\"\n".into(), "tls", "unknown key (known:"),
+        (Role::Serve, "[security]\ncert = \"/x\"\n".into(), "security", "unknown key (known:"),
+        (Role::Serve, "[tls]\ndir = \"/tmp\"\n".into(), "tls.dir", "applies to a cluster member"),
+        // TLS: the files exist, come together, and one way is chosen.
+        (Role::Node, format!("{node}[tls]\ncert = \"{}\"\n", t.join("absent.pem").display()), "tls.cert", "No such file"),
+        (Role::Node, format!("{node}[tls]\ncert = \"{file}\"\n"), "tls", "ca, cert and key go together"),
+        (Role::Node, format!("{node}[tls]\ndir = \"/tmp\"\nplaintext = true\n"), "tls", "give one of dir"),
+        (Role::Node, format!("{node}[tls]\nplaintext = \"yes\"\n"), "tls.plaintext", "expected true or false"),
         (Role::Serve, "[node]\nid = 1\n".into(), "node.id", "applies to a cluster member"),
         (Role::Node, "[node]\nid = 1\nlisten = \"127.0.0.1:1\"\n[device]\ndir = \"/tmp\"\nreplicas = 3\n".into(), "device.replicas", "applies to an embedded device"),
     ];

@@ -92,7 +92,8 @@ fn nodes_serve_documented_metrics_that_move_with_the_writes() {
 
         // The write load: 300 writes of 8 blocks with a flush after every tenth.
         let addrs: Vec<SocketAddr> = procs.iter().map(|p| p.addr).collect();
-        let remote = RemoteCluster::new(&addrs, None, cluster, Duration::from_secs(5));
+        let security = procs[0].security();
+        let remote = RemoteCluster::new(&addrs, None, cluster, &security, Duration::from_secs(5));
         let cfg = DeviceConfig::new(BS as u32, (64 << 20) / BS as u64, CacheMode::Writeback);
         let dev = Device::start(cfg, remote);
         let writes = 300u64;

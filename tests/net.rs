@@ -2,9 +2,7 @@
 //! return, remote errors, timeouts and payload limits.
 #![allow(clippy::unwrap_used)]
 
-use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,14 +11,22 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use uuid::Uuid;
 use xdevice::net::frame::{encode, read_frame, Frame};
+use xdevice::net::rpc::{admitted, Admission, CODE_MALFORMED};
 use xdevice::net::rpc::{Hello, KIND_HELLO, KIND_HELLO_OK, PROTOCOL_VERSION};
-use xdevice::net::{ClientOptions, Handler, RpcClient, RpcError, RpcServer};
+use xdevice::net::Security;
+use xdevice::net::{Caller, ClientOptions, Handler, Refusal, RpcClient, RpcError, RpcServer};
 
 const ECHO: u8 = 1;
 const FAIL: u8 = 2;
 const SLOW: u8 = 3;
 const ECHO_LATER: u8 = 4;
 const PANIC: u8 = 5;
+/// Answered as malformed: the server closes the connection after the answer.
+const MALFORMED: u8 = 6;
+/// Admitted only once `TestHandler::gate` has a permit: the connection's next frame waits.
+const GATED: u8 = 7;
+/// The application's error code the test handler refuses with.
+const CODE_REFUSED: u16 = 100;
 
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const SERVER_MAX: usize = 64 * 1024;
@@ -28,26 +34,45 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Echoes, fails, or answers late depending on the kind; counts the requests it saw, and keeps
 /// the payloads of `ECHO_LATER` requests in the order it was called with them.
-#[derive(Default)]
 struct TestHandler {
     requests: AtomicUsize,
     called: std::sync::Mutex<Vec<Vec<u8>>>,
+    gate: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for TestHandler {
+    fn default() -> Self {
+        TestHandler {
+            requests: AtomicUsize::new(0),
+            called: std::sync::Mutex::new(Vec::new()),
+            gate: Arc::new(tokio::sync::Semaphore::new(0)),
+        }
+    }
 }
 
 impl Handler for TestHandler {
-    fn call(
-        &self,
-        kind: u8,
-        payload: Vec<u8>,
-    ) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send>> {
+    #[allow(clippy::async_yields_async)]
+    fn call(&self, _caller: &Caller, kind: u8, payload: Vec<u8>) -> Admission {
         self.requests.fetch_add(1, Ordering::SeqCst);
         if kind == ECHO_LATER {
             self.called.lock().unwrap().push(payload.clone());
         }
-        Box::pin(async move {
+        if kind == GATED {
+            let gate = self.gate.clone();
+            return Box::pin(async move {
+                gate.acquire().await.unwrap().forget();
+                let answer: xdevice::net::Answer = Box::pin(async move { Ok(payload) });
+                answer
+            });
+        }
+        admitted(Box::pin(async move {
             match kind {
                 ECHO => Ok(payload),
-                FAIL => Err(format!("refused {} bytes: état invalide", payload.len())),
+                FAIL => Err(Refusal::new(
+                    CODE_REFUSED,
+                    format!("refused {} bytes: état invalide", payload.len()),
+                )),
+                MALFORMED => Err(Refusal::new(CODE_MALFORMED, "this request does not decode")),
                 SLOW => {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     Ok(payload)
@@ -60,9 +85,9 @@ impl Handler for TestHandler {
                     tokio::time::sleep(Duration::from_millis(1)).await;
                     panic!("test handler panics on purpose");
                 }
-                other => Err(format!("unknown kind {other}")),
+                other => Err(Refusal::new(CODE_MALFORMED, format!("unknown kind {other}"))),
             }
-        })
+        }))
     }
 }
 
@@ -81,13 +106,16 @@ fn options() -> ClientOptions {
         queue_depth: 64,
         backoff_min: Duration::from_millis(20),
         backoff_max: Duration::from_millis(200),
+        ..ClientOptions::default()
     }
 }
 
 async fn serve_at(addr: SocketAddr, cluster: Uuid) -> (RpcServer, Arc<TestHandler>) {
     let listener = TcpListener::bind(addr).await.unwrap();
     let handler = Arc::new(TestHandler::default());
-    let server = RpcServer::start(listener, cluster, SERVER_MAX, handler.clone()).unwrap();
+    let server =
+        RpcServer::start(listener, cluster, SERVER_MAX, Security::Plaintext, handler.clone())
+            .unwrap();
     (server, handler)
 }
 
@@ -275,7 +303,8 @@ async fn handler_error_arrives_as_remote_with_its_text() {
     let (server, _) = serve(cluster_a()).await;
     let client = client(&server, cluster_a());
     let result = client.call(FAIL, vec![0; 12], CALL_TIMEOUT).await;
-    assert_eq!(result, Err(RpcError::Remote("refused 12 bytes: état invalide".into())));
+    let message = "refused 12 bytes: état invalide".to_string();
+    assert_eq!(result, Err(RpcError::Remote { code: CODE_REFUSED, message }));
     assert_eq!(client.call(ECHO, b"after".to_vec(), CALL_TIMEOUT).await.unwrap(), b"after");
 }
 
@@ -284,7 +313,12 @@ async fn handler_panic_is_answered_and_the_connection_stays_usable() {
     let (server, _) = serve(cluster_a()).await;
     let c = client(&server, cluster_a());
     match c.call(PANIC, vec![1], CALL_TIMEOUT).await {
-        Err(RpcError::Remote(m)) => assert_eq!(m, "handler panicked"),
+        Err(RpcError::Remote { code, message }) => {
+            assert_eq!(
+                (code, message.as_str()),
+                (xdevice::net::rpc::CODE_INTERNAL, "handler panicked")
+            )
+        }
         other => panic!("expected a remote error, got {other:?}"),
     }
     assert_eq!(c.call(ECHO, vec![2, 3], CALL_TIMEOUT).await.unwrap(), vec![2, 3]);
@@ -373,4 +407,54 @@ async fn connect_to_a_closed_port_fails_fast_then_backs_off() {
     let second = client.call(ECHO, Vec::new(), CALL_TIMEOUT).await;
     assert!(matches!(&second, Err(RpcError::Unreachable(m)) if m.contains("next attempt")));
     assert!(started.elapsed() < Duration::from_millis(500));
+}
+
+#[tokio::test]
+async fn a_request_refused_as_malformed_closes_only_its_connection() {
+    let (server, handler) = serve(cluster_a()).await;
+    let bad = client(&server, cluster_a());
+    let good = client(&server, cluster_a());
+    assert_eq!(good.call(ECHO, b"before".to_vec(), CALL_TIMEOUT).await.unwrap(), b"before");
+    let result = bad.call(MALFORMED, b"garbage".to_vec(), CALL_TIMEOUT).await;
+    match result {
+        Err(RpcError::Remote { code, message }) => {
+            assert_eq!(code, CODE_MALFORMED);
+            assert_eq!(message, "this request does not decode");
+        }
+        other => panic!("{other:?}"),
+    }
+    // The server closes that connection: the next call on it fails or reconnects after the
+    // backoff, never reuses the old one.
+    let mut closed = false;
+    for _ in 0..50 {
+        match bad.call(ECHO, b"again".to_vec(), CALL_TIMEOUT).await {
+            Err(RpcError::Unreachable(_)) => {
+                closed = true;
+                break;
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert!(closed, "the connection that sent a malformed request stayed open");
+    assert_eq!(good.call(ECHO, b"after".to_vec(), CALL_TIMEOUT).await.unwrap(), b"after");
+    assert!(handler.requests.load(Ordering::SeqCst) >= 3);
+}
+
+#[tokio::test]
+async fn a_request_waiting_for_admission_holds_back_its_connection_only() {
+    let (server, handler) = serve(cluster_a()).await;
+    let held = client(&server, cluster_a());
+    let other = client(&server, cluster_a());
+    let gated = held.send(GATED, b"first".to_vec(), CALL_TIMEOUT).await.unwrap();
+    let behind = held.send(ECHO_LATER, b"second".to_vec(), CALL_TIMEOUT).await.unwrap();
+    // The connection's reader waits on the first request's admission: the second is not even
+    // read, while another connection is served.
+    assert_eq!(other.call(ECHO, b"other".to_vec(), CALL_TIMEOUT).await.unwrap(), b"other");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(handler.called.lock().unwrap().is_empty(), "a frame behind an admission was read");
+    handler.gate.add_permits(1);
+    assert_eq!(gated.answer().await.unwrap(), b"first");
+    assert_eq!(behind.answer().await.unwrap(), b"second");
+    assert_eq!(*handler.called.lock().unwrap(), vec![b"second".to_vec()]);
 }

@@ -17,10 +17,11 @@ use common::node::{free_addr, NodeProc};
 
 use xdevice::device::remote::RemoteCluster;
 use xdevice::device::{CacheMode, Device, DeviceConfig, DeviceError};
-use xdevice::net::{ClientOptions, RpcClient};
+use xdevice::net::rpc::CODE_MALFORMED;
+use xdevice::net::{ClientOptions, RpcClient, RpcError};
 use xdevice::replication::tcp::{
-    Admin, AdminReply, BadBlockReport, LocalRead, NodeStatus, Repair, KIND_READ, KIND_READ_LOCAL,
-    KIND_REPAIR,
+    Admin, AdminReply, BadBlockReport, ErrorCode, LocalRead, NodeStatus, Repair, KIND_READ,
+    KIND_READ_LOCAL, KIND_REPAIR,
 };
 use xdevice::storage::image::block_checksum;
 
@@ -86,8 +87,9 @@ fn block(lba: u64) -> Vec<u8> {
     b
 }
 
-fn device(addrs: &[SocketAddr], cluster: uuid::Uuid) -> std::sync::Arc<Device> {
-    let remote = RemoteCluster::new(addrs, None, cluster, Duration::from_secs(5));
+fn device(addrs: &[SocketAddr], node: &NodeProc) -> std::sync::Arc<Device> {
+    let security = node.security();
+    let remote = RemoteCluster::new(addrs, None, node.cluster, &security, Duration::from_secs(5));
     let mut cfg = DeviceConfig::new(BS as u32, DEVICE / BS as u64, CacheMode::Writethrough);
     cfg.io_timeout = Duration::from_secs(30);
     // Only the blocks asked for are read, so the counters count only them.
@@ -117,7 +119,7 @@ fn a_damaged_block_on_the_leader_is_read_from_a_follower_and_repaired() {
         let addrs: Vec<SocketAddr> = procs.iter().map(|p| p.addr).collect();
 
         let data: Vec<u8> = (0..BLOCKS).flat_map(block).collect();
-        let dev = device(&addrs, cluster);
+        let dev = device(&addrs, &procs[0]);
         dev.write(0, &data, false).await.unwrap();
         dev.flush().await.unwrap();
         dev.close();
@@ -142,29 +144,37 @@ fn a_damaged_block_on_the_leader_is_read_from_a_follower_and_repaired() {
         // A repair with anything but what the checksum table promises changes nothing.
         let mut other = block(5);
         other[0] ^= 1;
-        let refused = lc.repair(&Repair { lba: 5, data: other }, t).await.unwrap();
+        let refused = lc.repair(Repair { lba: 5, data: other }, t).await.unwrap();
         assert!(!refused, "a repair with other data was accepted");
-        let short = lc.repair(&Repair { lba: 5, data: vec![0; 100] }, t).await.unwrap_err();
+        let short = lc.repair(Repair { lba: 5, data: vec![0; 100] }, t).await.unwrap_err().message;
         assert!(short.contains("block"), "{short}");
-        let far = lc.repair(&Repair { lba: 1 << 40, data: block(5) }, t).await.unwrap_err();
+        let far = lc.repair(Repair { lba: 1 << 40, data: block(5) }, t).await.unwrap_err().message;
         assert!(far.contains("beyond"), "{far}");
         // A node that has not applied as far as asked refuses a local read.
         let ahead = LocalRead { lba: 5, blocks: 1, applied_at_least: applied + 1_000_000 };
-        let behind = lc.read_local(ahead, t).await.unwrap_err();
+        let behind = lc.read_local(ahead, t).await.unwrap_err().message;
         assert!(behind.contains("has applied"), "{behind}");
-        // Malformed and oversized requests are refused with an error, and the node lives on.
-        let rpc = RpcClient::new(leader.addr, None, cluster, 0, ClientOptions::default());
+        // Malformed and oversized requests are refused as malformed (each closes its own
+        // connection), and the node lives on.
         for kind in [KIND_READ, KIND_READ_LOCAL, KIND_REPAIR] {
-            let e = rpc.call(kind, vec![0xff; 3], t).await.unwrap_err().to_string();
-            assert!(e.contains("malformed"), "kind {kind}: {e}");
+            let options = ClientOptions { security: leader.security(), ..Default::default() };
+            let rpc = RpcClient::new(leader.addr, None, cluster, 0, options);
+            match rpc.call(kind, vec![0xff; 3], t).await {
+                Err(RpcError::Remote { code, message }) => {
+                    assert_eq!(code, CODE_MALFORMED, "kind {kind}: {message}");
+                    assert!(message.contains("malformed"), "kind {kind}: {message}");
+                }
+                other => panic!("kind {kind}: {other:?}"),
+            }
         }
         let huge = LocalRead { lba: 0, blocks: u64::MAX / 2, applied_at_least: 0 };
-        let e = lc.read_local(huge, t).await.unwrap_err();
-        assert!(e.contains("too large"), "{e}");
+        let e = leader.client(cluster).read_local(huge, t).await.unwrap_err();
+        assert_eq!(e.code, Some(ErrorCode::Malformed), "{e}");
+        assert!(e.message.contains("a read of 9223372036854775807 blocks"), "{e}");
 
         // Read through a fresh device (nothing cached): exactly what was written, the block
         // taken from a follower and the leader's copy rewritten.
-        let dev = device(&addrs, cluster);
+        let dev = device(&addrs, &procs[0]);
         assert_eq!(dev.read(0, data.len() as u64).await.unwrap(), data, "never wrong data");
         assert_eq!(dev.stats().corrupt_blocks, 1);
         assert_eq!(dev.stats().repaired_blocks, 1);
@@ -181,7 +191,7 @@ fn a_damaged_block_on_the_leader_is_read_from_a_follower_and_repaired() {
         for p in &procs {
             flip_byte(p, 9);
         }
-        let dev = device(&addrs, cluster);
+        let dev = device(&addrs, &procs[0]);
         let err = dev.read(8 * BS as u64, 2 * BS as u64).await.unwrap_err();
         let DeviceError::Read(msg) = &err else { panic!("{err:?}") };
         assert!(msg.contains("lba 9") && msg.contains("no other replica"), "{msg}");

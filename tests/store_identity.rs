@@ -90,7 +90,7 @@ fn a_second_process_on_a_live_store_is_refused_naming_the_holder() {
         assert_eq!(std::fs::read_to_string(&lock).unwrap().trim(), pid.to_string());
         let dir = first.dir.to_str().unwrap().to_string();
         let other = free_addr("127.0.0.1").to_string();
-        let out = xdevice(&["node", "--id", "1", "--listen", &other, "--dir", &dir]);
+        let out = xdevice(&["node", "--plaintext", "--id", "1", "--listen", &other, "--dir", &dir]);
         let said = refused(&out, &format!("in use by pid {pid}"));
         assert!(said.contains("store in use"), "{said}");
         // `format --force` on the live store is refused the same way (force never overrides a
@@ -124,7 +124,7 @@ fn a_store_is_never_started_as_another_node() {
     let before = listing(&node.dir);
     let dir = node.dir.to_str().unwrap().to_string();
     let addr = free_addr("127.0.0.1").to_string();
-    let out = xdevice(&["node", "--id", "2", "--listen", &addr, "--dir", &dir]);
+    let out = xdevice(&["node", "--plaintext", "--id", "2", "--listen", &addr, "--dir", &dir]);
     let said = refused(&out, "is the store of node 1 of cluster");
     assert!(said.contains(&cluster.to_string()) && said.contains("as node 2"), "{said}");
     assert_eq!(superblock(&node.dir), bound, "the superblock changed");
@@ -141,7 +141,16 @@ fn a_store_is_never_started_as_another_node() {
         xdevice(&["format", "--size", "64M", "--node-id", "5", "--dir", named.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(superblock(&named)["node_id"], 5);
-    let out = xdevice(&["node", "--id", "4", "--listen", &addr, "--dir", named.to_str().unwrap()]);
+    let out = xdevice(&[
+        "node",
+        "--plaintext",
+        "--id",
+        "4",
+        "--listen",
+        &addr,
+        "--dir",
+        named.to_str().unwrap(),
+    ]);
     refused(&out, "is the store of node 5");
     let out = xdevice(&["format", "--size", "64M", "--node-id", "0", "--dir", "/nonexistent"]);
     refused(&out, "--node-id must be greater than 0");
@@ -149,12 +158,24 @@ fn a_store_is_never_started_as_another_node() {
 
 #[test]
 fn a_node_of_another_cluster_or_another_id_is_never_added() {
+    never_added(false);
+}
+
+/// The same over plaintext: the checks behind the certificates' still hold (the cluster id on
+/// every frame, the node's own answer to who it is).
+#[test]
+fn a_node_of_another_cluster_or_another_id_is_never_added_over_plaintext() {
+    never_added(true);
+}
+
+fn never_added(plaintext: bool) {
     let base = tempfile::tempdir().unwrap();
     let ours = uuid::Uuid::new_v4();
     let theirs = uuid::Uuid::new_v4();
-    let mut leader = NodeProc::format(base.path(), 1, &ours, "64M", free_addr("127.0.0.1"), &[]);
-    let mut foreign = NodeProc::format(base.path(), 2, &theirs, "64M", free_addr("127.0.0.2"), &[]);
-    let mut other_id = NodeProc::format(base.path(), 3, &ours, "64M", free_addr("127.0.0.3"), &[]);
+    let a: &[&str] = if plaintext { &["--plaintext"] } else { &[] };
+    let mut leader = NodeProc::format(base.path(), 1, &ours, "64M", free_addr("127.0.0.1"), a);
+    let mut foreign = NodeProc::format(base.path(), 2, &theirs, "64M", free_addr("127.0.0.2"), a);
+    let mut other_id = NodeProc::format(base.path(), 3, &ours, "64M", free_addr("127.0.0.3"), a);
     for p in [&mut leader, &mut foreign, &mut other_id] {
         p.start();
     }
@@ -176,6 +197,11 @@ fn a_node_of_another_cluster_or_another_id_is_never_added() {
         let node = leader.addr.to_string();
         let cluster = ours.to_string();
         let add = |id: &str, addr: String| {
+            let tls: &[&str] = if plaintext {
+                &["--plaintext"]
+            } else {
+                &["--tls-dir", leader.tls.to_str().unwrap()]
+            };
             let args = [
                 "cluster",
                 "--node",
@@ -189,17 +215,35 @@ fn a_node_of_another_cluster_or_another_id_is_never_added() {
                 addr.as_str(),
             ]
             .map(str::to_string);
+            let args: Vec<String> = args[..1]
+                .iter()
+                .cloned()
+                .chain(tls.iter().map(|s| s.to_string()))
+                .chain(args[1..].iter().cloned())
+                .collect();
             tokio::task::spawn_blocking(move || {
                 Command::new(xdevice_bin()).args(&args).output().unwrap()
             })
         };
-        // A node whose store belongs to another cluster: its handshake refuses ours.
+        // A node whose store belongs to another cluster: its certificate names a member of
+        // that cluster, not of ours.
         let out = add("2", foreign.addr.to_string()).await.unwrap();
         let said = refused(&out, "cannot join cluster");
-        assert!(said.contains("cluster id mismatch"), "{said}");
-        // A node of this cluster that is another node than the one named.
+        if plaintext {
+            // Its handshake refuses ours.
+            assert!(said.contains("cluster id mismatch"), "{said}");
+        } else {
+            let names = format!("names no identity of cluster {ours}");
+            assert!(said.contains("TLS handshake") && said.contains(&names), "{said}");
+        }
+        // A node of this cluster that is another node than the one named: under TLS its
+        // certificate says so before its status could.
         let out = add("7", other_id.addr.to_string()).await.unwrap();
-        refused(&out, "the node there is node 3");
+        if plaintext {
+            refused(&out, "the node there is node 3");
+        } else {
+            refused(&out, "the server's certificate is for node 3, not 7");
+        }
         let after = status(&leader, ours).await.unwrap();
         assert_eq!(
             (after.voters.clone(), after.learners.clone(), after.nodes.clone()),

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use uuid::Uuid;
 
-use super::{cluster, config, demo, exit, node, serve, size, stop, StoreArgs};
+use super::{cluster, config, demo, exit, node, serve, size, stop, tls, StoreArgs};
 use crate::storage::engine::{Engine, FormatOptions};
 use crate::storage::inspect;
 use crate::storage::StorageError;
@@ -63,6 +63,8 @@ enum Command {
     Cluster(cluster::ClusterArgs),
     /// Check a configuration file: every mistake is reported at once, each with its key.
     Config(config::ConfigArgs),
+    /// Certificates for mutual TLS between members: `tls dev` makes a development CA.
+    Tls(tls::TlsCommand),
     /// Print the completion script for a shell (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
     /// Print the manual page, xdevice(1), in roff.
@@ -160,6 +162,7 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
         }
         Command::Cluster(args) => cluster::run_cluster(args)?,
         Command::Config(args) => config::run(args)?,
+        Command::Tls(args) => tls::run(args)?,
         Command::Format(args) => format(args)?,
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "xdevice", &mut std::io::stdout())

@@ -7,8 +7,11 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Result};
 
 use super::exit::TimedOut;
+use super::TlsArgs;
+use crate::net::tls::Identity;
+use crate::net::Security;
 use crate::replication::snapshot::ReceivePhase;
-use crate::replication::tcp::{Admin, AdminReply, NodeClient, NodeStatus};
+use crate::replication::tcp::{Admin, AdminReply, NodeClient, NodeError, NodeStatus};
 use crate::replication::types::NodeId;
 
 /// Options of `xdevice cluster`.
@@ -23,6 +26,9 @@ pub struct ClusterArgs {
     /// Print JSON (before or after the subcommand).
     #[arg(long, global = true)]
     pub json: bool,
+    /// The admin certificate (`admin.pem` and `.key` in --tls-dir), or --plaintext.
+    #[command(flatten)]
+    pub tls: TlsArgs,
     #[command(subcommand)]
     pub op: ClusterOp,
 }
@@ -90,15 +96,18 @@ const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 struct Peer {
     addr: SocketAddr,
     client: NodeClient,
+    security: Security,
 }
 
 impl Peer {
-    fn new(addr: SocketAddr, cluster_id: uuid::Uuid) -> Peer {
-        Peer { addr, client: NodeClient::new(addr, None, cluster_id) }
+    fn new(addr: SocketAddr, cluster_id: uuid::Uuid, security: &Security) -> Peer {
+        let client = NodeClient::new(addr, None, cluster_id, security);
+        Peer { addr, client, security: security.clone() }
     }
 
     async fn ask(&self, req: Admin, timeout: Duration) -> Result<AdminReply> {
-        self.client.admin(req, timeout).await.map_err(|e| anyhow!("{}: {e}", self.addr))
+        let addr = self.addr;
+        self.client.admin(req, timeout).await.map_err(|e| anyhow::Error::new(e).context(addr))
     }
 
     async fn status(&self) -> Result<Box<NodeStatus>> {
@@ -132,7 +141,8 @@ impl Peer {
             let (leader, _) = self.leader(cluster_id).await?;
             match leader.ask(req.clone(), CHANGE_TIMEOUT).await {
                 Err(e)
-                    if Instant::now() < deadline && e.to_string().contains("forward request") =>
+                    if Instant::now() < deadline
+                        && e.downcast_ref::<NodeError>().is_some_and(NodeError::not_leader) =>
                 {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
@@ -153,7 +163,7 @@ impl Peer {
         let addr = s.nodes.get(&id).ok_or_else(|| anyhow!("leader {id} has no address"))?;
         let addr: SocketAddr =
             addr.parse().map_err(|e| anyhow!("leader {id}'s address {addr:?}: {e}"))?;
-        let peer = Peer::new(addr, cluster_id);
+        let peer = Peer::new(addr, cluster_id, &self.security);
         let s = peer.status().await?;
         if s.state != "Leader" {
             bail!("node {id} at {addr} is no longer the leader ({}); try again", s.state);
@@ -165,7 +175,9 @@ impl Peer {
 pub fn run_cluster(args: ClusterArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
-        let node = Peer::new(args.node, args.cluster_id);
+        let security = args.tls.source()?.security(args.cluster_id, Identity::Admin);
+        let security = security.map_err(super::exit::usage)?;
+        let node = Peer::new(args.node, args.cluster_id, &security);
         match args.op {
             ClusterOp::Init { members, timeout_secs } => {
                 node.ask(Admin::Init(members), CHANGE_TIMEOUT).await?;
@@ -452,7 +464,7 @@ async fn add_node(
 ) -> Result<()> {
     let out = Progress::new(id, json);
     let (mut leader, _) = node.leader(cluster_id).await?;
-    let learner_peer = Peer::new(addr, cluster_id);
+    let learner_peer = Peer::new(addr, cluster_id, &node.security);
     // Snapshots it installed before this add do not count.
     let installed_before = learner_peer.status().await.map_or(0, |s| s.snapshots_installed);
     out.say(format_args!("adding at {addr} as a learner (through leader {})", leader.addr));

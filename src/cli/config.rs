@@ -60,6 +60,11 @@ pub struct Config {
     pub snapshot_segments: Option<u64>,
     pub keep_entries: Option<u64>,
     pub metrics_listen: Option<SocketAddr>,
+    pub tls_dir: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub plaintext: Option<bool>,
 }
 
 /// Every mistake found in a file, each as `section.key: reason`.
@@ -99,6 +104,11 @@ const SCHEMA: &[(&str, &str, &[Role])] = &[
     ("raft", "snapshot_segments", &[Role::Serve, Role::Node]),
     ("raft", "keep_entries", &[Role::Serve, Role::Node]),
     ("metrics", "listen", &[Role::Serve, Role::Node]),
+    ("tls", "dir", &[Role::Node]),
+    ("tls", "ca", &[Role::Node]),
+    ("tls", "cert", &[Role::Node]),
+    ("tls", "key", &[Role::Node]),
+    ("tls", "plaintext", &[Role::Node]),
 ];
 
 /// Reads and checks `path` for `role`; every mistake in one error.
@@ -285,6 +295,28 @@ impl Checker {
         c.keep_entries = get("raft", "keep_entries")
             .and_then(|v| self.int(&v, "raft.keep_entries", 0, u64::MAX));
         c.metrics_listen = get("metrics", "listen").and_then(|v| self.addr(&v, "metrics.listen"));
+        c.tls_dir = get("tls", "dir").and_then(|v| self.dir(&v, "tls.dir"));
+        c.tls_ca = get("tls", "ca").and_then(|v| self.file(&v, "tls.ca"));
+        c.tls_cert = get("tls", "cert").and_then(|v| self.file(&v, "tls.cert"));
+        c.tls_key = get("tls", "key").and_then(|v| self.file(&v, "tls.key"));
+        c.plaintext = get("tls", "plaintext").and_then(|v| match v.as_bool() {
+            Some(b) => Some(b),
+            None => {
+                self.mistake(
+                    "tls.plaintext",
+                    format!("expected true or false, found {}", kind(&v)),
+                );
+                None
+            }
+        });
+        let files_given = ["ca", "cert", "key"].iter().filter(|k| root_has(root, "tls", k)).count();
+        if files_given != 0 && files_given != 3 {
+            self.mistake("tls", "ca, cert and key go together: give all three or none");
+        }
+        let choices = [root_has(root, "tls", "dir"), files_given > 0, c.plaintext == Some(true)];
+        if choices.iter().filter(|c| **c).count() > 1 {
+            self.mistake("tls", "give one of dir, the files (ca, cert, key), or plaintext = true");
+        }
 
         match (c.election_min_ms, c.election_max_ms) {
             (Some(lo), Some(hi)) if lo >= hi => self.mistake(
@@ -405,6 +437,22 @@ impl Checker {
             return None;
         }
         Some(PathBuf::from(s))
+    }
+
+    /// A file that exists and can be read.
+    fn file(&mut self, v: &toml::Value, key: &str) -> Option<PathBuf> {
+        let p = self.path(v, key)?;
+        match std::fs::File::open(&p).and_then(|f| f.metadata()) {
+            Ok(m) if m.is_file() => Some(p),
+            Ok(_) => {
+                self.mistake(key, format!("{} is not a file", p.display()));
+                None
+            }
+            Err(e) => {
+                self.mistake(key, format!("{}: {e}", p.display()));
+                None
+            }
+        }
     }
 
     /// A directory: readable if it exists; otherwise its parent must exist (it is made).

@@ -10,12 +10,15 @@ pub mod node;
 pub mod serve;
 pub mod size;
 pub mod stop;
+pub mod tls;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+
+pub use tls::TlsArgs;
 
 use crate::storage::disk::{self, Backend, DirVolume, Volume};
 use crate::storage::layout::{self, Location};

@@ -32,8 +32,9 @@ pub struct NodeArgs {
     /// connections). Required, here or in --config.
     #[arg(long, env = "XDEVICE_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// Where incoming snapshots are staged and `member.json` is kept (default: the data
-    /// directory).
+    /// Where `member.json` is kept, and, for a store on a raw device (--device), where incoming
+    /// snapshots are staged; a directory store stages them in its data directory (default: the
+    /// data directory).
     #[arg(long, env = "XDEVICE_SNAPSHOT_DIR")]
     pub snapshot_dir: Option<PathBuf>,
     /// Serve Prometheus metrics (Raft, replication lag, WAL, fsync latency, and the device's
@@ -44,6 +45,9 @@ pub struct NodeArgs {
     pub tuning: TuningArgs,
     #[command(flatten)]
     pub serve: MemberServeArgs,
+    /// This member's certificate (node-ID.pem and .key in --tls-dir), or --plaintext.
+    #[command(flatten)]
+    pub tls: super::TlsArgs,
 }
 
 impl NodeArgs {
@@ -72,6 +76,12 @@ impl NodeArgs {
         fill(m, "listen", &mut self.listen, c.listen.map(Some));
         fill(m, "snapshot_dir", &mut self.snapshot_dir, c.snapshot_dir.clone().map(Some));
         fill(m, "metrics", &mut self.metrics, c.metrics_listen.map(Some));
+        let t = &mut self.tls;
+        fill(m, "tls_dir", &mut t.tls_dir, c.tls_dir.clone().map(Some));
+        fill(m, "tls_ca", &mut t.tls_ca, c.tls_ca.clone().map(Some));
+        fill(m, "tls_cert", &mut t.tls_cert, c.tls_cert.clone().map(Some));
+        fill(m, "tls_key", &mut t.tls_key, c.tls_key.clone().map(Some));
+        fill(m, "plaintext", &mut t.plaintext, c.plaintext);
         self.tuning.apply_config(m, &c);
         let s = &mut self.serve;
         fill(m, "attach", &mut s.attach, c.attach);
@@ -236,9 +246,11 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
         (Some(d), _) | (None, Some(d)) => super::serve::absolute(d, "--snapshot-dir")?,
         (None, None) => bail_usage!("--snapshot-dir is required with --device"),
     };
+    let tls = args.tls.source()?;
     let location = args.store.location(None)?;
     crate::daemon::node::run_node(NodeRequest {
         id,
+        tls,
         listen,
         location,
         state_dir,

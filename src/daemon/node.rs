@@ -30,7 +30,8 @@ use super::status::{replica_figures, start_status_socket, Replicas, Served};
 use super::{require_ublk, Frontend};
 use crate::device::member::{Member, MemberOptions};
 use crate::device::{CacheMode, Device, DeviceConfig};
-use crate::net::RpcServer;
+use crate::net::tls::{Identity, TlsSource};
+use crate::net::{RpcServer, Security};
 use crate::replication::log_store::DEFAULT_CACHE_BYTES;
 use crate::replication::network::{BoxFuture, Transport};
 use crate::replication::node::{Node, RaftTuning};
@@ -48,6 +49,8 @@ pub const MEMBER_RECORD: &str = "member.json";
 #[derive(Debug)]
 pub struct NodeRequest {
     pub id: NodeId,
+    /// Where this member's certificate is, or plaintext.
+    pub tls: TlsSource,
     pub listen: SocketAddr,
     pub location: Location,
     /// Incoming snapshots and `member.json`.
@@ -118,8 +121,19 @@ pub fn run_node(req: NodeRequest) -> Result<()> {
         let replica = open_replica(&req.location, engine, &req.state_dir, DEFAULT_CACHE_BYTES)
             .with_context(|| format!("opening {}", req.location.describe()))?;
         let cluster_id = replica.engine.superblock().cluster_id;
-        let transport: Arc<dyn Transport> =
-            Arc::new(TcpTransport::new(cluster_id, req.id, Some(req.listen.ip())));
+        let security = req
+            .tls
+            .security(cluster_id, Identity::Member(req.id))
+            .map_err(|e| anyhow::anyhow!("TLS: {e}"))?;
+        if matches!(security, Security::Plaintext) {
+            tracing::warn!("--plaintext: peers are not authenticated and traffic is clear text");
+        }
+        let transport: Arc<dyn Transport> = Arc::new(TcpTransport::new(
+            cluster_id,
+            req.id,
+            Some(req.listen.ip()),
+            security.clone(),
+        ));
         let receiving = replica.sm.receive_progress();
         let node = Arc::new(Node::start(req.id, replica, transport, &req.tuning).await?);
         let listener = tokio::net::TcpListener::bind(req.listen)
@@ -132,11 +146,13 @@ pub fn run_node(req: NodeRequest) -> Result<()> {
             receiving,
             node.inbox.clone(),
             node.proposer.clone(),
+            security.clone(),
         );
         let host = Arc::new(MemberHost {
             node: node.clone(),
             opts: MemberOptions {
                 cluster_id,
+                security: security.clone(),
                 bind: Some(req.listen.ip()),
                 // A follower votes for no one until `election_max` after it last heard this
                 // leader; openraft dates an acknowledgement by when its request was sent. One
@@ -171,7 +187,7 @@ pub fn run_node(req: NodeRequest) -> Result<()> {
             let registry = crate::metrics::registry(Arc::new(figures));
             tokio::spawn(crate::metrics::http::serve(listener, Arc::new(registry)));
         }
-        let server = RpcServer::start(listener, cluster_id, MAX_PAYLOAD, service)?;
+        let server = RpcServer::start(listener, cluster_id, MAX_PAYLOAD, security, service)?;
         println!("node {} of cluster {cluster_id} listening on {}", req.id, server.local_addr());
         let listening = format!("node {} listening on {}", req.id, server.local_addr());
         if req.attach {

@@ -260,17 +260,22 @@ fn socket_path(run_dir: &Path, id: u32) -> PathBuf {
     run_dir.join(format!("ublkb{id}.sock"))
 }
 
-/// Answers each connection with one JSON status line. A failure to set it up is logged, not
-/// fatal: the device serves without it.
+/// Answers each connection with one JSON status line. Only the daemon's owner (and root) may
+/// connect: the socket is made mode 0600 in a directory made 0700, and a connection from another
+/// user is dropped by its peer credentials, should the socket's mode be loosened. A failure to
+/// set it up is logged, not fatal: the device serves without it.
 pub async fn start_status_socket(run_dir: &Path, id: u32, served: Arc<Served>) -> Option<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let path = socket_path(run_dir, id);
     let listener = (|| -> std::io::Result<tokio::net::UnixListener> {
-        std::fs::create_dir_all(run_dir)?;
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(run_dir)?;
         match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
-        tokio::net::UnixListener::bind(&path)
+        let listener = tokio::net::UnixListener::bind(&path)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        Ok(listener)
     })();
     let listener = match listener {
         Ok(l) => l,
@@ -282,8 +287,20 @@ pub async fn start_status_socket(run_dir: &Path, id: u32, served: Arc<Served>) -
             return None;
         }
     };
+    let owner = nix::unistd::geteuid().as_raw();
     tokio::spawn(async move {
         while let Ok((mut conn, _)) = listener.accept().await {
+            match conn.peer_cred() {
+                Ok(c) if c.uid() == owner || c.uid() == 0 => {}
+                Ok(c) => {
+                    tracing::warn!(uid = c.uid(), "status socket: refusing another user");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "status socket: no peer credentials");
+                    continue;
+                }
+            }
             let served = served.clone();
             tokio::spawn(async move {
                 let mut line = serde_json::to_vec(&served.status()).unwrap_or_default();

@@ -54,6 +54,8 @@ use crate::storage::image::Attachment;
 pub struct MemberOptions {
     /// The cluster's id (its peers' connections are checked against it).
     pub cluster_id: uuid::Uuid,
+    /// How this member reaches the others (its own certificate under TLS).
+    pub security: crate::net::Security,
     /// The address this member's connections leave from (its listen address).
     pub bind: Option<IpAddr>,
     /// How long a quorum's acknowledgement keeps this member serving: below the time a
@@ -151,7 +153,8 @@ impl Member {
                 .filter(|(id, _)| **id != node.id)
                 .filter_map(|(id, n)| {
                     let addr = n.addr.parse().ok()?;
-                    Some((*id, n.addr.clone(), NodeClient::new(addr, opts.bind, opts.cluster_id)))
+                    let client = NodeClient::new(addr, opts.bind, opts.cluster_id, &opts.security);
+                    Some((*id, n.addr.clone(), client))
                 })
                 .collect()
         };
@@ -340,7 +343,8 @@ async fn win_leadership(
                         Ok(sock) => {
                             // Bounded by an election timeout: a leader that is gone (or cut
                             // off) does not answer, and then there is an election to stand in.
-                            let client = NodeClient::new(sock, opts.bind, opts.cluster_id);
+                            let client =
+                                NodeClient::new(sock, opts.bind, opts.cluster_id, &opts.security);
                             let ask = client.admin(Admin::Handover(node.id), opts.election_max);
                             if let Err(e) = ask.await {
                                 tracing::warn!(leader = l, error = %e, "handover request failed");

@@ -32,6 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::{BoxFuture, Cluster, ReadOutcome};
+use crate::net::Security;
 use crate::replication::commits::OnCommit;
 use crate::replication::tcp::{
     Admin, AdminReply, BadBlockReport, BlocksReply, LocalRead, NodeClient, Repair,
@@ -61,9 +62,10 @@ impl RemoteCluster {
         addrs: &[SocketAddr],
         bind: Option<IpAddr>,
         cluster_id: uuid::Uuid,
+        security: &Security,
         timeout: Duration,
     ) -> Arc<RemoteCluster> {
-        let nodes = addrs.iter().map(|a| NodeClient::new(*a, bind, cluster_id)).collect();
+        let nodes = addrs.iter().map(|a| NodeClient::new(*a, bind, cluster_id, security)).collect();
         Arc::new(RemoteCluster {
             addrs: addrs.to_vec(),
             nodes,
@@ -177,10 +179,10 @@ impl Cluster for RemoteCluster {
             let (i, term) = self.leader().await?;
             let origin = Some((self.client, seq));
             let answer = match self.nodes[i].send_write(origin, &req, self.timeout).await {
-                Ok(answer) => answer,
+                Ok(answer) => Box::pin(async move { answer.await.map_err(String::from) }),
                 Err(e) => {
                     self.forget(i);
-                    return Err(e);
+                    return Err(e.into());
                 }
             };
             tokio::spawn(async move { on_commit(self.until_replaced(i, term, answer).await) });
@@ -202,10 +204,9 @@ impl Cluster for RemoteCluster {
         Box::pin(async move {
             let mut last = String::from("no replicas");
             for _ in 0..self.nodes.len() * 3 {
-                let read =
-                    self.on_leader(
-                        |node, timeout| async move { node.read(lba, blocks, timeout).await },
-                    );
+                let read = self.on_leader(|node, timeout| async move {
+                    node.read(lba, blocks, timeout).await.map_err(String::from)
+                });
                 match read.await {
                     Ok((leader, reply)) => {
                         return self.mend(leader, lba, blocks, applied_at_least, reply).await
@@ -272,7 +273,7 @@ impl RemoteCluster {
                 continue;
             }
             let repair = Repair { lba: b.lba, data: good };
-            match self.nodes[leader].repair(&repair, self.timeout).await {
+            match self.nodes[leader].repair(repair, self.timeout).await {
                 Ok(true) => {
                     outcome.repaired_blocks += 1;
                     tracing::warn!(
@@ -323,7 +324,7 @@ pub(crate) async fn good_copy_from<'a, K>(
     let req = LocalRead { lba, blocks: 1, applied_at_least: floor };
     let mut why = Vec::new();
     for (key, name, node) in nodes {
-        let got = node.read_local(req, timeout).await.and_then(|r| {
+        let got = node.read_local(req, timeout).await.map_err(String::from).and_then(|r| {
             check_reply(&r, lba, 1)?;
             if r.data.len() != bs {
                 return Err(format!("answered {} bytes for one {bs}-byte block", r.data.len()));

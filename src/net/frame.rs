@@ -63,9 +63,9 @@ impl Frame {
         Frame { kind, flags: FLAG_RESPONSE, request_id, payload }
     }
 
-    /// An error response to request `request_id` carrying `message`.
-    pub fn error_response(kind: u8, request_id: u64, message: &str) -> Frame {
-        let payload = message.as_bytes().to_vec();
+    /// An error response to request `request_id` carrying `payload` (the RPC layer's code and
+    /// message).
+    pub fn error_response(kind: u8, request_id: u64, payload: Vec<u8>) -> Frame {
         Frame { kind, flags: FLAG_RESPONSE | FLAG_ERROR, request_id, payload }
     }
 
@@ -260,8 +260,11 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        for frame in [sample(), Frame::request(0, 0, Vec::new()), Frame::error_response(1, 2, "no")]
-        {
+        for frame in [
+            sample(),
+            Frame::request(0, 0, Vec::new()),
+            Frame::error_response(1, 2, b"no".to_vec()),
+        ] {
             let bytes = encode(cluster(), &frame).unwrap();
             assert_eq!(bytes.len(), HEADER_BYTES + frame.payload.len());
             let (decoded, used) = decode(&bytes, cluster(), MAX).unwrap();

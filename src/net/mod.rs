@@ -8,6 +8,10 @@
 //! - **Integrity**: a crc32c covers header and payload. A frame that fails any check (magic,
 //!   version, length, checksum, flags, reserved bytes) closes its connection; the peer is logged
 //!   with `tracing::warn!` and every other connection is unaffected.
+//! - **Authentication**: under `Security::Tls` (the default everywhere but tests and benchmarks)
+//!   both ends present a certificate of the cluster's CA naming who they are (`tls`), and the
+//!   server holds each connection to the identity its certificate names. Over `Plaintext` a
+//!   caller is whoever it claims.
 //! - **Cluster isolation**: every frame carries the cluster id. A server answers a frame from
 //!   another cluster with `REJECT` naming both ids and closes; the client reports
 //!   `RpcError::Rejected` and backs off.
@@ -28,6 +32,8 @@
 
 pub mod frame;
 pub mod rpc;
+pub mod tls;
 
 pub use frame::{Frame, FrameError};
-pub use rpc::{ClientOptions, Handler, RpcClient, RpcError, RpcServer, SentCall};
+pub use rpc::{Admission, Answer, Caller, Handler, Refusal, Security};
+pub use rpc::{ClientOptions, RpcClient, RpcError, RpcServer, SentCall};

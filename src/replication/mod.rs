@@ -15,11 +15,13 @@ pub mod commits;
 pub mod log_store;
 pub mod network;
 pub mod node;
+pub mod service;
 pub mod snapshot;
 pub mod state_machine;
 pub mod tcp;
 pub mod trail;
 pub mod types;
+pub mod wire;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -1,13 +1,36 @@
 //! `xdevice node` processes for the multi-process tests: a formatted store, a listen address,
 //! and start, stop (SIGTERM), kill and signal. A node's stderr goes to `node.log` in its
-//! directory, started afresh on every start.
+//! directory, started afresh on every start. Nodes speak mutual TLS with certificates from a
+//! development CA in `base/tls` (made with the first node), unless given `--plaintext`; test
+//! clients speak as member `CLIENT_ID`, and `xdevice cluster` as the admin (`cli_env`).
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
+use xdevice::net::tls::{create_dev, Identity, TlsSource};
+use xdevice::net::Security;
 use xdevice::replication::tcp::NodeClient;
+
+/// The member id test clients' certificate names: no node runs as it.
+pub const CLIENT_ID: u64 = 999_999;
+
+/// The development CA and certificates of `cluster`'s nodes formatted under `base`.
+pub fn tls_dir(base: &Path, cluster: uuid::Uuid) -> PathBuf {
+    base.join(format!("tls-{cluster}"))
+}
+
+/// Connections as `identity`, with the certificates in `tls_dir`.
+pub fn security(base: &Path, cluster: uuid::Uuid, identity: Identity) -> Security {
+    TlsSource::Dir(tls_dir(base, cluster)).security(cluster, identity).unwrap()
+}
+
+/// What an `xdevice cluster` command needs to reach `cluster`'s nodes under `base` as the
+/// admin.
+pub fn cli_env(base: &Path, cluster: uuid::Uuid) -> [(&'static str, PathBuf); 1] {
+    [("XDEVICE_TLS_DIR", tls_dir(base, cluster))]
+}
 
 pub fn xdevice_bin() -> &'static str {
     env!("CARGO_BIN_EXE_xdevice")
@@ -26,6 +49,9 @@ pub struct NodeProc {
     /// Extra `xdevice node` flags.
     pub args: Vec<String>,
     pub child: Option<Child>,
+    /// The certificates' directory (`tls_dir`) and the cluster.
+    pub tls: PathBuf,
+    pub cluster: uuid::Uuid,
 }
 
 impl NodeProc {
@@ -50,7 +76,9 @@ impl NodeProc {
             .unwrap();
         assert!(out.status.success(), "format: {}", String::from_utf8_lossy(&out.stderr));
         let args = args.iter().map(|s| s.to_string()).collect();
-        NodeProc { id, dir, addr, args, child: None }
+        let tls = tls_dir(base, *cluster);
+        create_dev(&tls, *cluster, &[id, CLIENT_ID]).unwrap();
+        NodeProc { id, dir, addr, args, child: None, tls, cluster: *cluster }
     }
 
     pub fn start(&mut self) {
@@ -60,6 +88,7 @@ impl NodeProc {
             .arg("--dir")
             .arg(&self.dir)
             .args(&self.args)
+            .args(self.tls_args())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -91,8 +120,27 @@ impl NodeProc {
         }
     }
 
+    /// `--tls-dir`, unless the node was given `--plaintext`.
+    pub fn tls_args(&self) -> Vec<std::ffi::OsString> {
+        if self.args.iter().any(|a| a == "--plaintext") {
+            return Vec::new();
+        }
+        vec!["--tls-dir".into(), self.tls.clone().into()]
+    }
+
+    /// A client of this node, as member `CLIENT_ID` (or in clear text if the node is).
     pub fn client(&self, cluster: uuid::Uuid) -> NodeClient {
-        NodeClient::new(self.addr, None, cluster)
+        NodeClient::new(self.addr, None, cluster, &self.security())
+    }
+
+    /// How a test client reaches this node.
+    pub fn security(&self) -> Security {
+        if self.args.iter().any(|a| a == "--plaintext") {
+            return Security::Plaintext;
+        }
+        TlsSource::Dir(self.tls.clone())
+            .security(self.cluster, Identity::Member(CLIENT_ID))
+            .unwrap()
     }
 
     /// What the node logged since it last started.

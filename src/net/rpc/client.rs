@@ -8,15 +8,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncWriteExt, BufReader};
-use tokio::net::tcp::OwnedReadHalf;
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::io::{AsyncRead, AsyncWriteExt, BufReader};
+use tokio::net::TcpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
 use uuid::Uuid;
 
 use super::backoff::Backoff;
-use super::{write_loop, Hello, RpcError, MAX_ERROR_MESSAGE_BYTES};
+use super::{write_loop, Hello, Refusal, RpcError, Security, Stream, MAX_ERROR_MESSAGE_BYTES};
 use super::{KIND_HELLO, KIND_HELLO_OK, KIND_REJECT, PROTOCOL_VERSION, RESERVED_KINDS};
 use crate::net::frame::{encode, read_frame, Frame, FrameError, MAX_PAYLOAD_LIMIT};
 
@@ -34,6 +33,11 @@ pub struct ClientOptions {
     pub backoff_min: Duration,
     /// Longest wait between reconnect attempts.
     pub backoff_max: Duration,
+    /// Plaintext, or TLS with this side's certificate (whose identity then gives the `HELLO`'s
+    /// node id).
+    pub security: Security,
+    /// Under TLS: the node the peer's certificate must name; `None` accepts any member.
+    pub peer_node: Option<u64>,
 }
 
 impl Default for ClientOptions {
@@ -44,6 +48,8 @@ impl Default for ClientOptions {
             queue_depth: 256,
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(2),
+            security: Security::Plaintext,
+            peer_node: None,
         }
     }
 }
@@ -303,8 +309,8 @@ async fn connect(shared: Arc<Shared>, done: watch::Sender<Attempt>) {
     let _ = done.send(Some(result));
 }
 
-/// Opens a TCP connection and completes the handshake on it.
-async fn dial(shared: &Shared) -> Result<TcpStream, RpcError> {
+/// Opens a TCP connection (and TLS session) and completes the handshake on it.
+async fn dial(shared: &Shared) -> Result<Box<dyn Stream>, RpcError> {
     let peer = shared.peer;
     let io = |what: &str, e: std::io::Error| RpcError::Unreachable(format!("{what} {peer}: {e}"));
     let socket = if peer.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() };
@@ -312,10 +318,21 @@ async fn dial(shared: &Shared) -> Result<TcpStream, RpcError> {
     if let Some(ip) = shared.bind {
         socket.bind(SocketAddr::new(ip, 0)).map_err(|e| io(&format!("bind {ip} to reach"), e))?;
     }
-    let mut stream = socket.connect(peer).await.map_err(|e| io("connect to", e))?;
+    let stream = socket.connect(peer).await.map_err(|e| io("connect to", e))?;
     stream.set_nodelay(true).map_err(|e| io("TCP_NODELAY on connection to", e))?;
+    let (mut stream, node_id): (Box<dyn Stream>, u64) = match &shared.opts.security {
+        Security::Plaintext => (Box::new(stream), shared.node_id),
+        Security::Tls(tls) => {
+            let connector = tls.connector(shared.opts.peer_node).map_err(RpcError::Protocol)?;
+            // A certificate refused either way is a rejection, not a network fault.
+            let stream = connector.connect(tls.server_name(), stream).await.map_err(|e| {
+                RpcError::Rejected(format!("TLS handshake with {peer} failed: {e}"))
+            })?;
+            (Box::new(stream), tls.identity().hello_id())
+        }
+    };
 
-    let hello = Hello { protocol_version: PROTOCOL_VERSION, node_id: shared.node_id };
+    let hello = Hello { protocol_version: PROTOCOL_VERSION, node_id };
     let hello = encode(shared.cluster_id, &Frame::request(KIND_HELLO, 0, hello.encode()))
         .map_err(|e| RpcError::Protocol(e.to_string()))?;
     stream.write_all(&hello).await.map_err(|e| io("send HELLO to", e))?;
@@ -339,9 +356,9 @@ async fn dial(shared: &Shared) -> Result<TcpStream, RpcError> {
 
 impl Connection {
     /// Starts the reader and writer tasks of an established connection.
-    fn start(shared: &Arc<Shared>, stream: TcpStream) -> Arc<Connection> {
+    fn start(shared: &Arc<Shared>, stream: Box<dyn Stream>) -> Arc<Connection> {
         let id = shared.next_connection_id.fetch_add(1, Ordering::Relaxed);
-        let (reader, writer) = stream.into_split();
+        let (reader, writer) = tokio::io::split(stream);
         let (tx, rx) = mpsc::channel(shared.opts.queue_depth.max(1));
         let pending = Arc::new(Pending::default());
         let link = Link {
@@ -375,7 +392,12 @@ impl Drop for Connection {
 }
 
 /// Hands each response to the call waiting for it, until the connection fails.
-async fn read_responses(reader: OwnedReadHalf, cluster_id: Uuid, max_payload: usize, link: Link) {
+async fn read_responses<R: AsyncRead + Unpin>(
+    reader: R,
+    cluster_id: Uuid,
+    max_payload: usize,
+    link: Link,
+) {
     let peer = link.peer;
     let mut reader = BufReader::new(reader);
     let reason = loop {
@@ -475,7 +497,8 @@ impl SentCall {
             Ok(Ok(frame)) => frame,
         };
         if frame.is_error() {
-            return Err(RpcError::Remote(String::from_utf8_lossy(&frame.payload).into_owned()));
+            let Refusal { code, message } = Refusal::decode(&frame.payload)?;
+            return Err(RpcError::Remote { code, message });
         }
         Ok(frame.payload)
     }

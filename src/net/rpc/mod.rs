@@ -3,21 +3,32 @@
 //! `kind` or payload; those belong to whoever implements `Handler`.
 //!
 //! Handshake, on every new connection:
+//! 0. under `Security::Tls`, the TLS handshake: both ends present a certificate of the cluster's
+//!    CA (`tls`); a client without one, or with another CA's, is refused here;
 //! 1. the client sends `HELLO` (request id 0) with `{protocol version u16, caller node id u64}`;
+//!    under TLS the id must be the one the client's certificate names (0 for the admin);
 //! 2. the server answers `HELLO_OK` with `{protocol version u16}`, or `REJECT` with a UTF-8 reason
 //!    and closes. A frame carrying another cluster's id is answered with `REJECT` encoded under
 //!    the caller's cluster id (so the caller can read it), at any point of the connection.
+//!
+//! An error answer's payload is `{code u16, UTF-8 message}`: the code is for programs, the
+//! message for people. Codes below `FIRST_APP_CODE` belong to this layer (`CODE_*`); a request
+//! the handler finds malformed (`CODE_MALFORMED`) is answered and its connection closed.
 
 mod backoff;
 pub mod client;
 pub mod server;
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::mpsc;
+
+use super::tls::{Identity, Tls};
 
 pub use client::{ClientOptions, RpcClient, SentCall};
 pub use server::RpcServer;
@@ -39,17 +50,96 @@ const MAX_ERROR_MESSAGE_BYTES: usize = 4096;
 /// Bytes buffered by the write loop before it must flush.
 const WRITE_BUFFER_BYTES: usize = 64 * 1024;
 
-/// Serves requests. Called once per request, on the connection's reader, in the order the
-/// requests arrived on that connection (so a handler can queue work in the caller's order); the
-/// returned futures run concurrently. The returned `Err` text reaches the caller as
-/// `RpcError::Remote`. `call` itself must not block.
-pub trait Handler: Send + Sync + 'static {
-    fn call(
-        &self,
-        kind: u8,
-        payload: Vec<u8>,
-    ) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send>>;
+/// Error code: the request could not be decoded or broke the protocol; the server closes the
+/// connection after answering.
+pub const CODE_MALFORMED: u16 = 1;
+/// Error code: the server failed (its handler panicked, or its answer was too large).
+pub const CODE_INTERNAL: u16 = 2;
+/// Error code: the caller's identity may not make this request.
+pub const CODE_FORBIDDEN: u16 = 3;
+/// Codes from here up are the handler's own.
+pub const FIRST_APP_CODE: u16 = 100;
+
+/// Whether connections are encrypted and both ends authenticated.
+#[derive(Clone, Debug)]
+pub enum Security {
+    /// Mutual TLS under the cluster's CA (`tls`).
+    Tls(Arc<Tls>),
+    /// Clear text, and a caller is whoever it says it is: for tests and benchmarks only, and
+    /// only when asked for by name (`--plaintext`).
+    Plaintext,
 }
+
+/// Who sent a request, as the server knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub peer: SocketAddr,
+    /// The node id its `HELLO` gave (0: not a member).
+    pub node_id: u64,
+    /// What its certificate proved; `None` over plaintext, where the id is only a claim.
+    pub verified: Option<Identity>,
+}
+
+/// A handler's refusal: a code (`CODE_*` or the handler's own from `FIRST_APP_CODE`) and a
+/// message for people.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: u16,
+    pub message: String,
+}
+
+impl Refusal {
+    pub fn new(code: u16, message: impl Into<String>) -> Refusal {
+        Refusal { code, message: message.into() }
+    }
+
+    /// The error payload: the code, then the message cut to `max` bytes at a char boundary.
+    pub fn encode(&self, max: usize) -> Vec<u8> {
+        let message = bounded_message(&self.message, max.saturating_sub(2));
+        let mut out = Vec::with_capacity(2 + message.len());
+        out.extend_from_slice(&self.code.to_le_bytes());
+        out.extend_from_slice(message.as_bytes());
+        out
+    }
+
+    /// Reads an error payload; a payload too short for a code is itself a protocol error.
+    pub fn decode(payload: &[u8]) -> Result<Refusal, RpcError> {
+        match payload {
+            [a, b, message @ ..] => Ok(Refusal {
+                code: u16::from_le_bytes([*a, *b]),
+                message: String::from_utf8_lossy(message).into_owned(),
+            }),
+            _ => Err(RpcError::Protocol(format!(
+                "an error answer of {} bytes has no code",
+                payload.len()
+            ))),
+        }
+    }
+}
+
+/// A request's answer, or its refusal.
+pub type Answer = Pin<Box<dyn Future<Output = Result<Vec<u8>, Refusal>> + Send>>;
+/// A request being admitted: resolves to its answer's future once the handler has taken the
+/// request in (queued it, reserved room for it).
+pub type Admission = Pin<Box<dyn Future<Output = Answer> + Send>>;
+
+/// A request needing no admission step.
+pub fn admitted(answer: Answer) -> Admission {
+    Box::pin(std::future::ready(answer))
+}
+
+/// Serves requests. Called once per request, on the connection's reader, in the order the
+/// requests arrived on that connection; the server awaits the returned admission before it reads
+/// the connection's next frame (so a handler can queue work in the caller's order, and a full
+/// queue holds the connection back rather than growing), then runs the answers concurrently. A
+/// refusal reaches the caller as `RpcError::Remote`. `call` itself must not block.
+pub trait Handler: Send + Sync + 'static {
+    fn call(&self, caller: &Caller, kind: u8, payload: Vec<u8>) -> Admission;
+}
+
+/// A connection's byte stream: TCP, or TLS over TCP.
+pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Stream for S {}
 
 /// Why a call did not return a result.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -60,9 +150,9 @@ pub enum RpcError {
     /// No answer within the call's timeout; the connection stays up.
     #[error("no answer within {0:?}")]
     Timeout(Duration),
-    /// The peer's handler returned this error.
-    #[error("remote error: {0}")]
-    Remote(String),
+    /// The peer refused the request: its code and message.
+    #[error("remote error: {message}")]
+    Remote { code: u16, message: String },
     /// The peer refused the connection (for example another cluster id).
     #[error("rejected by peer: {0}")]
     Rejected(String),

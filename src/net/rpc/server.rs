@@ -1,28 +1,30 @@
 //! The serving side: accepts connections, checks each one's handshake and every frame, runs the
 //! handler for each request concurrently and writes the answers back tagged with their request
-//! id. It never retries, never dials out, and drops a connection on the first malformed frame.
+//! id. It never retries, never dials out, and drops a connection on the first malformed frame or
+//! request.
 
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::BufReader;
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::io::{AsyncRead, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use uuid::Uuid;
 
-use super::{bounded_message, write_loop, Handler, Hello, MAX_ERROR_MESSAGE_BYTES};
+use super::{bounded_message, write_loop, Answer, Caller, Handler, Hello, Refusal, Security};
+use super::{CODE_INTERNAL, CODE_MALFORMED, MAX_ERROR_MESSAGE_BYTES};
 use super::{KIND_HELLO, KIND_HELLO_OK, KIND_REJECT, PROTOCOL_VERSION, RESERVED_KINDS};
 use crate::net::frame::{encode, read_frame, Frame, FrameError, MAX_PAYLOAD_LIMIT};
+use crate::net::tls::{identity_of, Identity};
 
 /// Requests of one connection that may run at once; the next frame is not read until one ends.
 pub const MAX_IN_FLIGHT_PER_CONNECTION: usize = 256;
 /// Connections served at once; further ones are closed right after accept.
 pub const MAX_CONNECTIONS: usize = 1024;
-/// Time a new connection has to complete its `HELLO`.
+/// Time a new connection has to complete its TLS handshake, and then its `HELLO`.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Encoded responses queued for one connection's writer.
 const WRITE_QUEUE_FRAMES: usize = 256;
@@ -42,6 +44,7 @@ pub struct RpcServer {
 struct Config {
     cluster_id: Uuid,
     max_payload: usize,
+    security: Security,
     handler: Arc<dyn Handler>,
 }
 
@@ -52,12 +55,13 @@ impl RpcServer {
         listener: TcpListener,
         cluster_id: Uuid,
         max_payload: usize,
+        security: Security,
         handler: Arc<dyn Handler>,
     ) -> std::io::Result<RpcServer> {
         let local_addr = listener.local_addr()?;
         let (stop, stopped) = watch::channel(false);
         let max_payload = max_payload.min(MAX_PAYLOAD_LIMIT);
-        let config = Arc::new(Config { cluster_id, max_payload, handler });
+        let config = Arc::new(Config { cluster_id, max_payload, security, handler });
         let accept_task = tokio::spawn(accept_loop(listener, config, stopped));
         Ok(RpcServer { local_addr, stop, accept_task: Some(accept_task) })
     }
@@ -114,7 +118,46 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, config: Arc<Confi
     if let Err(e) = stream.set_nodelay(true) {
         tracing::warn!(%peer, error = %e, "cannot set TCP_NODELAY");
     }
-    let (reader, writer) = stream.into_split();
+    match &config.security {
+        Security::Plaintext => {
+            let (reader, writer) = stream.into_split();
+            run_connection(reader, writer, peer, None, &config).await;
+        }
+        Security::Tls(tls) => {
+            let accepted =
+                tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor().accept(stream)).await;
+            let stream = match accepted {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    return tracing::warn!(%peer, error = %e, "refusing connection: TLS handshake")
+                }
+                Err(_) => {
+                    return tracing::warn!(%peer, "refusing connection: no TLS handshake in time")
+                }
+            };
+            let cert = stream.get_ref().1.peer_certificates().and_then(|c| c.first().cloned());
+            // The handshake verified the chain; the identity is the name the certificate bears.
+            let identity = match cert.map(|c| identity_of(&c, config.cluster_id)) {
+                Some(Ok(identity)) => identity,
+                Some(Err(e)) => return tracing::warn!(%peer, error = e, "refusing connection"),
+                None => return tracing::warn!(%peer, "refusing connection: no client certificate"),
+            };
+            let (reader, writer) = tokio::io::split(stream);
+            run_connection(reader, writer, peer, Some(identity), &config).await;
+        }
+    }
+}
+
+async fn run_connection<R, W>(
+    reader: R,
+    writer: W,
+    peer: SocketAddr,
+    verified: Option<Identity>,
+    config: &Arc<Config>,
+) where
+    R: AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
     let (tx, rx) = mpsc::channel(WRITE_QUEUE_FRAMES);
     let writer = write_loop(writer, rx);
     tokio::pin!(writer);
@@ -124,7 +167,7 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, config: Arc<Confi
                 tracing::debug!(%peer, error = %e, "connection write failed");
             }
         }
-        () = read_requests(reader, peer, &config, tx) => {
+        () = read_requests(reader, peer, verified, config, tx) => {
             let _ = tokio::time::timeout(DRAIN_TIMEOUT, writer).await;
         }
     }
@@ -132,9 +175,10 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, config: Arc<Confi
 
 /// The reader side of a connection: handshake, then one task per request. Returns when the
 /// connection must close; the request tasks still running are cancelled with it.
-async fn read_requests(
-    reader: OwnedReadHalf,
+async fn read_requests<R: AsyncRead + Unpin>(
+    reader: R,
     peer: SocketAddr,
+    verified: Option<Identity>,
     config: &Arc<Config>,
     tx: mpsc::Sender<Vec<u8>>,
 ) {
@@ -151,15 +195,20 @@ async fn read_requests(
             None => return,
         },
     };
-    if !handshake(hello, peer, config, &tx).await {
-        return;
-    }
+    let Some(caller) = handshake(hello, peer, verified, config, &tx).await else { return };
 
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION));
     let mut requests = JoinSet::new();
+    // Set by a request task that answered `CODE_MALFORMED`: the connection closes.
+    let (malformed, mut closing) = watch::channel(false);
     loop {
         while requests.try_join_next().is_some() {}
-        let frame = read_frame(&mut reader, config.cluster_id, config.max_payload).await;
+        let frame = tokio::select! {
+            frame = read_frame(&mut reader, config.cluster_id, config.max_payload) => frame,
+            _ = closing.changed() => {
+                return tracing::warn!(%peer, "closing connection: malformed request");
+            }
+        };
         let Some(frame) = accept_frame(frame, peer, &tx).await else { return };
         if frame.flags != 0 || frame.kind >= RESERVED_KINDS {
             let problem =
@@ -167,14 +216,20 @@ async fn read_requests(
             return tracing::warn!(%peer, problem, "closing connection: protocol violation");
         }
         let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
-        // The handler is called here, in frame order (a node queues WRITEs in the order this
-        // makes), and only its future runs in a task of its own.
-        let started = start(config, frame);
+        // The handler is called here, in frame order, and its admission awaited before the next
+        // frame is read (a node queues WRITEs in the order this makes, and a full queue holds
+        // this connection back); only the answer runs in a task of its own.
+        let started = start(config, &caller, frame).await;
         let config = config.clone();
         let tx = tx.clone();
+        let malformed = malformed.clone();
         requests.spawn(async move {
-            if let Some(answer) = answer(&config, started).await {
-                let _ = tx.send(answer).await;
+            let (bytes, bad) = answer(&config, started).await;
+            if let Some(bytes) = bytes {
+                let _ = tx.send(bytes).await;
+            }
+            if bad {
+                let _ = malformed.send(true);
             }
             drop(permit);
         });
@@ -211,13 +266,15 @@ async fn accept_frame(
     }
 }
 
-/// Checks the first frame; answers `HELLO_OK` and returns true, or `REJECT` and returns false.
+/// Checks the first frame; answers `HELLO_OK` and returns the caller, or `REJECT` and `None`.
+/// Under TLS the `HELLO` must give the id the caller's certificate names.
 async fn handshake(
     frame: Frame,
     peer: SocketAddr,
+    verified: Option<Identity>,
     config: &Config,
     tx: &mpsc::Sender<Vec<u8>>,
-) -> bool {
+) -> Option<Caller> {
     let hello = (frame.kind == KIND_HELLO && frame.flags == 0)
         .then(|| Hello::decode(&frame.payload))
         .flatten();
@@ -227,18 +284,24 @@ async fn handshake(
             "unsupported protocol version {} (this server speaks {PROTOCOL_VERSION})",
             h.protocol_version
         ),
+        Some(h) if verified.is_some_and(|v| v.hello_id() != h.node_id) => format!(
+            "HELLO claims node id {} but the certificate is for {}",
+            h.node_id,
+            verified.map(|v| v.to_string()).unwrap_or_default()
+        ),
         Some(h) => {
-            tracing::debug!(%peer, node_id = h.node_id, "connection accepted");
+            tracing::debug!(%peer, node_id = h.node_id, ?verified, "connection accepted");
             let ok = Frame::response(KIND_HELLO_OK, 0, PROTOCOL_VERSION.to_le_bytes().to_vec());
-            return match encode(config.cluster_id, &ok) {
+            let sent = match encode(config.cluster_id, &ok) {
                 Ok(bytes) => tx.send(bytes).await.is_ok(),
                 Err(_) => false,
             };
+            return sent.then_some(Caller { peer, node_id: h.node_id, verified });
         }
     };
     tracing::warn!(%peer, reason, "rejecting connection");
     send_reject(tx, config.cluster_id, &reason).await;
-    false
+    None
 }
 
 async fn send_reject(tx: &mpsc::Sender<Vec<u8>>, cluster_id: Uuid, reason: &str) {
@@ -249,74 +312,81 @@ async fn send_reject(tx: &mpsc::Sender<Vec<u8>>, cluster_id: Uuid, reason: &str)
     }
 }
 
-/// A request whose handler has been called: its future (`None` if the call itself panicked).
+/// A request whose handler has been called and admitted it: its answer's future (`None` if the
+/// handler panicked).
 struct Started {
     kind: u8,
     request_id: u64,
-    call: Option<HandlerFuture>,
+    call: Option<Answer>,
 }
 
-/// Calls the handler for one request, on the connection's reader, so calls happen in the order
-/// the requests arrived.
-fn start(config: &Config, request: Frame) -> Started {
+/// Calls the handler for one request and awaits its admission, on the connection's reader, so
+/// calls happen in the order the requests arrived.
+async fn start(config: &Config, caller: &Caller, request: Frame) -> Started {
     let Frame { kind, request_id, payload, .. } = request;
-    let call =
-        std::panic::catch_unwind(AssertUnwindSafe(|| config.handler.call(kind, payload))).ok();
+    let admission =
+        std::panic::catch_unwind(AssertUnwindSafe(|| config.handler.call(caller, kind, payload)));
+    let call = match admission {
+        Ok(admission) => CatchUnwind(admission).await.ok(),
+        Err(_) => None,
+    };
     Started { kind, request_id, call }
 }
 
-/// Runs a started request's future and encodes its answer. A handler that panics or returns more
-/// than `max_payload` bytes produces an error response instead.
+/// Runs a started request's future and encodes its answer, and whether it was refused as
+/// malformed. A handler that panics or returns more than `max_payload` bytes produces an error
+/// response instead.
 ///
 /// The future runs inside the request's own task (not a task of its own): one task hand-off less
 /// per request, and it is cancelled with the connection because the request tasks are.
-async fn answer(config: &Config, started: Started) -> Option<Vec<u8>> {
+async fn answer(config: &Config, started: Started) -> (Option<Vec<u8>>, bool) {
     let Started { kind, request_id, call } = started;
     let outcome = match call {
         Some(future) => CatchUnwind(future).await,
         None => Err(()),
     };
+    let limit = MAX_ERROR_MESSAGE_BYTES.min(config.max_payload);
+    let refuse = |r: Refusal| Frame::error_response(kind, request_id, r.encode(limit));
+    let mut malformed = false;
     let response = match outcome {
         Ok(Ok(result)) if result.len() <= config.max_payload => {
             Frame::response(kind, request_id, result)
         }
-        Ok(Ok(result)) => {
-            let message = format!(
+        Ok(Ok(result)) => refuse(Refusal::new(
+            CODE_INTERNAL,
+            format!(
                 "response of {} bytes exceeds the limit of {}",
                 result.len(),
                 config.max_payload
-            );
-            Frame::error_response(kind, request_id, &message)
-        }
-        Ok(Err(message)) => {
-            let limit = MAX_ERROR_MESSAGE_BYTES.min(config.max_payload);
-            Frame::error_response(kind, request_id, bounded_message(&message, limit))
+            ),
+        )),
+        Ok(Err(refusal)) => {
+            malformed = refusal.code == CODE_MALFORMED;
+            refuse(refusal)
         }
         Err(()) => {
             tracing::warn!(kind, request_id, "handler panicked");
-            Frame::error_response(kind, request_id, "handler panicked")
+            refuse(Refusal::new(CODE_INTERNAL, "handler panicked"))
         }
     };
     // Cannot fail: `start` keeps `max_payload` within what the length field can describe.
-    encode(config.cluster_id, &response).ok()
+    (encode(config.cluster_id, &response).ok(), malformed)
 }
 
-/// A handler's future whose panic becomes `Err(())` instead of unwinding through the request's
-/// task (which would drop the request unanswered). It is not polled again after a panic.
-struct CatchUnwind(HandlerFuture);
+/// A future whose panic becomes `Err(())` instead of unwinding through the connection's reader
+/// or the request's task (which would drop the request unanswered). It is not polled again after
+/// a panic.
+struct CatchUnwind<F>(F);
 
-type HandlerFuture =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u8>, String>> + Send>>;
-
-impl std::future::Future for CatchUnwind {
-    type Output = Result<Result<Vec<u8>, String>, ()>;
+impl<F: std::future::Future + Unpin> std::future::Future for CatchUnwind<F> {
+    type Output = Result<F::Output, ()>;
 
     fn poll(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
         let inner = &mut self.0;
-        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.as_mut().poll(cx))) {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| std::pin::Pin::new(inner).poll(cx))) {
             Ok(poll) => poll.map(Ok),
             Err(_) => std::task::Poll::Ready(Err(())),
         }
