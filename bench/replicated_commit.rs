@@ -520,14 +520,14 @@ impl Cluster {
     async fn start(base: &Path, backend: &str) -> Result<Cluster> {
         let id = uuid::Uuid::new_v4();
         let tls = base.join("tls");
-        let security = if plaintext() {
-            Security::Plaintext
+        let (security, admin) = if plaintext() {
+            (Security::Plaintext, Security::Plaintext)
         } else {
             let nodes: Vec<u64> = (1..=NODES).chain([CLIENT_ID]).collect();
             create_dev(&tls, id, &nodes).map_err(|e| anyhow!("{e}"))?;
-            TlsSource::Dir(tls.clone())
-                .security(id, Identity::Member(CLIENT_ID))
-                .map_err(|e| anyhow!("{e}"))?
+            let source = TlsSource::Dir(tls.clone());
+            let side = |who| source.security(id, who).map_err(|e| anyhow!("{e}"));
+            (side(Identity::Member(CLIENT_ID))?, side(Identity::Admin)?)
         };
         let mut procs = Vec::new();
         for n in 1..=NODES {
@@ -573,7 +573,7 @@ impl Cluster {
         }
         let members: Vec<(u64, String)> =
             cluster.procs.iter().map(|p| (p.id, p.addr.to_string())).collect();
-        NodeClient::new(cluster.procs[0].addr, None, id, &cluster.security)
+        NodeClient::new(cluster.procs[0].addr, None, id, &admin)
             .admin(Admin::Init(members), ADMIN_TIMEOUT)
             .await
             .map_err(|e| anyhow!("initialise the cluster: {e}"))?;

@@ -74,7 +74,7 @@ async fn cluster_of(
     // Init once the first node listens.
     loop {
         match procs[0]
-            .client(cluster)
+            .admin_client(cluster)
             .admin(Admin::Init(members.clone()), Duration::from_secs(10))
             .await
         {
@@ -515,7 +515,7 @@ fn oversized_proposal_is_refused_not_fatal() {
         // name before anything changes: no attachment, the same leader.
         let can_serve = nix::unistd::geteuid().is_root() && Path::new("/dev/ublk-control").exists();
         if !can_serve {
-            let e = client.admin(Admin::Attach, t).await.unwrap_err();
+            let e = at.admin_client(cluster).admin(Admin::Attach, t).await.unwrap_err();
             assert!(e.message.contains("needs root") || e.message.contains("ublk"), "{e}");
             let after = leader_status(&procs, cluster).await;
             assert_eq!(after.attachment, None, "an attachment appeared: {after:?}");

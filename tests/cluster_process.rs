@@ -213,7 +213,7 @@ fn faults_under_load_lose_no_flushed_write() {
         let members: Vec<(u64, String)> =
             procs.iter().map(|p| (p.id, p.addr.to_string())).collect();
         procs[0]
-            .client(cluster)
+            .admin_client(cluster)
             .admin(Admin::Init(members), Duration::from_secs(10))
             .await
             .unwrap();

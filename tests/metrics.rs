@@ -69,7 +69,7 @@ fn nodes_serve_documented_metrics_that_move_with_the_writes() {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let init = Admin::Init(members.clone());
-            match procs[0].client(cluster).admin(init, Duration::from_secs(5)).await {
+            match procs[0].admin_client(cluster).admin(init, Duration::from_secs(5)).await {
                 Ok(_) => break,
                 Err(e) => assert!(Instant::now() < deadline, "init: {e}"),
             }

@@ -110,7 +110,7 @@ fn a_damaged_block_on_the_leader_is_read_from_a_follower_and_repaired() {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let init = Admin::Init(members.clone());
-            match procs[0].client(cluster).admin(init, Duration::from_secs(5)).await {
+            match procs[0].admin_client(cluster).admin(init, Duration::from_secs(5)).await {
                 Ok(_) => break,
                 Err(e) => assert!(Instant::now() < deadline, "init: {e}"),
             }

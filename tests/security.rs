@@ -55,7 +55,7 @@ async fn cluster(base: &Path, cluster: uuid::Uuid) -> (Vec<NodeProc>, NodeStatus
     let members: Vec<(u64, String)> = procs.iter().map(|p| (p.id, p.addr.to_string())).collect();
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let init = procs[0].client(cluster).admin(Admin::Init(members.clone()), T).await;
+        let init = procs[0].admin_client(cluster).admin(Admin::Init(members.clone()), T).await;
         if init.is_ok() {
             break;
         }
@@ -240,6 +240,72 @@ fn strangers_cannot_vote_send_entries_write_or_join() {
         }
         let (kind, payload) = NodeRequest::Admin(Admin::Status).encode().unwrap();
         assert!(c.call(kind, payload, T).await.is_ok(), "the admin may ask for status");
+
+        // Member certificates of this CA speak only as themselves, and only while members: node
+        // 3's cannot vote or send entries as node 2, nor a certificate outside the membership
+        // (CLIENT_ID's) as itself; neither may change the membership.
+        let member = |who: u64| {
+            let files = TlsFiles::in_dir(&procs[0].tls, Identity::Member(who));
+            let tls = Tls::load(&files, id, Identity::Member(who)).unwrap();
+            client(leader, id, Security::Tls(Arc::new(tls)), who)
+        };
+        let forged_vote_from = |node: u64| {
+            let vote = openraft::raft::VoteRequest::new(Vote::new(before.term + 100, node), None);
+            NodeRequest::Raft(RaftRpc::Vote(vote))
+        };
+        let mut cases: Vec<(u64, &str, NodeRequest, &str)> = intrusions(before.term)
+            .into_iter()
+            .filter(|(what, _)| *what != "write")
+            .map(|(what, r)| (3, what, r, "sent a Raft message as node 2"))
+            .collect();
+        cases.push((CLIENT_ID, "vote as itself", forged_vote_from(CLIENT_ID), "is not a member"));
+        cases.push((
+            CLIENT_ID,
+            "remove",
+            NodeRequest::Admin(Admin::Remove(2)),
+            "it is the admin's",
+        ));
+        cases.push((
+            3,
+            "init",
+            NodeRequest::Admin(Admin::Init(vec![(3, leader.to_string())])),
+            "it is the admin's",
+        ));
+        for (who, what, request, needle) in cases {
+            let (kind, payload) = request.encode().unwrap();
+            match member(who).call(kind, payload, T).await {
+                Err(RpcError::Remote { code, message }) => {
+                    assert_eq!(
+                        code,
+                        xdevice::net::rpc::CODE_FORBIDDEN,
+                        "node {who} {what}: {message}"
+                    );
+                    assert!(message.contains(needle), "node {who} {what}: {message}");
+                }
+                other => panic!("node {who}'s certificate, {what}: {other:?}"),
+            }
+        }
+        // A write beyond the device, or not in whole blocks, is refused before it is proposed:
+        // committed, it would fail its apply on every replica.
+        for (what, op) in [
+            (
+                "past the end",
+                xdevice::entry::BlockOp::Zero { lba: (16 << 20) / BS as u64, blocks: 1 },
+            ),
+            (
+                "a partial block",
+                xdevice::entry::BlockOp::Write { lba: 0, data: vec![1u8; 100].into() },
+            ),
+        ] {
+            let req = xdevice::replication::types::Request::blocks(vec![op]);
+            let e = procs[0].client(id).write(&req, T).await;
+            let e = e.expect_err(what);
+            assert_eq!(
+                e.code,
+                Some(xdevice::replication::tcp::ErrorCode::Malformed),
+                "{what}: {e}"
+            );
+        }
 
         // A node started with another CA's certificates cannot join.
         let addr4 = free_addr("127.0.0.64");

@@ -184,7 +184,7 @@ fn never_added(plaintext: bool) {
         answering(&foreign, theirs).await;
         answering(&other_id, ours).await;
         let members = vec![(1, leader.addr.to_string())];
-        match leader.client(ours).admin(Admin::Init(members), Duration::from_secs(10)).await {
+        match leader.admin_client(ours).admin(Admin::Init(members), Duration::from_secs(10)).await {
             Ok(_) => {}
             Err(e) => panic!("init: {e}"),
         }

@@ -30,6 +30,7 @@ use super::node::applied_index;
 use super::snapshot::{ReceiveProgress, Shape};
 use super::tcp::client_options;
 use super::types::{NodeId, Raft, Request, TypeConfig};
+use crate::entry::BlockOp;
 use super::wire::{encode, Admin, AdminReply, Attached, BadBlockReport, BlocksReply, ErrorCode};
 use super::wire::{LocalRead, NodeError, NodeRequest, NodeStatus, Repair, SnapshotTransfer};
 use super::wire::{WriteRequest, MAX_READ_BYTES};
@@ -98,7 +99,10 @@ pub fn status_of(
 
 /// A client write and where to send what became of it: refused, or accepted with a future of its
 /// committed index.
-type Proposal = (Request, oneshot::Sender<Result<BoxFuture<Result<u64, String>>, NodeError>>);
+/// The proposal's share of `PROPOSAL_BYTES_IN_FLIGHT` travels with it and is released when the
+/// entry commits or fails, whether or not its client still waits.
+type Proposal =
+    (Request, OwnedSemaphorePermit, oneshot::Sender<Result<BoxFuture<Result<u64, String>>, NodeError>>);
 
 /// Clients whose order is tracked at once; past this the one heard from longest ago is
 /// forgotten.
@@ -402,14 +406,26 @@ async fn propose_in_order(
     mut rx: mpsc::Receiver<Proposal>,
     gate: Arc<WriteGate>,
 ) {
-    while let Some((req, done)) = rx.recv().await {
+    while let Some((req, held, done)) = rx.recv().await {
         if raft.metrics().borrow_watched().state != ServerState::Leader {
             let leader = raft.metrics().borrow_watched().current_leader;
             let message = format!("not the leader; leader is {leader:?}");
             let _ = done.send(Err(NodeError::new(ErrorCode::NotLeader, message)));
         } else {
-            // The request's own task awaits the outcome: no task in between on the way back.
-            let _ = done.send(proposer.propose(req).await.map_err(failed));
+            // The request's own task awaits the outcome: no task in between on the way back. The
+            // budget is released by the commit callback, which runs even if nobody waits.
+            let (tx, rx) = oneshot::channel();
+            let on_commit: super::commits::OnCommit = Box::new(move |r| {
+                drop(held);
+                let _ = tx.send(r);
+            });
+            let proposed = proposer.propose_then(req, on_commit).await.map_err(failed);
+            let _ = done.send(proposed.map(|()| {
+                let commit: BoxFuture<Result<u64, String>> = Box::pin(async move {
+                    rx.await.unwrap_or_else(|_| Err("the replica stopped".to_string()))
+                });
+                commit
+            }));
         }
         gate.handled.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         gate.progress.notify_waiters();
@@ -438,6 +454,7 @@ fn admit(
     gate: &WriteGate,
     origin: Option<(uuid::Uuid, u64)>,
     req: Request,
+    held: OwnedSemaphorePermit,
     slot: mpsc::OwnedPermit<Proposal>,
 ) -> Result<Proposed, NodeError> {
     let mut order = order.lock().unwrap_or_else(|p| p.into_inner());
@@ -452,15 +469,16 @@ fn admit(
         order.admit(client, seq)?;
     }
     let (tx, rx) = oneshot::channel();
-    slot.send((req, tx));
+    slot.send((req, held, tx));
     gate.admitted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     drop(order);
     Ok(rx)
 }
 
-/// The answer's future for a request already refused.
+/// A request refused before admission: answered at once, and a malformed one closes its
+/// connection before the next frame is read.
 fn refuse(e: NodeError) -> Admission {
-    admitted(Box::pin(std::future::ready(Err(e.refusal()))))
+    Box::pin(std::future::ready(Err(e.refusal())))
 }
 
 /// Runs a request's answer and encodes it.
@@ -485,13 +503,7 @@ impl Handler for NodeService {
             }
         };
         drop(payload);
-        // Under TLS the certificate says who calls: the admin's may only administer, and only a
-        // member's may take part in Raft, write, read or repair.
-        if caller.verified == Some(Identity::Admin) && !matches!(request, NodeRequest::Admin(_)) {
-            let e = NodeError::new(
-                ErrorCode::Forbidden,
-                format!("an admin certificate may not send {} requests", kind_name(kind)),
-            );
+        if let Err(e) = self.allowed(caller, kind, &request) {
             tracing::warn!(peer = %caller.peer, error = %e, "request refused");
             return refuse(e);
         }
@@ -502,6 +514,51 @@ impl Handler for NodeService {
             NodeRequest::ReadLocal(req) => admitted(self.read_local(req)),
             NodeRequest::Repair(req) => admitted(self.repair(req)),
             NodeRequest::Admin(req) => admitted(self.admin_request(req)),
+        }
+    }
+}
+
+impl NodeService {
+    /// Whether `caller` may send `request`. Under TLS the certificate says who calls: the admin's
+    /// may only administer; a member's may take part in Raft only as itself (the id inside the
+    /// message is the certificate's) and only while it is in this node's membership (any
+    /// member of the cluster's CA before this node has one); members may ask each other for
+    /// status and hand leadership over, but membership changes, attach and detach are the
+    /// admin's. Over plaintext every caller is taken at its word.
+    fn allowed(&self, caller: &Caller, kind: u8, request: &NodeRequest) -> Result<(), NodeError> {
+        let forbidden = |m: String| Err(NodeError::new(ErrorCode::Forbidden, m));
+        match (caller.verified, request) {
+            (None, _) => Ok(()),
+            (Some(Identity::Admin), NodeRequest::Admin(_)) => Ok(()),
+            (Some(Identity::Admin), _) => {
+                forbidden(format!("an admin certificate may not send {} requests", kind_name(kind)))
+            }
+            (Some(Identity::Member(_)), NodeRequest::Admin(Admin::Status | Admin::Handover(_))) => {
+                Ok(())
+            }
+            (Some(Identity::Member(n)), NodeRequest::Admin(a)) => {
+                forbidden(format!("node {n}'s member certificate may not send {a:?}: it is the admin's"))
+            }
+            (Some(Identity::Member(n)), NodeRequest::Raft(rpc)) => {
+                let claimed = match rpc {
+                    RaftRpc::Vote(v) | RaftRpc::PreVote(v) => v.vote.leader_id().node_id,
+                    RaftRpc::Append(a) => a.vote.leader_id().node_id,
+                    RaftRpc::Snapshot(c) => c.vote.leader_id().node_id,
+                    RaftRpc::TransferLeader(t) => t.from_leader().leader_id().node_id,
+                };
+                if claimed != n {
+                    return forbidden(format!(
+                        "node {n}'s certificate sent a Raft message as node {claimed}"
+                    ));
+                }
+                let m = self.raft.metrics().borrow_watched().membership_config.clone();
+                let nodes = m.membership().nodes().count();
+                if nodes > 0 && !m.membership().nodes().any(|(id, _)| *id == n) {
+                    return forbidden(format!("node {n} is not a member of this cluster"));
+                }
+                Ok(())
+            }
+            (Some(Identity::Member(_)), _) => Ok(()),
         }
     }
 }
@@ -555,19 +612,50 @@ impl NodeService {
             let queued = async {
                 let held = budget.acquire_many_owned(weight).await.map_err(|_| shutting_down())?;
                 let slot = proposals.reserve_owned().await.map_err(|_| shutting_down())?;
-                admit(&order, &gate, origin, req, slot).map(|rx| (rx, held))
+                admit(&order, &gate, origin, req, held, slot)
             }
             .await;
             let answer: Answer = Box::pin(async move {
-                let (rx, held): (_, OwnedSemaphorePermit) = queued.map_err(NodeError::refusal)?;
+                let rx = queued.map_err(NodeError::refusal)?;
                 let commit = rx.await.map_err(|_| shutting_down().refusal())?;
                 let commit = commit.map_err(NodeError::refusal)?;
                 let index = commit.await.map_err(|e| failed(e).refusal())?;
-                drop(held);
                 encode(&index).map_err(NodeError::refusal)
             });
-            answer
+            Ok(answer)
         })
+    }
+
+    /// Each operation within the device and in whole blocks: one that is not would fail its
+    /// apply on every replica, which stops Raft, and again at every replay.
+    fn check_ops(&self, ops: &[BlockOp]) -> Result<(), NodeError> {
+        let sb = self.engine.superblock();
+        let (bs, blocks) = (u64::from(sb.block_bytes), sb.device_bytes / u64::from(sb.block_bytes));
+        let bad = |m: String| Err(NodeError::new(ErrorCode::Malformed, m));
+        if ops.is_empty() {
+            return bad("a write of no operations".to_string());
+        }
+        for op in ops {
+            let (lba, count) = match op {
+                BlockOp::Write { lba, data } => {
+                    let len = data.len() as u64;
+                    if len == 0 || len % bs != 0 {
+                        return bad(format!("a write of {len} bytes at block {lba}: not whole {bs}-byte blocks"));
+                    }
+                    (*lba, len / bs)
+                }
+                BlockOp::Zero { lba, blocks: 0 } => {
+                    return bad(format!("a zero-fill of no blocks at block {lba}"))
+                }
+                BlockOp::Zero { lba, blocks } => (*lba, u64::from(*blocks)),
+            };
+            if lba.checked_add(count).is_none_or(|end| end > blocks) {
+                return bad(format!(
+                    "blocks {lba}..+{count} are beyond the {blocks}-block device"
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn check_write(&self, req: &Request) -> Result<(), NodeError> {
@@ -582,7 +670,8 @@ impl NodeService {
             }
             // A member serves the device (or this one is attaching): its cache would not see
             // this write.
-            Request::Blocks(..) => {
+            Request::Blocks(ops, _) => {
+                self.check_ops(ops)?;
                 if self.gate.attaching.load(std::sync::atomic::Ordering::SeqCst) {
                     return refused(
                         "this member is attaching the device: write through its /dev/ublkbN"

@@ -133,6 +133,16 @@ impl NodeProc {
         NodeClient::new(self.addr, None, cluster, &self.security())
     }
 
+    /// A client of this node as the admin (cluster commands), or in clear text if the node is.
+    pub fn admin_client(&self, cluster: uuid::Uuid) -> NodeClient {
+        let security = if self.args.iter().any(|a| a == "--plaintext") {
+            Security::Plaintext
+        } else {
+            TlsSource::Dir(self.tls.clone()).security(self.cluster, Identity::Admin).unwrap()
+        };
+        NodeClient::new(self.addr, None, cluster, &security)
+    }
+
     /// How a test client reaches this node.
     pub fn security(&self) -> Security {
         if self.args.iter().any(|a| a == "--plaintext") {

@@ -120,12 +120,13 @@ impl Refusal {
 /// A request's answer, or its refusal.
 pub type Answer = Pin<Box<dyn Future<Output = Result<Vec<u8>, Refusal>> + Send>>;
 /// A request being admitted: resolves to its answer's future once the handler has taken the
-/// request in (queued it, reserved room for it).
-pub type Admission = Pin<Box<dyn Future<Output = Answer> + Send>>;
+/// request in (queued it, reserved room for it), or to its refusal at once. A refusal with
+/// `CODE_MALFORMED` here closes the connection before its next frame is read.
+pub type Admission = Pin<Box<dyn Future<Output = Result<Answer, Refusal>> + Send>>;
 
 /// A request needing no admission step.
 pub fn admitted(answer: Answer) -> Admission {
-    Box::pin(std::future::ready(answer))
+    Box::pin(std::future::ready(Ok(answer)))
 }
 
 /// Serves requests. Called once per request, on the connection's reader, in the order the

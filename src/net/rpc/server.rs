@@ -3,9 +3,10 @@
 //! id. It never retries, never dials out, and drops a connection on the first malformed frame or
 //! request.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, BufReader};
@@ -24,6 +25,11 @@ use crate::net::tls::{identity_of, Identity};
 pub const MAX_IN_FLIGHT_PER_CONNECTION: usize = 256;
 /// Connections served at once; further ones are closed right after accept.
 pub const MAX_CONNECTIONS: usize = 1024;
+/// Connections still in their TLS handshake or `HELLO`, in all and from one address: past
+/// these a new connection is closed at accept, so strangers cannot take the connection slots
+/// members need to reconnect.
+pub const MAX_UNAUTHENTICATED: usize = 64;
+pub const MAX_UNAUTHENTICATED_PER_IP: usize = 8;
 /// Time a new connection has to complete its TLS handshake, and then its `HELLO`.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Encoded responses queued for one connection's writer.
@@ -90,6 +96,7 @@ impl Drop for RpcServer {
 
 async fn accept_loop(listener: TcpListener, config: Arc<Config>, mut stop: watch::Receiver<bool>) {
     let mut connections = JoinSet::new();
+    let pending = Arc::new(Mutex::new(HashMap::new()));
     loop {
         while connections.try_join_next().is_some() {}
         tokio::select! {
@@ -99,9 +106,15 @@ async fn accept_loop(listener: TcpListener, config: Arc<Config>, mut stop: watch
                     tracing::warn!(%peer, limit = MAX_CONNECTIONS, "refusing connection: too many");
                     drop(stream);
                 }
-                Ok((stream, peer)) => {
-                    connections.spawn(serve_connection(stream, peer, config.clone()));
-                }
+                Ok((stream, peer)) => match Unauthenticated::enter(&pending, peer.ip()) {
+                    Some(ticket) => {
+                        connections.spawn(serve_connection(stream, peer, config.clone(), ticket));
+                    }
+                    None => {
+                        tracing::warn!(%peer, "refusing connection: too many still unauthenticated");
+                        drop(stream);
+                    }
+                },
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
@@ -114,14 +127,19 @@ async fn accept_loop(listener: TcpListener, config: Arc<Config>, mut stop: watch
 }
 
 /// Runs one connection until the peer leaves, a frame is malformed, or the server stops.
-async fn serve_connection(stream: TcpStream, peer: SocketAddr, config: Arc<Config>) {
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    config: Arc<Config>,
+    ticket: Unauthenticated,
+) {
     if let Err(e) = stream.set_nodelay(true) {
         tracing::warn!(%peer, error = %e, "cannot set TCP_NODELAY");
     }
     match &config.security {
         Security::Plaintext => {
             let (reader, writer) = stream.into_split();
-            run_connection(reader, writer, peer, None, &config).await;
+            run_connection(reader, writer, peer, None, &config, ticket).await;
         }
         Security::Tls(tls) => {
             let accepted =
@@ -143,7 +161,7 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, config: Arc<Confi
                 None => return tracing::warn!(%peer, "refusing connection: no client certificate"),
             };
             let (reader, writer) = tokio::io::split(stream);
-            run_connection(reader, writer, peer, Some(identity), &config).await;
+            run_connection(reader, writer, peer, Some(identity), &config, ticket).await;
         }
     }
 }
@@ -154,6 +172,7 @@ async fn run_connection<R, W>(
     peer: SocketAddr,
     verified: Option<Identity>,
     config: &Arc<Config>,
+    ticket: Unauthenticated,
 ) where
     R: AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
@@ -167,7 +186,7 @@ async fn run_connection<R, W>(
                 tracing::debug!(%peer, error = %e, "connection write failed");
             }
         }
-        () = read_requests(reader, peer, verified, config, tx) => {
+        () = read_requests(reader, peer, verified, config, tx, ticket) => {
             let _ = tokio::time::timeout(DRAIN_TIMEOUT, writer).await;
         }
     }
@@ -181,6 +200,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
     verified: Option<Identity>,
     config: &Arc<Config>,
     tx: mpsc::Sender<Vec<u8>>,
+    ticket: Unauthenticated,
 ) {
     let mut reader = BufReader::new(reader);
     let hello = tokio::time::timeout(
@@ -196,6 +216,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
         },
     };
     let Some(caller) = handshake(hello, peer, verified, config, &tx).await else { return };
+    drop(ticket);
 
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION));
     let mut requests = JoinSet::new();
@@ -219,7 +240,20 @@ async fn read_requests<R: AsyncRead + Unpin>(
         // The handler is called here, in frame order, and its admission awaited before the next
         // frame is read (a node queues WRITEs in the order this makes, and a full queue holds
         // this connection back); only the answer runs in a task of its own.
-        let started = start(config, &caller, frame).await;
+        let started = match start(config, &caller, frame).await {
+            Ok(started) => started,
+            // Refused at admission: answered here, and a malformed request closes the
+            // connection before anything behind it is read.
+            Err((bytes, malformed)) => {
+                if let Some(bytes) = bytes {
+                    let _ = tx.send(bytes).await;
+                }
+                if malformed {
+                    return tracing::warn!(%peer, "closing connection: malformed request");
+                }
+                continue;
+            }
+        };
         let config = config.clone();
         let tx = tx.clone();
         let malformed = malformed.clone();
@@ -312,6 +346,39 @@ async fn send_reject(tx: &mpsc::Sender<Vec<u8>>, cluster_id: Uuid, reason: &str)
     }
 }
 
+/// A connection counted as unauthenticated until dropped (after its `HELLO` is accepted, or
+/// when it closes).
+struct Unauthenticated {
+    pending: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl Unauthenticated {
+    /// A ticket for a new connection from `ip`, unless the limits are reached.
+    fn enter(pending: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr) -> Option<Unauthenticated> {
+        let mut map = pending.lock().unwrap_or_else(|p| p.into_inner());
+        let total: usize = map.values().sum();
+        let mine = map.get(&ip).copied().unwrap_or(0);
+        if total >= MAX_UNAUTHENTICATED || mine >= MAX_UNAUTHENTICATED_PER_IP {
+            return None;
+        }
+        map.insert(ip, mine + 1);
+        Some(Unauthenticated { pending: pending.clone(), ip })
+    }
+}
+
+impl Drop for Unauthenticated {
+    fn drop(&mut self) {
+        let mut map = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// A request whose handler has been called and admitted it: its answer's future (`None` if the
 /// handler panicked).
 struct Started {
@@ -321,16 +388,30 @@ struct Started {
 }
 
 /// Calls the handler for one request and awaits its admission, on the connection's reader, so
-/// calls happen in the order the requests arrived.
-async fn start(config: &Config, caller: &Caller, request: Frame) -> Started {
+/// calls happen in the order the requests arrived. `Err`: refused at admission, with its encoded
+/// answer and whether it was malformed.
+async fn start(
+    config: &Config,
+    caller: &Caller,
+    request: Frame,
+) -> Result<Started, (Option<Vec<u8>>, bool)> {
     let Frame { kind, request_id, payload, .. } = request;
     let admission =
         std::panic::catch_unwind(AssertUnwindSafe(|| config.handler.call(caller, kind, payload)));
     let call = match admission {
-        Ok(admission) => CatchUnwind(admission).await.ok(),
+        Ok(admission) => match CatchUnwind(admission).await {
+            Ok(Ok(answer)) => Some(answer),
+            Ok(Err(refusal)) => {
+                let malformed = refusal.code == CODE_MALFORMED;
+                let limit = MAX_ERROR_MESSAGE_BYTES.min(config.max_payload);
+                let frame = Frame::error_response(kind, request_id, refusal.encode(limit));
+                return Err((encode(config.cluster_id, &frame).ok(), malformed));
+            }
+            Err(()) => None,
+        },
         Err(_) => None,
     };
-    Started { kind, request_id, call }
+    Ok(Started { kind, request_id, call })
 }
 
 /// Runs a started request's future and encodes its answer, and whether it was refused as
