@@ -203,7 +203,6 @@ fn damage_payload(disk: &SimDisk, rec: &RecordAt) {
 // ---------------------------------------------------------------------------------------------
 // Superblock
 
-
 /// A format version newer than this build's.
 const NEWER: u32 = FORMAT_VERSION + 1;
 /// Bytes of a slot's header before its payload (docs/disk-format.md, "Slot pair").

@@ -30,10 +30,10 @@ use super::node::applied_index;
 use super::snapshot::{ReceiveProgress, Shape};
 use super::tcp::client_options;
 use super::types::{NodeId, Raft, Request, TypeConfig};
-use crate::entry::BlockOp;
 use super::wire::{encode, Admin, AdminReply, Attached, BadBlockReport, BlocksReply, ErrorCode};
 use super::wire::{LocalRead, NodeError, NodeRequest, NodeStatus, Repair, SnapshotTransfer};
 use super::wire::{WriteRequest, MAX_READ_BYTES};
+use crate::entry::BlockOp;
 use crate::net::rpc::{admitted, Admission, Answer, Caller, Handler, RpcClient, RpcError};
 use crate::net::tls::Identity;
 use crate::net::Security;
@@ -101,8 +101,11 @@ pub fn status_of(
 /// committed index.
 /// The proposal's share of `PROPOSAL_BYTES_IN_FLIGHT` travels with it and is released when the
 /// entry commits or fails, whether or not its client still waits.
-type Proposal =
-    (Request, OwnedSemaphorePermit, oneshot::Sender<Result<BoxFuture<Result<u64, String>>, NodeError>>);
+type Proposal = (
+    Request,
+    OwnedSemaphorePermit,
+    oneshot::Sender<Result<BoxFuture<Result<u64, String>>, NodeError>>,
+);
 
 /// Clients whose order is tracked at once; past this the one heard from longest ago is
 /// forgotten.
@@ -536,9 +539,9 @@ impl NodeService {
             (Some(Identity::Member(_)), NodeRequest::Admin(Admin::Status | Admin::Handover(_))) => {
                 Ok(())
             }
-            (Some(Identity::Member(n)), NodeRequest::Admin(a)) => {
-                forbidden(format!("node {n}'s member certificate may not send {a:?}: it is the admin's"))
-            }
+            (Some(Identity::Member(n)), NodeRequest::Admin(a)) => forbidden(format!(
+                "node {n}'s member certificate may not send {a:?}: it is the admin's"
+            )),
             (Some(Identity::Member(n)), NodeRequest::Raft(rpc)) => {
                 let claimed = match rpc {
                     RaftRpc::Vote(v) | RaftRpc::PreVote(v) => v.vote.leader_id().node_id,
@@ -640,7 +643,9 @@ impl NodeService {
                 BlockOp::Write { lba, data } => {
                     let len = data.len() as u64;
                     if len == 0 || len % bs != 0 {
-                        return bad(format!("a write of {len} bytes at block {lba}: not whole {bs}-byte blocks"));
+                        return bad(format!(
+                            "a write of {len} bytes at block {lba}: not whole {bs}-byte blocks"
+                        ));
                     }
                     (*lba, len / bs)
                 }
@@ -650,9 +655,7 @@ impl NodeService {
                 BlockOp::Zero { lba, blocks } => (*lba, u64::from(*blocks)),
             };
             if lba.checked_add(count).is_none_or(|end| end > blocks) {
-                return bad(format!(
-                    "blocks {lba}..+{count} are beyond the {blocks}-block device"
-                ));
+                return bad(format!("blocks {lba}..+{count} are beyond the {blocks}-block device"));
             }
         }
         Ok(())
