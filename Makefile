@@ -4,7 +4,8 @@
 CARGO     ?= cargo
 TEST_ARGS ?=
 
-.PHONY: build run check test test-long bench e2e guest-smoke install fmt clean deps-build deps-test
+.PHONY: build run check test test-long bench e2e guest-smoke install fmt clean deps-build deps-test \
+	fuzz fuzz-seeds
 
 # The Debian packages each target needs (scripts/deps: installs what is missing, as root, and
 # says so; with nothing missing it is silent).
@@ -65,6 +66,29 @@ DESTDIR ?=
 PREFIX  ?= /usr/local
 install: build
 	BIN=$${CARGO_TARGET_DIR:-$(CURDIR)/target}/release/xdevice DESTDIR="$(DESTDIR)" PREFIX="$(PREFIX)" scripts/install
+
+# The cargo-fuzz targets (fuzz/, docs/testing.md "Fuzzing"), one at a time for FUZZ_SECS seconds
+# each, starting from the committed seeds (fuzz/corpus/<target>, only read) with what they find
+# kept under fuzz/target/corpus/<target>. Fails at the first target that crashes; libFuzzer
+# leaves the input in fuzz/artifacts/<target>/. Nightly Rust; installs cargo-fuzz if missing.
+# One target or a longer run: make fuzz FUZZ_TARGETS=frame FUZZ_SECS=600
+FUZZ_CARGO   ?= cargo +nightly
+FUZZ_SECS    ?= 60
+FUZZ_TARGETS ?= frame wal_record entry superblock state_slot snapshot_chunk config raft_rpc request
+fuzz:
+	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+	$(FUZZ_CARGO) fuzz build
+	@set -e; for t in $(FUZZ_TARGETS); do \
+	    mkdir -p fuzz/target/corpus/$$t; \
+	    echo "== fuzz $$t: $(FUZZ_SECS) s"; \
+	    $(FUZZ_CARGO) fuzz run $$t fuzz/target/corpus/$$t fuzz/corpus/$$t -- \
+	        -max_total_time=$(FUZZ_SECS) -rss_limit_mb=2048 -print_final_stats=1; \
+	done
+
+# Rewrites the seed files (fuzz/corpus/<target>/seed-*) from the library's encoders, after a
+# format changes; crash reproducers kept beside them are left alone.
+fuzz-seeds:
+	$(FUZZ_CARGO) run --manifest-path fuzz/Cargo.toml --bin seeds
 
 fmt:
 	$(CARGO) fmt --all
