@@ -27,7 +27,7 @@ pub struct TlsArgs {
     pub tls_key: Option<PathBuf>,
     /// Speak clear text with no authentication: anything that reaches the port can join, vote,
     /// write and administer. For tests and benchmarks only.
-    #[arg(long, env = "XDEVICE_PLAINTEXT")]
+    #[arg(long, env = "XDEVICE_PLAINTEXT", value_parser = clap::builder::BoolishValueParser::new())]
     pub plaintext: bool,
 }
 
