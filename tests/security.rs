@@ -105,6 +105,15 @@ fn device(procs: &[NodeProc]) -> Arc<Device> {
     Device::start(cfg, remote)
 }
 
+/// Blocks 0..8 written and flushed through `dev`; what the device then reads there.
+async fn write_known(dev: &Device) -> Vec<u8> {
+    for lba in 0..8u64 {
+        dev.write(lba * BS as u64, &block(lba), false).await.unwrap();
+    }
+    dev.flush().await.unwrap();
+    dev.read(0, 8 * BS as u64).await.unwrap()
+}
+
 /// The requests an intruder would send: a vote in a far higher term, entries from a made-up
 /// leader in that term, and a write.
 fn intrusions(term: u64) -> Vec<(&'static str, NodeRequest)> {
@@ -177,11 +186,7 @@ fn strangers_cannot_vote_send_entries_write_or_join() {
         let (mut procs, before) = cluster(base.path(), id).await;
         let leader = procs.iter().find(|p| p.id == before.id).unwrap().addr;
         let dev = device(&procs);
-        for lba in 0..8u64 {
-            dev.write(lba * BS as u64, &block(lba), false).await.unwrap();
-        }
-        dev.flush().await.unwrap();
-        let written = dev.read(0, 8 * BS as u64).await.unwrap();
+        let written = write_known(&dev).await;
         let before = agreed(&procs_ref(&procs)).await;
 
         // No certificate: plaintext to a TLS port.
@@ -351,11 +356,7 @@ fn bad_frames_from_a_member_close_only_its_connection() {
     runtime().block_on(async {
         let (mut procs, _) = cluster(base.path(), id).await;
         let dev = device(&procs);
-        for lba in 0..8u64 {
-            dev.write(lba * BS as u64, &block(lba), false).await.unwrap();
-        }
-        dev.flush().await.unwrap();
-        let written = dev.read(0, 8 * BS as u64).await.unwrap();
+        let written = write_known(&dev).await;
         let before = agreed(&procs_ref(&procs)).await;
         let me = Tls::load(
             &TlsFiles::in_dir(&procs[0].tls, Identity::Member(CLIENT_ID)),
